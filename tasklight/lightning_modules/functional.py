@@ -1,0 +1,172 @@
+"""The functional core: inner loops on parameter dictionaries, vmapped over the tasks of a meta-batch.
+
+Every learner in tasklight is a bilevel problem. This module runs the inner problem: a few gradient
+steps of a task loss on parameter dictionaries with ``torch.func`` (``functional_call``, ``grad``),
+and ``vmap`` over the task dimension so that T tasks cost one batched call, not a Python loop.
+
+* second order: the inner gradients stay in the autograd graph, so ``loss.backward()`` on the query
+  loss gives the exact MAML meta-gradient;
+* first order: inner gradients are detached (FOMAML);
+* learnable inner learning rates (Meta-SGD): ``lr`` may be a dict of tensors, one per parameter,
+  which receive gradients through the inner updates;
+* proximal inner problems (iMAML): ``proximal=lam`` adds ``lam/2 ||phi - theta||^2`` to the inner loss;
+* buffers (BatchNorm running statistics) are given one copy per task, updated during adaptation,
+  and their task average is returned so a learner can write it back into the module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+ParamDict = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+LearningRate = Union[float, Tensor, Mapping[str, Tensor]]
+
+
+def split_state(model: nn.Module) -> tuple[ParamDict, ParamDict]:
+    """The module's trainable parameters and its floating-point buffers, as name -> tensor dicts."""
+    params = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    buffers = dict(model.named_buffers())
+    return params, buffers
+
+
+def _batched_buffers(buffers: ParamDict, num_tasks: int) -> ParamDict:
+    """One private copy of each buffer per task (task dimension first)."""
+    return {k: v.detach().unsqueeze(0).expand(num_tasks, *v.shape).clone() for k, v in buffers.items()}
+
+
+def merge_task_buffers(model: nn.Module, task_buffers: ParamDict) -> None:
+    """Write the task-average of per-task buffers back into ``model`` (BatchNorm running statistics).
+
+    Floating buffers are averaged over tasks; integer counters (``num_batches_tracked``) take the
+    per-task value (they are equal across tasks).
+    """
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name not in task_buffers:
+                continue
+            new = task_buffers[name]
+            buf.copy_(new.float().mean(0).to(buf.dtype) if buf.is_floating_point() else new[0])
+
+
+@dataclass
+class AdaptResult:
+    """What an inner loop returns (all with the task dimension first when vmapped)."""
+
+    params: ParamDict  # adapted parameters
+    buffers: ParamDict  # buffers after adaptation
+    inner_losses: Tensor  # [steps] (or [T, steps]): the inner loss before each step
+
+
+class FunctionalLearner:
+    """Inner loops of one model and one loss, on parameter dicts.
+
+    Args:
+        model: the network; it is only used as a stateless template by ``functional_call``.
+        loss_fn: ``loss_fn(prediction, target) -> scalar`` (mean over examples).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+
+    # ----------------------------------------------------------------- single task
+    def forward(self, params: ParamDict, buffers: ParamDict, x: Tensor) -> Tensor:
+        return functional_call(self.model, (params, buffers), (x,), strict=False)
+
+    def task_loss(self, params: ParamDict, buffers: ParamDict, x: Tensor, y: Tensor) -> Tensor:
+        return self.loss_fn(self.forward(params, buffers, x), y)
+
+    def adapt(
+        self,
+        params: ParamDict,
+        buffers: ParamDict,
+        x: Tensor,
+        y: Tensor,
+        *,
+        steps: int,
+        lr: LearningRate,
+        first_order: bool = False,
+        proximal: float = 0.0,
+        anchor: Optional[ParamDict] = None,
+    ) -> AdaptResult:
+        """``steps`` gradient steps on the task loss of one task (vmappable).
+
+        With ``proximal > 0`` the inner loss is ``task_loss + proximal/2 * ||p - anchor||^2`` with
+        ``anchor`` (default: the starting ``params``) treated as a constant.
+        """
+        if proximal and anchor is None:
+            anchor = {k: v.detach() for k, v in params.items()}
+
+        def inner_loss(p: ParamDict, bufs: ParamDict) -> tuple[Tensor, Tensor]:
+            task = self.task_loss(p, bufs, x, y)
+            total = task
+            if proximal:
+                total = total + 0.5 * proximal * sum(((p[k] - anchor[k]) ** 2).sum() for k in p)
+            return total, task
+
+        losses = []
+        for _ in range(steps):
+            grads, task = grad(inner_loss, has_aux=True)(params, buffers)
+            losses.append(task.detach())
+            if first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+            params = {k: p - _lr_for(lr, k) * grads[k] for k, p in params.items()}
+        inner = torch.stack(losses) if losses else torch.zeros(0, device=x.device)
+        return AdaptResult(params, buffers, inner)
+
+    # ----------------------------------------------------------------- a meta-batch, vmapped
+    def adapt_tasks(
+        self,
+        params: ParamDict,
+        buffers: ParamDict,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Optional[Tensor] = None,
+        query_y: Optional[Tensor] = None,
+        **adapt_kwargs,
+    ) -> tuple[AdaptResult, Optional[Tensor], Optional[Tensor]]:
+        """Adapt to every task of a meta-batch in one vmapped call.
+
+        ``params`` are shared by all tasks (unbatched) and stay in the autograd graph: a backward
+        pass through the returned query losses gives the meta-gradient. Returns the per-task
+        adaptation result (leading dim T), the query predictions ``[T, Q, ...]`` (or None) and the
+        per-task query losses ``[T]`` (or None).
+        """
+        num_tasks = support_x.shape[0]
+        task_buffers = _batched_buffers(buffers, num_tasks)
+        with_query = query_x is not None
+        with_loss = query_y is not None
+
+        def one_task(bufs, sx, sy, qx, qy):
+            res = self.adapt(params, bufs, sx, sy, **adapt_kwargs)
+            out = self.forward(res.params, res.buffers, qx) if with_query else None
+            loss = self.loss_fn(out, qy) if with_loss else None
+            return res.params, res.buffers, res.inner_losses, out, loss
+
+        qx = query_x if with_query else support_x[:, :0]
+        qy = query_y if with_loss else support_y[:, :0]
+        p, b, inner, out, loss = vmap(one_task, randomness="different")(task_buffers, support_x, support_y, qx, qy)
+        return AdaptResult(p, b, inner), out, loss
+
+
+def _lr_for(lr: LearningRate, name: str):
+    if isinstance(lr, Mapping):
+        return lr[name]
+    return lr
+
+
+def check_finite_inner(inner_losses: Tensor, query_losses: Optional[Tensor] = None) -> Optional[str]:
+    """Return a description of the first non-finite inner/query loss, or None if all are finite."""
+    if not torch.isfinite(inner_losses).all():
+        bad = (~torch.isfinite(inner_losses)).nonzero()[0].tolist()
+        where = f"task {bad[0]}, inner step {bad[1]}" if len(bad) == 2 else f"inner step {bad[0]}"
+        return f"non-finite inner loss at {where}"
+    if query_losses is not None and not torch.isfinite(query_losses).all():
+        bad = int((~torch.isfinite(query_losses)).nonzero()[0, 0])
+        return f"non-finite query loss for task {bad}"
+    return None
