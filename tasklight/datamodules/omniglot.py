@@ -173,3 +173,131 @@ def load_omniglot(root: Optional[PathLike] = None, image_size: int = 28, cache_d
     except OSError:
         pass  # read-only home: work from memory
     return OmniglotImages(**data)
+
+
+# --------------------------------------------------------------------------------- DataModule
+from .episodes import EpisodicDataModule, NWayKShot, TaskFn  # noqa: E402
+
+
+def split_characters(data: OmniglotImages, by: str = "character",
+                     fractions: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 0,
+                     alphabets: Optional[dict[str, Sequence[str]]] = None) -> dict[str, list[int]]:
+    """Assign every character to exactly one of train/val/test.
+
+    ``by="alphabet"``: whole alphabets go to a split (explicit ``alphabets={"val": [...], "test": [...]}``
+    or a seeded shuffle cut by ``fractions``); ``by="character"``: characters are shuffled and cut.
+    """
+    if by not in ("alphabet", "character"):
+        raise ValueError(f"split must be 'alphabet' or 'character', got {by!r}")
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"split_fractions must be three non-negative numbers (train, val, test), got {fractions}")
+    fr = np.asarray(fractions, dtype=float) / float(sum(fractions))
+    rng = np.random.default_rng(seed)
+    names = ("train", "val", "test")
+    if by == "alphabet":
+        if alphabets:
+            unknown = sorted({a for v in alphabets.values() for a in v} - set(data.alphabets))
+            if unknown:
+                raise ValueError(f"unknown alphabets {unknown}; available: {data.alphabets}")
+            given = {a for v in alphabets.values() for a in v}
+            assign = {s: [data.alphabets.index(a) for a in alphabets.get(s, [])] for s in names}
+            rest = [i for i, a in enumerate(data.alphabets) if a not in given]
+            for s in names:
+                if s not in alphabets:
+                    assign[s] = rest
+                    break
+        else:
+            order = rng.permutation(len(data.alphabets)).tolist()
+            assign = {s: order[lo:hi] for s, lo, hi in zip(names, *_cut_points(fr, len(order)))}
+        ca = data.character_alphabet.tolist()
+        return {s: [c for c in range(data.num_characters) if ca[c] in set(assign[s])] for s in names}
+    order = rng.permutation(data.num_characters).tolist()
+    return {s: sorted(order[lo:hi]) for s, lo, hi in zip(names, *_cut_points(fr, len(order)))}
+
+
+def _cut_points(fractions: np.ndarray, n: int) -> tuple[list[int], list[int]]:
+    """Split ``n`` items by ``fractions``; every split with a positive fraction gets at least one."""
+    counts = [max(1, int(round(f * n))) if f > 0 else 0 for f in fractions]
+    counts[0] = n - sum(counts[1:])
+    if counts[0] < (1 if fractions[0] > 0 else 0):
+        raise ValueError(f"cannot split {n} items by fractions {fractions.tolist()}: too few items")
+    ends = np.cumsum(counts).tolist()
+    return [0, *ends[:2]], ends
+
+
+class _OmniglotFetch:
+    """Picklable image fetcher: uint8 images -> float [len, 1, H, W] in [0, 1], rotated by 90*k degrees."""
+
+    def __init__(self, images: Tensor) -> None:
+        self.images = images
+
+    def __call__(self, idx: Tensor, rotation: Tensor) -> Tensor:
+        x = self.images[idx].float().div_(255.0).unsqueeze(1)
+        k = int(rotation[0]) if len(rotation) else 0
+        return torch.rot90(x, k, dims=(-2, -1)) if k else x
+
+
+class OmniglotDataModule(EpisodicDataModule):
+    """N-way K-shot Omniglot episodes.
+
+    Args:
+        root: a folder in the layout ``alphabet/character/*.png``, a folder of Omniglot zip files,
+            or one zip; default ``../shared/data/omniglot`` (``$TASKLIGHT_OMNIGLOT`` overrides).
+        n_way, k_shot, q_queries: classes per episode, support and query images per class.
+        image_size: images are resized to this square size (28 as in the literature).
+        rotations: add the 90/180/270-degree rotations of each training character as new classes.
+        split: ``"character"`` (characters shuffled and cut by ``split_fractions``) or ``"alphabet"``
+            (whole alphabets per split; ``val_alphabets``/``test_alphabets`` name them explicitly).
+            No character is in two splits.
+        split_seed: seed of the split (independent of the episode ``seed``).
+    """
+
+    def __init__(self, root: Optional[str] = None, n_way: int = 5, k_shot: int = 1, q_queries: int = 15,
+                 meta_batch_size: int = 16, batches_per_epoch: int = 200, val_episodes: int = 200,
+                 test_episodes: int = 600, eval_batch_size: Optional[int] = None, image_size: int = 28,
+                 rotations: bool = True, split: Literal["character", "alphabet"] = "character",
+                 split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+                 val_alphabets: Optional[list[str]] = None, test_alphabets: Optional[list[str]] = None,
+                 split_seed: int = 0, seed: int = 0, num_workers: int = 0, cache_dir: Optional[str] = None) -> None:
+        super().__init__(meta_batch_size, batches_per_epoch, val_episodes, test_episodes, eval_batch_size, seed,
+                         num_workers)
+        self.save_hyperparameters()
+        self.root = Path(root) if root else default_omniglot_root()
+        if not self.root.exists():
+            _sources(self.root)  # raises the clear missing-data error now, not at fit time
+        self.n_way, self.k_shot, self.q_queries = n_way, k_shot, q_queries
+        self.image_size, self.rotations = image_size, rotations
+        self.split, self.split_fractions, self.split_seed = split, tuple(split_fractions), split_seed
+        self.alphabet_split = None
+        if val_alphabets is not None or test_alphabets is not None:
+            if split != "alphabet":
+                raise ValueError("val_alphabets/test_alphabets need split='alphabet'")
+            self.alphabet_split = {k: v for k, v in (("val", val_alphabets), ("test", test_alphabets)) if v is not None}
+        self.cache_dir = cache_dir
+        self.data: Optional[OmniglotImages] = None
+        self.splits: dict[str, list[int]] = {}
+        self._samplers: dict[str, NWayKShot] = {}
+
+    def prepare_data(self) -> None:
+        load_omniglot(self.root, self.image_size, self.cache_dir)  # builds the cache once
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.data is not None:
+            return
+        self.data = load_omniglot(self.root, self.image_size, self.cache_dir)
+        self.splits = split_characters(self.data, self.split, self.split_fractions, self.split_seed,
+                                       self.alphabet_split)
+        per_char = self.data.character_indices()
+        fetch = _OmniglotFetch(self.data.images)
+        for name, chars in self.splits.items():
+            if not chars:
+                continue
+            transforms = 4 if (self.rotations and name == "train") else 1
+            self._samplers[name] = NWayKShot([per_char[c] for c in chars], fetch, self.n_way, self.k_shot,
+                                             self.q_queries, class_transforms=transforms, split=name)
+
+    def task_fn(self, split: str) -> TaskFn:
+        self.setup()
+        if split not in self._samplers:
+            raise ValueError(f"the {split!r} split has no characters; change split_fractions or the alphabet lists")
+        return self._samplers[split]
