@@ -42,7 +42,8 @@ class TasklightCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=dm, ckpt_path=ckpt)
 
 
-def main(args: Optional[list[str]] = None) -> TasklightCLI:
+def run_cli(args: Optional[list[str]] = None) -> TasklightCLI:
+    """Run the CLI (``args`` as on the command line) and return it (its trainer, model, datamodule)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     return TasklightCLI(
@@ -55,6 +56,11 @@ def main(args: Optional[list[str]] = None) -> TasklightCLI:
         args=args,
         auto_configure_optimizers=False,
     )
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """The ``tasklight`` console command."""
+    run_cli(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

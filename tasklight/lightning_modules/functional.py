@@ -144,14 +144,14 @@ class FunctionalLearner:
 
         def one_task(bufs, sx, sy, qx, qy):
             res = self.adapt(params, bufs, sx, sy, **adapt_kwargs)
-            out = self.forward(res.params, res.buffers, qx) if with_query else None
-            loss = self.loss_fn(out, qy) if with_loss else None
+            out = self.forward(res.params, res.buffers, qx) if with_query else qx.new_zeros(())
+            loss = self.loss_fn(out, qy) if with_loss else qx.new_zeros(())
             return res.params, res.buffers, res.inner_losses, out, loss
 
         qx = query_x if with_query else support_x[:, :0]
         qy = query_y if with_loss else support_y[:, :0]
         p, b, inner, out, loss = vmap(one_task, randomness="different")(task_buffers, support_x, support_y, qx, qy)
-        return AdaptResult(p, b, inner), out, loss
+        return AdaptResult(p, b, inner), (out if with_query else None), (loss if with_loss else None)
 
 
 def _lr_for(lr: LearningRate, name: str):

@@ -1,0 +1,45 @@
+"""Evaluation metrics that sync across DDP ranks in one reduction."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class MeanCI(Metric):
+    """Mean and 95 % confidence interval (normal approximation) of per-episode values.
+
+    States are sums, so the DDP sync is one all-reduce of three scalars. ``compute()`` returns
+    ``{"mean", "ci95", "std", "count"}``; ``ci95 = 1.96 * std / sqrt(n)`` with the sample std.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total_sq", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor) -> None:
+        v = values.detach().reshape(-1).to(torch.float64)
+        self.total += v.sum()
+        self.total_sq += (v * v).sum()
+        self.count += v.numel()
+
+    def compute(self) -> dict[str, Tensor]:
+        n = self.count
+        mean = self.total / n.clamp_min(1)
+        var = (self.total_sq - n * mean * mean) / (n - 1).clamp_min(1)
+        std = var.clamp_min(0).sqrt()
+        return {"mean": mean, "ci95": 1.96 * std / n.clamp_min(1).sqrt(), "std": std, "count": n}
+
+
+def mean_ci95(values: Tensor) -> tuple[float, float]:
+    """Plain-tensor version of :class:`MeanCI` (scripts use it)."""
+    v = values.double().reshape(-1)
+    if v.numel() < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(1.96 * v.std() / math.sqrt(v.numel()))
