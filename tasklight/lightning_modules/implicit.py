@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp
+from torch.func import grad
 from torch.utils._pytree import tree_leaves, tree_map
 
 Tree = Any
@@ -57,8 +57,12 @@ def conjugate_gradient(matvec: Callable[[Tree], Tree], b: Tree, steps: int = 10,
 
 
 def hvp(f: Callable[[Tree], Tensor], primal: Tree, tangent: Tree) -> Tree:
-    """Hessian-vector product of scalar ``f`` at ``primal`` (forward-over-reverse)."""
-    return jvp(grad(f), (primal,), (tangent,))[1]
+    """Hessian-vector product of scalar ``f`` at ``primal`` (reverse-over-reverse).
+
+    Forward-over-reverse (``jvp(grad(f))``) fails on some backward formulas in torch 2.13
+    ("ZeroTensors are immutable", e.g. through tanh + MSE); the double backward works everywhere.
+    """
+    return grad(lambda p: tree_dot(grad(f)(p), tangent))(primal)
 
 
 def proximal_meta_gradient(task_loss: Callable[[Tree], Tensor], phi: Tree, g: Tree, lam: float,

@@ -102,10 +102,11 @@ class MAMLModule(MetaLearner):
         if self.inner_lrs is not None:
             override = {"lr": [self.inner_lrs[_key(n)] for n, _ in self.net.named_parameters()]}
         for t in range(sx.shape[0]):
+            groups = [{"params": [p]} for p in params]  # one group per tensor: per-tensor lr overrides
             if self.inner_optimizer == "sgd":
-                inner_opt = torch.optim.SGD(params, lr=self.inner_lr)
+                inner_opt = torch.optim.SGD(groups, lr=self.inner_lr)
             else:
-                inner_opt = torch.optim.Adam(params, lr=self.inner_lr)
+                inner_opt = torch.optim.Adam(groups, lr=self.inner_lr)
             with higher.innerloop_ctx(self.net, inner_opt, copy_initial_weights=False,
                                       track_higher_grads=track) as (fmodel, diffopt):
                 task_inner = []
