@@ -109,6 +109,43 @@ def _batches(n: int, size: int):
         yield slice(lo, min(n, lo + size))
 
 
+def datamodule_tasks(datamodule: Any, split: str = "val", max_tasks: Optional[int] = None) -> dict[str, TaskData]:
+    """The tasks of a DataModule as ``name -> (x, y)``, for the callback and ``scripts/embed_tasks.py``.
+
+    Looked up in this order:
+
+    1. ``datamodule.task2vec_tasks(split)``: any DataModule can define it and return a mapping
+       ``name -> (x, y) | Dataset | DataLoader``;
+    2. an episodic (meta-learning) DataModule (one with ``task_fn(split)``, e.g.
+       ``OmniglotDataModule``): its fixed evaluation episodes ``0, 1, ...`` of ``split``, each
+       episode's support and query sets together as one task.
+    """
+    if datamodule is None:
+        raise ValueError("no DataModule to take tasks from: pass one to the Trainer (datamodule=...) or to the script")
+    if max_tasks is not None and max_tasks < 1:
+        raise ValueError(f"max_tasks must be >= 1 (or None for all), got {max_tasks}")
+    hook = getattr(datamodule, "task2vec_tasks", None)
+    if callable(hook):
+        tasks = dict(hook(split))
+    elif callable(getattr(datamodule, "task_fn", None)):
+        from ..datamodules.episodes import EpisodeSet
+
+        count = {"val": getattr(datamodule, "val_episodes", None), "test": getattr(datamodule, "test_episodes", None)}
+        n = max_tasks or count.get(split) or 16
+        episodes = EpisodeSet(datamodule.task_fn(split), n, getattr(datamodule, "seed", 0), stream=split)
+        tasks = {}
+        for i in range(n):
+            sx, sy, qx, qy = episodes[i]
+            tasks[f"episode{i}"] = (torch.cat([sx, qx]), torch.cat([sy, qy]))
+    else:
+        raise TypeError(f"{type(datamodule).__name__} does not expose its tasks: give it a method "
+                        f"`task2vec_tasks(split) -> dict[name, (x, y)]` (or use an episodic DataModule)")
+    if not tasks:
+        raise ValueError(f"{type(datamodule).__name__} has no tasks in the {split!r} split")
+    names = list(tasks)[:max_tasks] if max_tasks is not None else list(tasks)
+    return {str(k): tasks[k] for k in names}
+
+
 # ===================================================================================== the probe
 def _resolve(root: nn.Module, path: str, what: str) -> nn.Module:
     try:
@@ -536,21 +573,26 @@ def _stack(embeddings: Sequence[EmbeddingLike]) -> Tensor:
 
 
 def _pairwise_symmetric(a: Tensor, b: Tensor) -> Tensor:
-    """``d_sym`` between every row of ``a [m, D]`` and every row of ``b [n, D]`` -> ``[m, n]``."""
+    """``d_sym`` between every row of ``a [m, D]`` and every row of ``b [n, D]`` -> ``[m, n]``.
+
+    Entries that are zero in both embeddings carry no information and are left out; two all-zero
+    embeddings are at distance 0, an all-zero and a non-zero one at distance 1.
+    """
     s = a[:, None, :] + b[None, :, :]
     pos = s > 0
     safe = torch.where(pos, s, torch.ones_like(s))
-    u = torch.where(pos, a[:, None, :] / safe, torch.full_like(s, 0.5))
-    v = torch.where(pos, b[None, :, :] / safe, torch.full_like(s, 0.5))
+    u = torch.where(pos, a[:, None, :] / safe, torch.zeros_like(s))
+    v = torch.where(pos, b[None, :, :] / safe, torch.zeros_like(s))
     nu, nv = u.norm(dim=-1), v.norm(dim=-1)
     cos = (u * v).sum(-1) / (nu * nv).clamp_min(1e-300)
-    cos = torch.where((nu > 0) & (nv > 0), cos, torch.zeros_like(cos))  # a zero vector shares nothing
+    cos = torch.where((nu > 0) & (nv > 0), cos, torch.zeros_like(cos))
+    cos = torch.where(~pos.any(-1), torch.ones_like(cos), cos)  # both all-zero: identical
     return (1.0 - cos).clamp(0.0, 1.0)
 
 
 def symmetric_distance(a: EmbeddingLike, b: EmbeddingLike) -> float:
     """``d_sym(a, b) = d_cos(F_a / (F_a + F_b), F_b / (F_a + F_b))``: symmetric, 0 for identical
-    embeddings (and for proportional ones), in [0, 1]. Entries where both are 0 count as equal."""
+    embeddings (and for proportional ones), in [0, 1]. Entries that are 0 in both are left out."""
     va, vb = _stack([a, b])
     return float(_pairwise_symmetric(va[None], vb[None])[0, 0])
 
