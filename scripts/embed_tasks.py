@@ -1,0 +1,106 @@
+"""Embed the tasks of a DataModule with Task2Vec and write the embeddings and distance matrices to disk.
+
+    python scripts/embed_tasks.py --config configs/task2vec_embed_omniglot.yaml
+    python scripts/embed_tasks.py --data.class_path tasklight.datamodules.omniglot.OmniglotDataModule \\
+        --probe_ckpt runs/checkpoints/maml_omniglot/last.ckpt --output_dir runs/task2vec
+
+The ``data`` section is the same as in a ``tasklight fit`` config. The probe is a checkpoint
+(``--probe_ckpt``: a Lightning ``.ckpt`` written by a tasklight/LightningCLI run, or a ``.pt``
+holding a pickled ``nn.Module``) or a network given by class path (``--probe``, e.g. a randomly
+initialised Conv4; ``--probe_state`` loads a state dict into it). ``--task2vec.*`` are the options
+of ``tasklight.lightning_modules.task2vec.Task2Vec``.
+
+Writes to ``--output_dir``:
+
+* ``task2vec.pt``: names, embeddings ``[T, D]``, layers, symmetric and asymmetric distance
+  matrices, trivial embedding, descriptors (see ``save_embeddings``);
+* ``descriptors.pt``: the ``[T, D]`` descriptor tensor alone (task order = the DataModule's), to
+  pass as the task descriptors z_i of a multi-task DataModule;
+* ``distances.csv``: the symmetric distance matrix with task names.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch import LightningDataModule, seed_everything
+from torch import nn
+
+from tasklight.lightning_modules.task2vec import (DEFAULT_ALPHA, Task2Vec, datamodule_tasks, load_expert,
+                                                  save_embeddings)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True,
+                                  help="the DataModule whose tasks to embed (as in a tasklight config)")
+    parser.add_subclass_arguments(nn.Module, "probe", required=False, help="probe network by class path")
+    parser.add_argument("--probe_ckpt", type=Optional[str], default=None,
+                        help="probe checkpoint: a Lightning .ckpt or a .pt holding an nn.Module")
+    parser.add_argument("--probe_state", type=Optional[str], default=None,
+                        help="a state_dict file loaded into --probe")
+    parser.add_class_arguments(Task2Vec, "task2vec", skip={"probe"}, instantiate=False)
+    parser.add_argument("--split", type=Literal["train", "val", "test"], default="val")
+    parser.add_argument("--max_tasks", type=Optional[int], default=None)
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                        help="weight of the trivial-embedding term of the asymmetric distance")
+    parser.add_argument("--descriptor_transform", type=Literal["log_standardize", "l2", "none"],
+                        default="log_standardize")
+    parser.add_argument("--output_dir", type=str, default="runs/task2vec")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def load_probe(cfg, init) -> nn.Module:
+    if cfg.probe_ckpt and init.get("probe") is not None:
+        raise ValueError("give either --probe_ckpt or --probe, not both")
+    if cfg.probe_ckpt:
+        return load_expert(cfg.probe_ckpt)
+    probe = init.get("probe")
+    if probe is None:
+        raise ValueError("no probe: pass --probe_ckpt (a checkpoint) or --probe.class_path (a network)")
+    if cfg.probe_state:
+        state = torch.load(cfg.probe_state, map_location="cpu", weights_only=True)
+        probe.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    return probe
+
+
+def main(args: Optional[list[str]] = None) -> dict:
+    parser = build_parser()
+    cfg = parser.parse_args(args)
+    seed_everything(cfg.seed, verbose=False)
+    init = parser.instantiate(cfg)
+    dm = init.data
+    probe = load_probe(cfg, init)
+    dm.prepare_data()
+    dm.setup("fit" if cfg.split != "test" else "test")
+    tasks = datamodule_tasks(dm, cfg.split, cfg.max_tasks)
+    embedder = Task2Vec(probe, **{k: v for k, v in dict(cfg.task2vec).items()})
+    embeddings = embedder.embed_tasks(tasks)
+    out_dir = Path(cfg.output_dir)
+    result = save_embeddings(out_dir / "task2vec.pt", embeddings, cfg.alpha, cfg.descriptor_transform)
+    torch.save(result["descriptors"], out_dir / "descriptors.pt")
+    names, dist = result["names"], result["distance_symmetric"]
+    with open(out_dir / "distances.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", *names])
+        for name, row in zip(names, dist.tolist()):
+            writer.writerow([name, *[f"{v:.6f}" for v in row]])
+    width = max(8, *(len(n) for n in names))
+    print(f"Task2Vec symmetric distances ({len(names)} tasks, {embeddings[0].vector.numel()} dims, "
+          f"layers {embedder.layers})")
+    print(" " * width + " " + " ".join(f"{n[:8]:>8}" for n in names))
+    for name, row in zip(names, dist.tolist()):
+        print(f"{name:<{width}} " + " ".join(f"{v:8.4f}" for v in row))
+    print(f"wrote {out_dir / 'task2vec.pt'}, {out_dir / 'descriptors.pt'} ([{len(names)}, "
+          f"{result['descriptors'].shape[1]}]), {out_dir / 'distances.csv'}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
