@@ -10,8 +10,8 @@ from torch import nn
 from tasklight.lightning_modules.nets import MLP, Conv4
 from tasklight.lightning_modules.task2vec import (
     Task2Vec, TaskEmbedding, asymmetric_distance, distance_matrix, fisher_diagonal, load_embeddings, per_filter,
-    rank_experts, save_embeddings, set_batchnorm_stats, symmetric_distance, task_descriptors, transfer_error,
-    trivial_embedding)
+    rank_experts, save_embeddings, set_batchnorm_stats, symmetric_distance, task_descriptors, train_classifier,
+    transfer_error, trivial_embedding)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -238,3 +238,111 @@ def test_transfer_error_fits_a_head_on_frozen_features():
     assert transfer_error(expert, (x[:45], y[:45]), (x[45:], y[45:])) >= 0.5
     with pytest.raises(ValueError, match="do not occur in the training split"):
         transfer_error(expert, (x[:45], y[:45] % 2), (x[45:], y[45:]))
+
+
+# ------------------------------------------------------------------------------------- Omniglot, real runs
+@pytest.fixture(scope="module")
+def omniglot():
+    from tasklight.datamodules.omniglot import default_omniglot_root, load_omniglot
+
+    return load_omniglot(default_omniglot_root())
+
+
+def test_same_alphabet_tasks_are_closer_on_a_probe_trained_on_other_alphabets(omniglot):
+    data = omniglot
+    held = ["Japanese_(katakana)", "Sanskrit"]
+    held_ids = torch.tensor([data.alphabets.index(a) for a in held])
+    x_all = data.images.float().div(255).unsqueeze(1)
+    probe_mask = ~torch.isin(data.image_alphabet, held_ids)
+    torch.manual_seed(0)
+    n_chars = len(torch.unique(data.image_character[probe_mask]))
+    probe = train_classifier(Conv4(out_features=n_chars, hidden=32), x_all[probe_mask],
+                             data.image_character[probe_mask], epochs=2, seed=0)
+    # three 10-way tasks per held-out alphabet, on disjoint characters
+    tasks, alphabet_of = {}, []
+    gen = torch.Generator().manual_seed(1)
+    for a in held:
+        chars = (data.character_alphabet == data.alphabets.index(a)).nonzero().flatten()
+        chars = chars[torch.randperm(len(chars), generator=gen)]
+        for k in range(3):
+            m = torch.isin(data.image_character, chars[10 * k: 10 * (k + 1)])
+            tasks[f"{a}/{k}"] = (x_all[m], data.image_character[m])
+            alphabet_of.append(a)
+    embeddings = Task2Vec(probe, seed=0).embed_tasks(tasks)
+    d = distance_matrix(embeddings)
+    same = torch.tensor([[a == b for b in alphabet_of] for a in alphabet_of])
+    off = ~torch.eye(len(tasks), dtype=torch.bool)
+    for i, name in enumerate(tasks):
+        within, between = d[i][same[i] & off[i]].mean(), d[i][~same[i]].mean()
+        assert within < between, (name, float(within), float(between), d)
+
+
+def test_callback_in_a_meta_learning_run_logs_heatmap_and_table_to_wandb(tmp_path):
+    from tasklight.callbacks.task2vec import Task2VecCallback
+    from tasklight.cli import run_cli
+
+    cli = run_cli([
+        "fit", "--seed_everything", "0", "--test_after_fit", "false",
+        "--model", "tasklight.lightning_modules.maml.MAMLModule",
+        "--model.net", "tasklight.lightning_modules.nets.Conv4",
+        "--model.net.init_args.out_features", "5", "--model.net.init_args.hidden", "8",
+        "--model.loss", "cross_entropy", "--model.inner_steps", "1", "--model.inner_lr", "0.4",
+        "--model.extra_eval_steps", "[]",
+        "--data", "tasklight.datamodules.omniglot.OmniglotDataModule",
+        "--data.n_way", "5", "--data.k_shot", "1", "--data.q_queries", "3", "--data.meta_batch_size", "2",
+        "--data.batches_per_epoch", "2", "--data.val_episodes", "2", "--data.test_episodes", "2",
+        "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.offline", "true",
+        "--trainer.logger.init_args.project", "tasklight-test",
+        "--trainer.callbacks+", "tasklight.callbacks.task2vec.Task2VecCallback",
+        "--trainer.callbacks.epochs", "[0, 1]", "--trainer.callbacks.max_tasks", "3",
+        "--trainer.callbacks.save_dir", str(tmp_path / "t2v"),
+    ])
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, Task2VecCallback))
+    assert [epoch for epoch, _, _ in cb.history] == [0, 1]
+    for _, embeddings, matrix in cb.history:
+        assert [e.name for e in embeddings] == ["episode0", "episode1", "episode2"]
+        assert matrix.shape == (3, 3) and torch.equal(matrix, matrix.T) and (matrix.diagonal() == 0).all()
+        assert embeddings[0].vector.shape == (32,)  # 4 conv layers x 8 filters of the MAML net
+    # the embeddings follow training: the probe changed between the epochs
+    assert not torch.equal(cb.history[0][1][0].vector, cb.history[1][1][0].vector)
+    saved = load_embeddings(tmp_path / "t2v" / "task2vec_epoch1.pt")
+    torch.testing.assert_close(saved[2].vector, cb.history[1][1][2].vector)
+    run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    media = run_dirs[0] / "files" / "media"
+    assert list(media.glob("images/task2vec/distance_heatmap_*.png"))
+    tables = list(media.glob("table/task2vec/distances_*.table.json"))
+    assert len(tables) == 2
+    import json
+
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["epoch", "task_a", "task_b", "d_sym"] and len(table["data"]) == 9
+
+
+def test_embed_tasks_script_writes_descriptors_a_multitask_datamodule_accepts(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from tasklight.datamodules.multitask import OmniglotAlphabetsDataModule
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "embed_tasks.py"
+    spec = importlib.util.spec_from_file_location("embed_tasks", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    alphabets = ["Greek", "Latin", "Tagalog"]
+    result = script.main([
+        "--data", "tasklight.datamodules.multitask.OmniglotAlphabetsDataModule",
+        "--data.alphabets", str(alphabets), "--split", "train",
+        "--probe", "tasklight.lightning_modules.nets.Conv4", "--probe.init_args.hidden", "8",
+        "--task2vec.max_examples", "60", "--output_dir", str(tmp_path),
+    ])
+    assert result["names"] == alphabets and result["embeddings"].shape == (3, 32)
+    descriptors = torch.load(tmp_path / "descriptors.pt", weights_only=True)
+    assert descriptors.shape == (3, 32) and (tmp_path / "distances.csv").read_text().startswith("task,Greek")
+    dm = OmniglotAlphabetsDataModule(alphabets=alphabets, task_descriptors=str(tmp_path / "descriptors.pt"))
+    torch.testing.assert_close(dm.task_descriptors, descriptors)
+    # the descriptors are the transformed embeddings, task i in row i
+    torch.testing.assert_close(descriptors, task_descriptors(load_embeddings(tmp_path / "task2vec.pt")))

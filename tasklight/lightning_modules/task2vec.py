@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .nets import make_vmap_safe
 
@@ -67,6 +67,10 @@ def task_tensors(data: TaskData, name: str = "") -> tuple[Tensor, Tensor]:
             raise ValueError(f"{what} is empty: its DataLoader yielded no batches; give it at least two "
                              f"examples of two classes.")
         x, y = torch.cat(xs), torch.cat(ys)
+    elif isinstance(data, Dataset) and callable(getattr(data, "fetch", None)):  # indexed in one call
+        x, y = data.fetch(torch.arange(len(data)))  # type: ignore[arg-type]
+    elif isinstance(data, TensorDataset) and len(data.tensors) >= 2:
+        x, y = data.tensors[0], data.tensors[1]
     elif isinstance(data, Dataset):
         try:
             n = len(data)  # type: ignore[arg-type]
@@ -110,13 +114,16 @@ def _batches(n: int, size: int):
 
 
 def datamodule_tasks(datamodule: Any, split: str = "val", max_tasks: Optional[int] = None) -> dict[str, TaskData]:
-    """The tasks of a DataModule as ``name -> (x, y)``, for the callback and ``scripts/embed_tasks.py``.
+    """The tasks of a DataModule as ``name -> data``, for the callback and ``scripts/embed_tasks.py``.
 
     Looked up in this order:
 
     1. ``datamodule.task2vec_tasks(split)``: any DataModule can define it and return a mapping
        ``name -> (x, y) | Dataset | DataLoader``;
-    2. an episodic (meta-learning) DataModule (one with ``task_fn(split)``, e.g.
+    2. a multi-task DataModule (``MultiTaskDataModule`` and subclasses: ``tasks`` and
+       ``train_sets``/``val_sets``/``test_sets``): each task's dataset of ``split``, in task order,
+       so that row ``i`` of the embeddings is task ``i`` (what its ``task_descriptors`` expects);
+    3. an episodic (meta-learning) DataModule (one with ``task_fn(split)``, e.g.
        ``OmniglotDataModule``): its fixed evaluation episodes ``0, 1, ...`` of ``split``, each
        episode's support and query sets together as one task.
     """
@@ -124,9 +131,24 @@ def datamodule_tasks(datamodule: Any, split: str = "val", max_tasks: Optional[in
         raise ValueError("no DataModule to take tasks from: pass one to the Trainer (datamodule=...) or to the script")
     if max_tasks is not None and max_tasks < 1:
         raise ValueError(f"max_tasks must be >= 1 (or None for all), got {max_tasks}")
+    kind = type(datamodule).__name__
     hook = getattr(datamodule, "task2vec_tasks", None)
     if callable(hook):
         tasks = dict(hook(split))
+    elif hasattr(datamodule, "train_sets") and hasattr(datamodule, "tasks"):
+        datamodule.setup()
+        sets = getattr(datamodule, f"{split}_sets", None)
+        if sets is None:
+            raise ValueError(f"{kind} has no {split!r} split; use split 'train', 'val' or 'test'")
+        tasks = {}
+        for t, (spec, ds) in enumerate(zip(datamodule.tasks, sets)):
+            name = str(getattr(spec, "name", f"task{t}"))
+            if getattr(spec, "kind", "classification") != "classification":
+                raise ValueError(f"task {name!r} of {kind} is a {spec.kind} task; Task2Vec embeds classification "
+                                 f"tasks (the Fisher of a softmax classifier)")
+            if ds is None:
+                raise ValueError(f"task {name!r} of {kind} has no {split} set; embed another split (e.g. 'train')")
+            tasks[name] = ds
     elif callable(getattr(datamodule, "task_fn", None)):
         from ..datamodules.episodes import EpisodeSet
 
@@ -138,10 +160,10 @@ def datamodule_tasks(datamodule: Any, split: str = "val", max_tasks: Optional[in
             sx, sy, qx, qy = episodes[i]
             tasks[f"episode{i}"] = (torch.cat([sx, qx]), torch.cat([sy, qy]))
     else:
-        raise TypeError(f"{type(datamodule).__name__} does not expose its tasks: give it a method "
-                        f"`task2vec_tasks(split) -> dict[name, (x, y)]` (or use an episodic DataModule)")
+        raise TypeError(f"{kind} does not expose its tasks: give it a method `task2vec_tasks(split) -> "
+                        f"dict[name, (x, y)]` (or use a multi-task or episodic DataModule)")
     if not tasks:
-        raise ValueError(f"{type(datamodule).__name__} has no tasks in the {split!r} split")
+        raise ValueError(f"{kind} has no tasks in the {split!r} split")
     names = list(tasks)[:max_tasks] if max_tasks is not None else list(tasks)
     return {str(k): tasks[k] for k in names}
 
@@ -735,6 +757,28 @@ def rank_experts(task: EmbeddingLike, experts: Mapping[str, EmbeddingLike], alph
     order = torch.argsort(d, stable=True).tolist()
     name = task.name if isinstance(task, TaskEmbedding) else ""
     return ExpertRanking(name, [names[i] for i in order], [float(d[i]) for i in order])
+
+
+def train_classifier(net: nn.Module, x: Tensor, y: Tensor, epochs: int, lr: float = 3e-3, batch_size: int = 64,
+                     seed: int = 0) -> nn.Module:
+    """Train ``net`` (logits over the classes of ``y``, remapped to ``0..C-1``) with Adam and
+    cross-entropy for ``epochs`` passes in seeded random order: a quick way to make a probe or an
+    expert from a labelled data set. Returns ``net`` in eval mode."""
+    x, y = task_tensors((x, y))
+    _, y = torch.unique(y, return_inverse=True)
+    opt = torch.optim.Adam(net.parameters(), lr)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=gen)
+            for s in _batches(len(x), batch_size):
+                idx = perm[s]
+                loss = F.cross_entropy(net(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return net.eval()
 
 
 def load_expert(source: Union[str, Path, nn.Module], module_class: Optional[type] = None) -> nn.Module:
