@@ -12,6 +12,15 @@ from tasklight.datamodules.decision import (BudgetAllocation, CubicTopK, Decisio
 D = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors on a shared 2-core machine: one intra-op thread is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -32,7 +41,7 @@ def test_soft_topk_is_a_relaxed_indicator_and_tends_to_the_hard_topk():
 def test_soft_topk_gradient_matches_finite_differences():
     s = torch.randn(3, 8, generator=gen(1), dtype=D, requires_grad=True)
     w = torch.randn(3, 8, generator=gen(2), dtype=D)
-    f = lambda t: (soft_topk(t, 2, 0.4, iters=200) * w).sum()  # noqa: E731
+    f = lambda t: (soft_topk(t, 2, 0.4) * w).sum()  # noqa: E731
     g, = torch.autograd.grad(f(s), s)
     d = torch.randn(3, 8, generator=gen(3), dtype=D)
     h = 1e-6

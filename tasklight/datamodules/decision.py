@@ -45,34 +45,42 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 
 # ====================================================================== differentiable building blocks
-def soft_topk(scores: Tensor, k: float, temperature: float, iters: int = 60) -> Tensor:
+def soft_topk(scores: Tensor, k: float, temperature: float, rounds: int = 4) -> Tensor:
     """Entropic relaxation of the top-``k`` indicator along the last dimension.
 
     Solves ``max_z <scores, z> + temperature * H(z)`` over ``0 <= z <= 1, sum z = k`` (``H`` the binary
     entropy), whose solution is ``z = sigmoid((scores - lam) / temperature)`` with ``lam`` set so that
-    ``sum z = k``. ``lam`` is found by bisection (no gradient) and then refined by one Newton step in
-    the graph, which gives the exact implicit derivative ``d lam / d scores`` at the solution. As
-    ``temperature -> 0``, ``z`` tends to the hard top-``k`` indicator. Vmappable (no data-dependent
-    control flow).
+    ``sum z = k``. ``lam`` is bracketed by ``rounds`` rounds of a 16-interval grid search and polished
+    by two Newton steps (no gradient), then one more Newton step is taken in the graph, which gives
+    the exact implicit derivative ``d lam / d scores`` at the solution. As ``temperature -> 0``, ``z``
+    tends to the hard top-``k`` indicator. Vmappable (no data-dependent control flow).
     """
     n = scores.shape[-1]
     if not 0 < k < n:
         raise ValueError(f"soft_topk needs 0 < k < n, got k={k} for n={n} scores.")
     if not temperature > 0:
         raise ValueError(f"soft_topk needs temperature > 0, got {temperature}.")
+    tiny = torch.finfo(scores.dtype).tiny
+
+    def newton(lam: Tensor, s: Tensor) -> Tensor:
+        z = torch.sigmoid((s - lam) / temperature)
+        slope = (z * (1 - z)).sum(-1, keepdim=True) / temperature
+        return lam + (z.sum(-1, keepdim=True) - k) / slope.clamp_min(tiny)
+
     with torch.no_grad():
         s = scores.detach()
-        lo = s.min(-1, keepdim=True).values - 30 * temperature
-        hi = s.max(-1, keepdim=True).values + 30 * temperature
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            too_many = torch.sigmoid((s - mid) / temperature).sum(-1, keepdim=True) > k
-            lo, hi = torch.where(too_many, mid, lo), torch.where(too_many, hi, mid)
-        lam0 = (lo + hi) / 2
-    z0 = torch.sigmoid((scores - lam0) / temperature)
-    slope = (z0 * (1 - z0)).sum(-1, keepdim=True) / temperature
-    lam = lam0 + (z0.sum(-1, keepdim=True) - k) / slope.clamp_min(torch.finfo(scores.dtype).tiny)
-    return torch.sigmoid((scores - lam) / temperature)
+        lo = s.amin(-1, keepdim=True) - 30 * temperature  # sum z ~ n > k here ...
+        hi = s.amax(-1, keepdim=True) + 30 * temperature  # ... and ~ 0 < k here
+        frac = torch.linspace(0, 1, 17, dtype=s.dtype, device=s.device)
+        for _ in range(rounds):
+            grid = lo + (hi - lo) * frac  # [..., 17]
+            count = torch.sigmoid((s.unsqueeze(-2) - grid.unsqueeze(-1)) / temperature).sum(-1)
+            idx = (count > k).sum(-1, keepdim=True).clamp(1, 16) - 1
+            lo, hi = grid.gather(-1, idx), grid.gather(-1, idx + 1)
+        lam = (lo + hi) / 2
+        for _ in range(2):
+            lam = newton(lam, s).clamp(lo, hi)
+    return torch.sigmoid((scores - newton(lam, scores)) / temperature)
 
 
 def project_simplex(v: Tensor) -> Tensor:
