@@ -1,0 +1,469 @@
+"""Task weighting for multi-task learning: small pluggable classes with one interface.
+
+Every method turns the per-task losses of a training step (and, where it needs them, the per-task
+gradients on the shared parameters or the shared representation) into one weight per task:
+
+==========================  ===========  ==============  =============================================
+class                       needs grads  weights sum to  reference
+==========================  ===========  ==============  =============================================
+``StaticWeighting``         no           user's choice   linear scalarisation (default: all ones)
+``EqualWeighting``          no           T               all ones
+``UncertaintyWeighting``    no           --              Kendall, Gal & Cipolla (2018)
+``DWA``                     no           T               Liu, Johns & Davison (2019), dynamic weight avg.
+``DROWeighting``            no           1               worst-case task weights by exponentiated
+                                                         gradient (Sagawa et al. 2020, group DRO)
+``GradNorm``                yes          T               Chen et al. (2018)
+``MGDA``                    yes          1               Sener & Koltun (2018), MGDA-UB
+``PCGrad``                  yes          ~T              Yu et al. (2020)
+==========================  ===========  ==============  =============================================
+
+The interface (see :class:`Weighting`):
+
+* ``setup(num_tasks)`` allocates per-task state (called by the MultiTaskModule);
+* ``compute_weights(stats) -> Tensor [T]`` is called once per training step with a
+  :class:`TaskStats` of *global* quantities (already synchronised over DDP ranks by the module, so
+  every rank computes the same weights);
+* ``loss(losses, weights) -> scalar`` combines the live per-task losses (default ``sum w_t L_t``;
+  uncertainty weighting adds its ``log sigma`` terms).
+
+Gradient-based methods only ever use the Gram matrix ``G = g g^T`` of the per-task gradients (MGDA's
+min-norm problem, PCGrad's projections and GradNorm's norms are functions of inner products), and
+express their update as task weights. PCGrad's projected sum is a linear combination of the original
+task gradients, so it is one weighted loss too. Methods with ``direction_only = True`` (MGDA, PCGrad)
+change only the direction of the shared parameters: with hard sharing the task heads still receive
+their own task's gradient, as in the papers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+GradSource = Literal["representation", "parameters"]
+GRAD_SOURCES = ("representation", "parameters")
+
+
+@dataclass
+class TaskStats:
+    """What a weighting method sees at one training step (global over DDP ranks).
+
+    Attributes:
+        losses: ``[T]`` the mean loss of each task over the union of all ranks' examples this step
+            (0 for tasks not sampled this step), detached.
+        active: ``[T]`` bool, the tasks that are part of this step.
+        grads: ``[T, P]`` per-task gradients on the shared quantity (the shared representation pooled
+            over examples, or the shared parameters), or None when the method does not need them.
+        step: the global training step (the same on every rank).
+        epoch: the current epoch.
+    """
+
+    losses: Tensor
+    active: Tensor
+    grads: Optional[Tensor] = None
+    step: int = 0
+    epoch: int = 0
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.losses.shape[0])
+
+
+class Weighting(nn.Module):
+    """Base class of the loss-weighting methods.
+
+    Class attributes:
+        needs_grads: the method needs per-task gradients (``stats.grads``).
+        direction_only: the weights only steer the shared parameters; task-specific heads get the
+            plain gradient of their own loss (MGDA, PCGrad).
+
+    Args:
+        grad_source: where per-task gradients are taken (only for methods that need them):
+            ``"representation"`` -- the gradient of each task's loss with respect to the output of
+            the shared trunk, summed over the task's examples (the gradient on a bias shared by all
+            examples). It costs one backward pass through the heads for all tasks together (the
+            MGDA-UB trick of Sener & Koltun, 2018).
+            ``"parameters"`` -- the gradient on all shared parameters, one backward pass per task.
+    """
+
+    needs_grads: bool = False
+    direction_only: bool = False
+
+    def __init__(self, grad_source: GradSource = "representation") -> None:
+        super().__init__()
+        if grad_source not in GRAD_SOURCES:
+            raise ValueError(f"{type(self).__name__}: grad_source must be one of {GRAD_SOURCES}, got {grad_source!r}")
+        self.grad_source = grad_source
+        self.num_tasks = 0
+
+    def setup(self, num_tasks: int) -> None:
+        """Allocate per-task state. Called once the number of tasks is known."""
+        if num_tasks < 1:
+            raise ValueError(f"{type(self).__name__}: need at least one task, got {num_tasks}")
+        self.num_tasks = int(num_tasks)
+
+    def _check(self, stats: TaskStats) -> None:
+        if self.num_tasks == 0:
+            self.setup(stats.num_tasks)
+        if stats.num_tasks != self.num_tasks:
+            raise ValueError(f"{type(self).__name__} was set up for {self.num_tasks} tasks but got losses for "
+                             f"{stats.num_tasks}")
+        if self.needs_grads and stats.grads is None:
+            raise ValueError(f"{type(self).__name__} needs per-task gradients (stats.grads) but none were given")
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:  # pragma: no cover - abstract
+        """The weight of each task for this step, ``[T]`` (0 for inactive tasks), detached."""
+        raise NotImplementedError
+
+    def loss(self, losses: Tensor, weights: Tensor) -> Tensor:
+        """The scalar objective from the live per-task losses ``[T]`` and this step's weights."""
+        return (weights.to(losses) * losses).sum()
+
+
+# ------------------------------------------------------------------------------- loss based
+class StaticWeighting(Weighting):
+    """Fixed weights ``w``: the objective is ``sum_t w_t L_t``. ``weights=None`` gives all ones."""
+
+    def __init__(self, weights: Optional[Sequence[float]] = None) -> None:
+        super().__init__()
+        self.fixed = None if weights is None else [float(w) for w in weights]
+        if self.fixed is not None and any(not math.isfinite(w) or w < 0 for w in self.fixed):
+            raise ValueError(f"StaticWeighting weights must be finite and >= 0, got {self.fixed}")
+        self.register_buffer("w", torch.ones(0))
+
+    def setup(self, num_tasks: int) -> None:
+        super().setup(num_tasks)
+        if self.fixed is not None and len(self.fixed) != num_tasks:
+            raise ValueError(f"StaticWeighting got {len(self.fixed)} weights but there are {num_tasks} tasks; give "
+                             f"one weight per task, or none for equal weights.")
+        self.w = torch.tensor(self.fixed if self.fixed is not None else [1.0] * num_tasks)
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        return self.w.to(stats.losses) * stats.active.to(stats.losses)
+
+
+class EqualWeighting(StaticWeighting):
+    """All weights 1: the objective is the sum of the task losses."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+
+class UncertaintyWeighting(Weighting):
+    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, 2018).
+
+    Learns ``s_t = log sigma_t^2`` per task; the objective is
+    ``sum_t 0.5 * exp(-s_t) * L_t + 0.5 * s_t``, minimised at ``s_t = log L_t``. The reported
+    weights are ``0.5 * exp(-s_t)``. The ``s_t`` are parameters of the module, trained by its
+    optimiser (and averaged across DDP ranks like every other gradient).
+    """
+
+    def __init__(self, init_log_var: float = 0.0) -> None:
+        super().__init__()
+        self.init_log_var = float(init_log_var)
+        self.log_vars = nn.Parameter(torch.zeros(0))
+
+    def setup(self, num_tasks: int) -> None:
+        super().setup(num_tasks)
+        if self.log_vars.numel() != num_tasks:
+            self.log_vars = nn.Parameter(torch.full((num_tasks,), self.init_log_var))
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        return (0.5 * torch.exp(-self.log_vars.detach())).to(stats.losses) * stats.active.to(stats.losses)
+
+    def loss(self, losses: Tensor, weights: Tensor) -> Tensor:
+        active = (weights > 0).to(losses)
+        s = self.log_vars.to(losses)
+        return (active * (0.5 * torch.exp(-s) * losses + 0.5 * s)).sum()
+
+
+class DWA(Weighting):
+    """Dynamic Weight Average (Liu, Johns & Davison, 2019).
+
+    ``w_t = T * softmax_t(r_t / temperature)`` with ``r_t = L_t(e-1) / L_t(e-2)``, the ratio of the
+    task's average training loss over the two previous epochs; all ones during the first two epochs.
+    """
+
+    def __init__(self, temperature: float = 2.0) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"DWA temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        for name in ("prev", "acc_sum", "acc_count"):
+            self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("state", torch.tensor([-1, 0], dtype=torch.long))  # current epoch, finished epochs
+
+    def setup(self, num_tasks: int) -> None:
+        super().setup(num_tasks)
+        self.prev = torch.full((2, num_tasks), float("nan"), dtype=torch.float64)
+        self.acc_sum = torch.zeros(num_tasks, dtype=torch.float64)
+        self.acc_count = torch.zeros(num_tasks, dtype=torch.float64)
+
+    def _roll(self, epoch: int) -> None:
+        if int(self.state[0]) >= 0:
+            mean = torch.where(self.acc_count > 0, self.acc_sum / self.acc_count.clamp_min(1), self.prev[1])
+            self.prev = torch.stack([self.prev[1], mean])
+            self.state[1] += 1
+        self.acc_sum.zero_()
+        self.acc_count.zero_()
+        self.state[0] = epoch
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        if stats.epoch != int(self.state[0]):
+            self._roll(stats.epoch)
+        active = stats.active.to(self.acc_sum.device)
+        self.acc_sum += torch.where(active, stats.losses.detach().double().to(self.acc_sum.device), 0.0)
+        self.acc_count += active.double()
+        if int(self.state[1]) < 2:
+            w = torch.ones(self.num_tasks, dtype=torch.float64)
+        else:
+            ratio = self.prev[1] / self.prev[0]
+            ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))
+            w = self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
+        return w.to(stats.losses) * stats.active.to(stats.losses)
+
+
+class DROWeighting(Weighting):
+    """Worst-case (distributionally robust) task weights by exponentiated gradient ascent.
+
+    Keeps weights ``q`` on the simplex and, at every step, ``q_t <- q_t * exp(step_size * L_t)``
+    followed by normalisation (the online group-DRO update of Sagawa et al., 2020); the objective
+    ``sum_t q_t L_t`` then tracks the worst task. Only the tasks of the current step are updated.
+    """
+
+    def __init__(self, step_size: float = 0.01) -> None:
+        super().__init__()
+        if not step_size > 0:
+            raise ValueError(f"DROWeighting step_size must be > 0, got {step_size}")
+        self.step_size = float(step_size)
+        self.register_buffer("log_q", torch.zeros(0, dtype=torch.float64))
+
+    def setup(self, num_tasks: int) -> None:
+        super().setup(num_tasks)
+        self.log_q = torch.full((num_tasks,), -math.log(num_tasks), dtype=torch.float64)
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        active = stats.active.to(self.log_q.device)
+        losses = stats.losses.detach().double().to(self.log_q.device)
+        log_q = torch.where(active, self.log_q + self.step_size * losses, self.log_q)
+        self.log_q = log_q - torch.logsumexp(log_q, 0)
+        q = torch.exp(self.log_q)
+        q = torch.where(active, q, 0.0)
+        return (q / q.sum()).to(stats.losses)
+
+
+# ------------------------------------------------------------------------------- gradient based
+def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-6) -> Tensor:
+    """The convex combination ``alpha`` (``alpha >= 0``, ``sum alpha = 1``) that minimises
+    ``|| sum_t alpha_t g_t ||^2 = alpha^T G alpha``, given only the Gram matrix ``G``.
+
+    Two tasks: closed form. More: the Frank-Wolfe solver of Sener & Koltun (2018), started from the
+    best pair.
+    """
+    G = gram.detach().double()
+    T = G.shape[0]
+    if T == 1:
+        return torch.ones(1, dtype=torch.float64)
+
+    def pair(v11: Tensor, v12: Tensor, v22: Tensor) -> float:
+        """argmin_gamma || gamma v1 + (1 - gamma) v2 ||^2 over [0, 1]."""
+        den = float(v11 + v22 - 2 * v12)
+        if den <= 1e-30:
+            return 0.5
+        return float(min(max(float(v22 - v12) / den, 0.0), 1.0))
+
+    if T == 2:
+        g = pair(G[0, 0], G[0, 1], G[1, 1])
+        return torch.tensor([g, 1.0 - g], dtype=torch.float64)
+    best, sol = float("inf"), None
+    for i in range(T):
+        for j in range(i + 1, T):
+            g = pair(G[i, i], G[i, j], G[j, j])
+            val = g * g * float(G[i, i]) + 2 * g * (1 - g) * float(G[i, j]) + (1 - g) ** 2 * float(G[j, j])
+            if val < best:
+                best, sol = val, (i, j, g)
+    alpha = torch.zeros(T, dtype=torch.float64)
+    alpha[sol[0]], alpha[sol[1]] = sol[2], 1.0 - sol[2]
+    for _ in range(max_iter):
+        grad = G @ alpha
+        t = int(torch.argmin(grad))
+        v11 = alpha @ grad
+        gamma = pair(v11, grad[t], G[t, t])
+        new = gamma * alpha
+        new[t] += 1.0 - gamma
+        if float((new - alpha).abs().sum()) < tol:
+            alpha = new
+            break
+        alpha = new
+    return alpha
+
+
+def gradient_normalizers(grads: Tensor, losses: Tensor, kind: str) -> Tensor:
+    """Sener & Koltun's gradient normalisation: ``none`` (1), ``l2`` (||g||), ``loss`` (L),
+    ``loss+`` (L * ||g||)."""
+    norms = grads.double().norm(dim=1)
+    if kind == "none":
+        return torch.ones_like(norms)
+    if kind == "l2":
+        return norms
+    if kind == "loss":
+        return losses.double().abs()
+    if kind == "loss+":
+        return losses.double().abs() * norms
+    raise ValueError(f"MGDA normalization must be one of ('none', 'l2', 'loss', 'loss+'), got {kind!r}")
+
+
+class MGDA(Weighting):
+    """MGDA-UB (Sener & Koltun, 2018): the min-norm convex combination of the task gradients.
+
+    The weights ``alpha`` (summing to 1) solve ``min || sum_t alpha_t g_t / n_t ||`` over the
+    simplex, with ``g_t`` the per-task gradients on the shared representation (default, the
+    "upper bound" variant) or on the shared parameters, and ``n_t`` the ``normalization``
+    (``none``, ``l2``, ``loss``, ``loss+``). The objective is ``sum_t alpha_t L_t``; task-specific
+    heads get the plain gradients of their own losses.
+    """
+
+    needs_grads = True
+    direction_only = True
+
+    def __init__(self, normalization: Literal["none", "l2", "loss", "loss+"] = "none",
+                 grad_source: GradSource = "representation", max_iter: int = 250) -> None:
+        super().__init__(grad_source)
+        gradient_normalizers(torch.zeros(1, 1), torch.zeros(1), normalization)  # validates the name
+        self.normalization = normalization
+        self.max_iter = int(max_iter)
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        idx = stats.active.nonzero().flatten()
+        g = stats.grads[idx].double()
+        n = gradient_normalizers(g, stats.losses[idx], self.normalization).clamp_min(1e-12)
+        g = g / n[:, None]
+        alpha = min_norm_weights(g @ g.T, self.max_iter)
+        w = torch.zeros(self.num_tasks, dtype=torch.float64, device=alpha.device)
+        w[idx.to(alpha.device)] = alpha
+        return w.to(stats.losses)
+
+
+def pcgrad_coefficients(gram: Tensor, orders: Sequence[Sequence[int]]) -> Tensor:
+    """PCGrad's projected gradient sum as coefficients on the original task gradients.
+
+    For each task ``i``, ``g_i^PC`` starts at ``g_i`` and, for ``j`` in ``orders[i]``, if
+    ``g_i^PC . g_j < 0`` it is replaced by ``g_i^PC - (g_i^PC . g_j / ||g_j||^2) g_j`` (Yu et al.,
+    2020). Every ``g_i^PC`` is a combination ``sum_k C_ik g_k`` whose inner products follow from the
+    Gram matrix alone; the update ``sum_i g_i^PC = sum_k (sum_i C_ik) g_k`` is returned as
+    ``sum_i C_i``.
+    """
+    G = gram.detach().double()
+    T = G.shape[0]
+    C = torch.eye(T, dtype=torch.float64, device=G.device)
+    for i in range(T):
+        for j in orders[i]:
+            gjj = G[j, j]
+            if gjj <= 0:
+                continue
+            dot = C[i] @ G[:, j]
+            if dot < 0:
+                C[i, j] -= dot / gjj
+    return C.sum(0)
+
+
+class PCGrad(Weighting):
+    """PCGrad (Yu et al., 2020): project each task gradient off the others it conflicts with.
+
+    For each task, the other tasks (itself included, as in the reference code) are visited in a
+    random order drawn from a generator seeded by ``(seed, step)``, so every DDP rank draws the same
+    order. The update is the sum of the projected gradients.
+    """
+
+    needs_grads = True
+    direction_only = True
+
+    def __init__(self, grad_source: GradSource = "representation", seed: int = 0) -> None:
+        super().__init__(grad_source)
+        self.seed = int(seed)
+
+    def orders(self, step: int, tasks: Sequence[int]) -> list[list[int]]:
+        """The visiting order of ``tasks`` for each task at ``step`` (positions into ``tasks``)."""
+        state = np.random.SeedSequence([self.seed, int(step)]).generate_state(2, dtype=np.uint32)
+        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return [torch.randperm(len(tasks), generator=gen).tolist() for _ in tasks]
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        idx = stats.active.nonzero().flatten()
+        g = stats.grads[idx].double()
+        c = pcgrad_coefficients(g @ g.T, self.orders(stats.step, idx.tolist()))
+        w = torch.zeros(self.num_tasks, dtype=torch.float64, device=c.device)
+        w[idx.to(c.device)] = c
+        return w.to(stats.losses)
+
+
+class GradNorm(Weighting):
+    """GradNorm (Chen et al., 2018): balance the tasks' gradient norms by learning the weights.
+
+    With ``G_t = w_t ||g_t||`` (``g_t`` the task gradient on the shared representation or
+    parameters), ``G_bar`` its mean, ``r_t = (L_t / L_t(0)) / mean_s (L_s / L_s(0))`` the relative
+    inverse training rate and the constant target ``G_bar * r_t^alpha``, the weights take an Adam
+    step of size ``lr`` on ``sum_t |G_t - target_t|`` and are renormalised to sum to ``T``.
+    ``L_t(0)`` is the task's first observed loss. The model uses the weights of the current step.
+    """
+
+    needs_grads = True
+
+    def __init__(self, alpha: float = 1.5, lr: float = 0.025, grad_source: GradSource = "representation") -> None:
+        super().__init__(grad_source)
+        if alpha < 0 or not lr > 0:
+            raise ValueError(f"GradNorm needs alpha >= 0 and lr > 0, got alpha={alpha}, lr={lr}")
+        self.alpha, self.lr = float(alpha), float(lr)
+        for name in ("w", "initial", "m", "v"):
+            self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("t", torch.zeros((), dtype=torch.long))
+
+    def setup(self, num_tasks: int) -> None:
+        super().setup(num_tasks)
+        self.w = torch.ones(num_tasks, dtype=torch.float64)
+        self.initial = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
+        self.m = torch.zeros(num_tasks, dtype=torch.float64)
+        self.v = torch.zeros(num_tasks, dtype=torch.float64)
+
+    def targets(self, norms: Tensor, losses: Tensor, initial: Tensor, weights: Tensor) -> Tensor:
+        """``G_bar * r_t^alpha`` for the given gradient norms, losses and initial losses (one entry per
+        task of the step)."""
+        G = weights * norms
+        ratio = losses / initial
+        r = ratio / ratio.mean()
+        return G.mean() * r.pow(self.alpha)
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        dev = self.w.device
+        active = stats.active.to(dev)
+        idx = active.nonzero().flatten()
+        losses = stats.losses.detach().double().to(dev)
+        self.initial = torch.where(active & torch.isnan(self.initial), losses, self.initial)
+        current = (self.w * active.double()).clone()  # the weights the model uses this step
+        norms = stats.grads.detach().double().to(dev)[idx].norm(dim=1)
+        w = self.w[idx]
+        target = self.targets(norms, losses[idx], self.initial[idx], w)
+        grad = torch.sign(w * norms - target) * norms  # d/dw_t sum |w_t ||g_t|| - target_t|
+        self.t += 1
+        b1, b2, eps, t = 0.9, 0.999, 1e-8, int(self.t)
+        self.m[idx] = b1 * self.m[idx] + (1 - b1) * grad
+        self.v[idx] = b2 * self.v[idx] + (1 - b2) * grad * grad
+        step = self.lr * (self.m[idx] / (1 - b1 ** t)) / ((self.v[idx] / (1 - b2 ** t)).sqrt() + eps)
+        new = self.w.clone()
+        new[idx] = (w - step).clamp_min(1e-6)
+        self.w = new * (self.num_tasks / new.sum())
+        return current.to(stats.losses)
+
+
+WEIGHTINGS = {cls.__name__: cls for cls in (StaticWeighting, EqualWeighting, UncertaintyWeighting, DWA,
+                                             DROWeighting, GradNorm, MGDA, PCGrad)}
