@@ -5,10 +5,11 @@
         --probe_ckpt runs/checkpoints/maml_omniglot/last.ckpt --output_dir runs/task2vec
 
 The ``data`` section is the same as in a ``tasklight fit`` config. The probe is a checkpoint
-(``--probe_ckpt``: a Lightning ``.ckpt`` written by a tasklight/LightningCLI run, or a ``.pt``
-holding a pickled ``nn.Module``) or a network given by class path (``--probe``, e.g. a randomly
-initialised Conv4; ``--probe_state`` loads a state dict into it). ``--task2vec.*`` are the options
-of ``tasklight.lightning_modules.task2vec.Task2Vec``.
+(``--probe_ckpt``: a Lightning ``.ckpt`` that loads on its own, or a ``.pt`` holding a pickled
+``nn.Module``) or a network given by class path (``--probe``) with optional weights
+(``--probe_state``: a state dict or a Lightning ``.ckpt``; ``--probe_state_prefix trunk`` takes a
+MultiTaskModule's trunk out of its checkpoint, ``net`` a meta-learner's network).
+``--task2vec.*`` are the options of ``tasklight.lightning_modules.task2vec.Task2Vec``.
 
 Writes to ``--output_dir``:
 
@@ -43,7 +44,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--probe_ckpt", type=Optional[str], default=None,
                         help="probe checkpoint: a Lightning .ckpt or a .pt holding an nn.Module")
     parser.add_argument("--probe_state", type=Optional[str], default=None,
-                        help="a state_dict file loaded into --probe")
+                        help="weights for --probe: a state_dict file or a Lightning .ckpt")
+    parser.add_argument("--probe_state_prefix", type=Optional[str], default=None,
+                        help="take only the entries under this prefix (e.g. 'trunk' or 'net') of --probe_state")
     parser.add_class_arguments(Task2Vec, "task2vec", skip={"probe"}, instantiate=False)
     parser.add_argument("--split", type=Literal["train", "val", "test"], default="val")
     parser.add_argument("--max_tasks", type=Optional[int], default=None)
@@ -65,8 +68,23 @@ def load_probe(cfg, init) -> nn.Module:
     if probe is None:
         raise ValueError("no probe: pass --probe_ckpt (a checkpoint) or --probe.class_path (a network)")
     if cfg.probe_state:
-        state = torch.load(cfg.probe_state, map_location="cpu", weights_only=True)
-        probe.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        state = torch.load(cfg.probe_state, map_location="cpu", weights_only=False)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]  # a Lightning checkpoint
+        if cfg.probe_state_prefix:
+            prefix = cfg.probe_state_prefix.rstrip(".") + "."
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not sub:
+                tops = sorted({k.split(".")[0] for k in state})
+                raise ValueError(f"no entry of {cfg.probe_state} starts with {prefix!r}; its top-level names are "
+                                 f"{tops}: set --probe_state_prefix to one of them")
+            state = sub
+        try:
+            probe.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"--probe_state {cfg.probe_state} does not fit --probe {type(probe).__name__}: {err}. "
+                             f"Give the probe's exact architecture, and --probe_state_prefix for a checkpoint of a "
+                             f"module that holds it (e.g. 'trunk' for MultiTaskModule, 'net' for meta-learners).") from err
     return probe
 
 

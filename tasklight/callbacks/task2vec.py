@@ -87,8 +87,9 @@ class Task2VecCallback(Callback):
         self.alpha, self.save_dir, self.log_key = alpha, save_dir, log_key
         self.history: list[tuple[int, list[TaskEmbedding], Tensor]] = []
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # bad layer / network / head names fail now, not after the first epoch
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # bad layer / network / head names fail now, not after the first epoch (modules that build
+        # their network in `setup`, like MultiTaskModule, are complete by now)
         Task2Vec(pl_module, **self.options)
 
     def due(self, epoch: int) -> bool:

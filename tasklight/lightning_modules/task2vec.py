@@ -200,9 +200,11 @@ class ProbeAdapter:
 
     Args:
         probe: an ``nn.Module`` or ``LightningModule``; it is never modified (a copy is used).
-        network: dotted path of the submodule mapping inputs to outputs (e.g. ``"net"`` for the
-            meta-learners, whose network is ``self.net``). Default: the probe itself, except for a
-            ``LightningModule`` with a ``net`` attribute, whose ``net`` is used.
+        network: dotted path of the submodule mapping inputs to outputs (or features). Default:
+            the probe itself, except for a ``LightningModule`` with a ``net`` attribute (the
+            meta-learners), whose ``net`` is used, or with a ``trunk`` (``MultiTaskModule`` with
+            hard sharing), whose trunk is used as feature extractor (``head="auto"`` then means
+            no head to replace).
         head: dotted path (inside ``network``) of the classifier layer to replace, ``"auto"`` (the
             last ``nn.Linear``, if the network ends with one) or ``None`` (the network's output,
             flattened, is the feature: a head is appended).
@@ -211,8 +213,12 @@ class ProbeAdapter:
     def __init__(self, probe: nn.Module, network: Optional[str] = None, head: Optional[str] = "auto") -> None:
         if not isinstance(probe, nn.Module):
             raise TypeError(f"the probe must be an nn.Module or LightningModule, got {type(probe).__name__}")
-        if network is None and _is_lightning(probe) and isinstance(getattr(probe, "net", None), nn.Module):
-            network = "net"
+        if network is None and _is_lightning(probe):
+            if isinstance(getattr(probe, "net", None), nn.Module):
+                network = "net"  # the meta-learners' network
+            elif isinstance(getattr(probe, "trunk", None), nn.Module):
+                network = "trunk"  # a multi-task module's shared trunk: its output is the feature
+                head = None if head == "auto" else head
         self.network_path = network or ""
         self.network = _resolve(probe, network, "network submodule") if network else probe
         if head == "auto":
@@ -274,17 +280,17 @@ class ProbeAdapter:
         for p in net.parameters():
             p.requires_grad_(False)
         make_vmap_safe(net)
-        if self.head_path is None:
-            return net
-        old_head = net.get_submodule(self.head_path)
         with torch.no_grad():
             try:
                 reference = net(example)
             except Exception as err:  # noqa: BLE001 - say which network failed on which input
                 raise ValueError(f"the probe network{f' {self.network_path!r}' if self.network_path else ''} failed "
-                                 f"on the task's inputs of shape {tuple(example.shape)}: {err}. If the probe is a "
-                                 f"LightningModule whose forward needs more than x, pass `network` naming the "
-                                 f"submodule that maps x to outputs.") from err
+                                 f"on the task's inputs of shape {tuple(example.shape)}: {err}. Pass `network` "
+                                 f"naming a submodule that maps x alone to outputs or features.") from err
+        if self.head_path is None:
+            return net
+        old_head = net.get_submodule(self.head_path)
+        with torch.no_grad():
             _set_submodule(net, self.head_path, nn.Identity())
             feats = net(example)
             same = (feats.dim() >= 2 and feats[0].numel() == old_head.in_features
