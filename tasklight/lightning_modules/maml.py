@@ -62,16 +62,20 @@ class MAMLModule(MetaLearner):
                 for n, p in self.net.named_parameters()})
 
     # ----------------------------------------------------------------- inner learning rates
-    def lr_for_core(self):
+    def lr_for_core(self, detach: bool = False):
         if self.inner_lrs is None:
             return self.inner_lr
-        return {n: self.inner_lrs[_key(n)] for n, _ in self.net.named_parameters()}
+        return {n: (self.inner_lrs[_key(n)].detach() if detach else self.inner_lrs[_key(n)])
+                for n, _ in self.net.named_parameters()}
 
     # ----------------------------------------------------------------- core backend
-    def _adapt(self, sx, sy, qx, qy, steps: int, first_order: bool):
+    def _adapt(self, sx, sy, qx, qy, steps: int, first_order: bool, outer_graph: bool = True):
         params, buffers = split_state(self.net)
+        if not outer_graph:  # evaluation: no meta-gradient needed
+            params = {k: v.detach() for k, v in params.items()}
         res, out, qloss = self.core.adapt_tasks(params, buffers, sx, sy, qx, qy, steps=steps,
-                                                lr=self.lr_for_core(), first_order=first_order)
+                                                lr=self.lr_for_core(detach=not outer_graph),
+                                                first_order=first_order)
         if self.net.training and res.buffers:
             merge_task_buffers(self.net, res.buffers)
         return out, qloss, res.inner_losses
@@ -88,7 +92,7 @@ class MAMLModule(MetaLearner):
         if self.backend == "higher":
             out, _, inner = self._higher_tasks(support_x, support_y, query_x, None, steps, track=False)
             return out, inner
-        out, _, inner = self._adapt(support_x, support_y, query_x, None, steps, first_order=True)
+        out, _, inner = self._adapt(support_x, support_y, query_x, None, steps, first_order=True, outer_graph=False)
         return out, inner
 
     # ----------------------------------------------------------------- higher backend
