@@ -346,3 +346,18 @@ def test_embed_tasks_script_writes_descriptors_a_multitask_datamodule_accepts(tm
     torch.testing.assert_close(dm.task_descriptors, descriptors)
     # the descriptors are the transformed embeddings, task i in row i
     torch.testing.assert_close(descriptors, task_descriptors(load_embeddings(tmp_path / "task2vec.pt")))
+
+
+def test_multitask_module_probe_uses_its_trunk():
+    from tasklight.datamodules.multitask import TaskSpec
+    from tasklight.lightning_modules.multitask import MultiTaskModule
+
+    torch.manual_seed(0)
+    trunk = Conv4(out_features=0, hidden=4, image_size=16)
+    module = MultiTaskModule(trunk, architecture="hard", tasks=[TaskSpec("a", 3), TaskSpec("b", 5)])
+    t2v = Task2Vec(module, exact=True)
+    assert t2v.adapter.network is module.trunk and t2v.adapter.head_path is None
+    assert t2v.layers == ["features.0.0", "features.1.0", "features.2.0", "features.3.0"]
+    x, y = torch.rand(12, 1, 16, 16), torch.arange(12) % 3
+    # the same as embedding with the bare trunk as probe
+    torch.testing.assert_close(t2v.embed((x, y)).vector, Task2Vec(trunk, head=None, exact=True).embed((x, y)).vector)
