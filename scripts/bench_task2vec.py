@@ -35,7 +35,7 @@ import torch
 
 from tasklight.datamodules.omniglot import load_omniglot
 from tasklight.lightning_modules.nets import Conv4
-from tasklight.lightning_modules.task2vec import Task2Vec, rank_experts, train_classifier, transfer_error
+from tasklight.lightning_modules.task2vec import Task2Vec, evaluate_expert_selection, rank_experts, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,13 +134,11 @@ def main(argv: list[str] | None = None) -> dict:
                 task = f"{name}/{part}"
                 tr = (x_all[train], data.image_character[train])
                 te = (x_all[test], data.image_character[test])
-                emb = embedder.embed(tr, task)
-                ranking = rank_experts(emb, expert_emb, alpha=args.alpha)
-                ranking_sym = rank_experts(emb, expert_emb, alpha=0.0)
-                errors = {n: transfer_error(e, tr, te) for n, e in experts.items()}
-                generic_err = transfer_error(generic, tr, te)
-                oracle = min(errors, key=errors.__getitem__)
-                random_err = sum(errors.values()) / len(errors)
+                sel = evaluate_expert_selection(embedder, experts, expert_emb, tr, te, name=task, generic=generic,
+                                                alpha=args.alpha)
+                ranking, errors, generic_err = sel.ranking, sel.errors, sel.generic_error
+                ranking_sym = rank_experts(sel.embedding, expert_emb, alpha=0.0)
+                oracle, random_err = sel.oracle, sel.random_error
                 picks_oracle += errors[ranking.chosen] == errors[oracle]
                 generic_wins += generic_err < errors[oracle]
                 for key, v in (("task2vec", errors[ranking.chosen]), ("task2vec_sym", errors[ranking_sym.chosen]),

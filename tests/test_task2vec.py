@@ -361,3 +361,40 @@ def test_multitask_module_probe_uses_its_trunk():
     x, y = torch.rand(12, 1, 16, 16), torch.arange(12) % 3
     # the same as embedding with the bare trunk as probe
     torch.testing.assert_close(t2v.embed((x, y)).vector, Task2Vec(trunk, head=None, exact=True).embed((x, y)).vector)
+
+
+def test_evaluate_expert_selection_scores_task2vec_oracle_random_and_generic(tmp_path):
+    from tasklight.lightning_modules.task2vec import evaluate_expert_selection, load_expert
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0]])
+
+    def blobs(n, seed):
+        y = torch.arange(n) % 3
+        return centers[y] + 0.5 * torch.randn(n, 2, generator=torch.Generator().manual_seed(seed)), y
+
+    def expert(scale):
+        net = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 3))
+        with torch.no_grad():
+            net[0].weight.copy_(scale * (torch.eye(2) + 0.1 * torch.randn(2, 2, generator=g)))
+            net[0].bias.zero_()
+        return net
+
+    experts = {"sharp": expert(1.0), "blurred": expert(0.05), "dead": expert(0.0)}
+    torch.save(experts["blurred"], tmp_path / "blurred.pt")  # an expert given as a file
+    given = dict(experts, blurred=str(tmp_path / "blurred.pt"))
+    expert_tasks = {n: blobs(60, i) for i, n in enumerate(experts)}
+    train, test = blobs(30, 10), blobs(60, 11)
+    embedder = Task2Vec(experts["sharp"], exact=True)
+    sel = evaluate_expert_selection(embedder, given, expert_tasks, train, test, name="new",
+                                    generic=experts["sharp"])
+    want = {n: transfer_error(load_expert(m), train, test) for n, m in given.items()}
+    assert sel.errors == want and sel.oracle == min(want, key=want.get)
+    assert sel.random_error == pytest.approx(sum(want.values()) / 3)
+    assert sel.generic_error == want["sharp"] and sel.task2vec_error == want[sel.ranking.chosen]
+    assert sel.oracle_error <= sel.task2vec_error and sel.errors["dead"] > 0.5
+    ranking = rank_experts(embedder.embed(train), {n: embedder.embed(t) for n, t in expert_tasks.items()})
+    assert sel.ranking.experts == ranking.experts
+    assert sel.ranking.distances == pytest.approx(ranking.distances)
+    with pytest.raises(ValueError, match="no training task"):
+        evaluate_expert_selection(embedder, given, {"sharp": expert_tasks["sharp"]}, train, test)

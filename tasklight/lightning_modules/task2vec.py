@@ -847,8 +847,9 @@ def transfer_error(expert: nn.Module, train: TaskData, test: TaskData, network: 
 
 @dataclass
 class ExpertSelection:
-    """One new task: the Task2Vec ranking and every expert's test error after fitting a head."""
+    """One new task: its embedding, the Task2Vec ranking and every expert's test error after fitting a head."""
 
+    embedding: TaskEmbedding
     ranking: ExpertRanking
     errors: dict[str, float]
     generic_error: Optional[float] = None
@@ -891,8 +892,9 @@ def evaluate_expert_selection(embedder: Task2Vec, experts: Mapping[str, Union[nn
                          f"embedding) of the task it was trained on")
     expert_emb = {n: (expert_tasks[n] if isinstance(expert_tasks[n], TaskEmbedding)
                       else embedder.embed(expert_tasks[n], n)) for n in experts}
-    ranking = rank_experts(embedder.embed(train, name), expert_emb, alpha)
+    embedding = embedder.embed(train, name)
+    ranking = rank_experts(embedding, expert_emb, alpha)
     score = dict(network=network, head=head, head_steps=head_steps, head_weight_decay=head_weight_decay)
     errors = {n: transfer_error(load_expert(m), train, test, **score) for n, m in experts.items()}
     generic_error = transfer_error(load_expert(generic), train, test, **score) if generic is not None else None
-    return ExpertSelection(ranking, errors, generic_error)
+    return ExpertSelection(embedding, ranking, errors, generic_error)
