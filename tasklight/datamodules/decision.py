@@ -245,24 +245,27 @@ class BudgetAllocation(DecisionProblem):
 
     Units are websites; ``y [.., num_users]`` are a website's click-through rates for each user and
     the features are a fixed random network of them plus noise (the setting of Wilder et al. 2019
-    and Shah et al. 2022). Predictions are clipped to ``[0, 1]`` inside the solvers.
+    and Shah et al. 2022). Predictions are clipped to ``[0, 1]`` inside the solvers (straight-through
+    in the relaxation, so that out-of-range predictions still receive a gradient).
 
     * ``solve``: exact, by enumerating all subsets, when there are at most ``max_enumerate`` of them,
       otherwise greedy (a ``1 - 1/e`` approximation);
-    * ``relaxed_solve``: the multilinear relaxation over ``z = soft_topk(w, budget)``, maximised by
-      ``relax_steps`` unrolled gradient-ascent steps on ``w`` from the single-website values.
+    * ``relaxed_solve``: the entropy-regularised multilinear relaxation
+      ``max_z F(z) + temperature * H(z)`` over ``0 <= z <= 1, sum z = budget``, whose stationary points
+      satisfy ``z = soft_topk(grad F(z), budget, temperature)``; ``relax_steps`` damped fixed-point
+      steps from the single-website values, unrolled in the graph (a soft greedy).
     """
 
     def __init__(self, num_websites: int = 10, num_users: int = 5, budget: int = 2, feature_dim: int = 4,
-                 feature_noise: float = 0.1, temperature: float = 0.05, relax_steps: int = 10,
-                 relax_lr: float = 1.0, max_enumerate: int = 5000, seed: int = 0) -> None:
+                 feature_noise: float = 0.1, temperature: float = 0.1, relax_steps: int = 5,
+                 max_enumerate: int = 5000, seed: int = 0) -> None:
         if not 0 < budget < num_websites:
             raise ValueError(f"BudgetAllocation needs 0 < budget < num_websites, got budget={budget}, "
                              f"num_websites={num_websites}.")
         _check_positive("BudgetAllocation", num_users=num_users, feature_dim=feature_dim, temperature=temperature)
         self.num_units, self.out_dim, self.feature_dim = num_websites, num_users, feature_dim
         self.budget, self.feature_noise = budget, feature_noise
-        self.temperature, self.relax_steps, self.relax_lr = temperature, relax_steps, relax_lr
+        self.temperature, self.relax_steps = temperature, relax_steps
         self.exact = math.comb(num_websites, budget) <= max_enumerate
         if self.exact:
             self._subsets = torch.tensor(list(combinations(range(num_websites), budget)))
@@ -305,15 +308,14 @@ class BudgetAllocation(DecisionProblem):
         return z
 
     def relaxed_solve(self, y_hat: Tensor, x: Tensor) -> Tensor:
-        p = y_hat.clamp(0, 1)
-
-        def value(w: Tensor) -> Tensor:
-            return self.coverage(soft_topk(w, self.budget, self.temperature), p).sum()
-
-        w = p.sum(-1)
-        for _ in range(self.relax_steps):
-            w = w + self.relax_lr * grad(value)(w)
-        return soft_topk(w, self.budget, self.temperature)
+        # clipped to [0, 1] in value, with the gradient of the identity (straight-through), so that a
+        # prediction outside the range is still pulled back by the task loss
+        p = y_hat + (y_hat.clamp(0, 1) - y_hat).detach()
+        gain = grad(lambda z: self.coverage(z, p).sum())
+        z = soft_topk(p.sum(-1), self.budget, self.temperature)
+        for _ in range(self.relax_steps):  # damped fixed point of z = soft_topk(grad F(z), budget)
+            z = 0.5 * z + 0.5 * soft_topk(gain(z), self.budget, self.temperature)
+        return z
 
     def random_predictions(self, y: Tensor, generator: torch.Generator) -> Tensor:
         """Random click-through rates, uniform on [0, 1]: a uniformly random choice of websites."""
