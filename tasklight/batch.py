@@ -39,6 +39,8 @@ class MetaBatch:
         cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
         return MetaBatch(cast(self.support_x), cast(self.support_y), cast(self.query_x), cast(self.query_y), self.index)
 
+    __iter__ = None  # not iterable: indexing selects tasks, iteration would silently split the batch
+
     def __getitem__(self, item) -> "MetaBatch":
         """Select tasks, e.g. ``batch[:2]``."""
         idx = None if self.index is None else self.index[item]

@@ -37,7 +37,7 @@ class IMAMLModule(MetaLearner):
                  clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise") -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
                          lr_scheduler, clip_grad_norm, nonfinite)
-        self.save_hyperparameters(ignore=["net", "loss"])
+        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         if lam <= 0:
             raise ValueError(f"lam (the proximal weight) must be > 0, got {lam}")
         if cg_steps < 1 or cg_damping < 0:
