@@ -544,4 +544,38 @@ class TwoObjectiveToyDataModule(MultiTaskDataModule):
 
 __all__ = ["MultiTaskBatch", "TaskSpec", "MultiTaskDataModule", "OmniglotAlphabetsDataModule",
            "TwoObjectiveToyDataModule", "ToyPoint", "ToyObjective", "toy_objectives", "toy_pareto_front",
-           "pareto_gap", "TOY_STARTS", "load_descriptors", "ImageTask", "MultiTaskStream"]
+           "pareto_gap", "TOY_STARTS", "TOY_SCALES", "toy_descent", "load_descriptors", "ImageTask", "MultiTaskStream"]
+
+
+def toy_descent(make_weighting, starts: Sequence[Sequence[float]], scales: Sequence[float] = (0.1, 1.0),
+                steps: int = 2000, lr: float = 0.05, epoch_length: int = 100) -> tuple[Tensor, Tensor]:
+    """Run a weighting method on the toy from several starting points at once.
+
+    Each start is an independent problem (Adam is elementwise, so one Adam over the stacked points
+    is exactly one Adam per point), with its own weighting instance from ``make_weighting()``, exact
+    per-task gradients on the point, and the learning rate annealed from ``lr`` to 0 (cosine) over
+    ``steps``. This is the update :class:`~tasklight.lightning_modules.multitask.MultiTaskModule`
+    makes with ``ToyPoint`` and identity heads, without the Trainer around it. Returns the final
+    points ``[K, 2]`` and their losses ``[K, 2]``.
+    """
+    from ..lightning_modules.weighting import TaskStats
+
+    x = torch.tensor([[float(a), float(b)] for a, b in starts], dtype=torch.float64, requires_grad=True)
+    methods = [make_weighting() for _ in starts]
+    for m in methods:
+        m.setup(2)
+    opt = torch.optim.Adam([x], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    active = torch.ones(2, dtype=torch.bool)
+    for step in range(steps):
+        f = toy_objectives(x, scales)
+        g = torch.stack([torch.autograd.grad(f[:, i].sum(), x, retain_graph=True)[0] for i in range(2)], 1)
+        w = torch.stack([m.compute_weights(TaskStats(f[k].detach(), active, g[k].detach(), step,
+                                                     step // epoch_length)).to(f)
+                         for k, m in enumerate(methods)])
+        opt.zero_grad()
+        torch.stack([m.loss(f[k], w[k]) for k, m in enumerate(methods)]).sum().backward()
+        opt.step()
+        sched.step()
+    x = x.detach()
+    return x, toy_objectives(x, scales)

@@ -336,6 +336,8 @@ class MultiTaskModule(LightningModule):
                 size = getattr(loss, "out_features", None) or getattr(loss, "num_bins", None)
                 if size:
                     spec.out_features = int(size)
+        if self.task_sampling != "all" and self.tasks_per_step > T:
+            raise ValueError(f"tasks_per_step={self.tasks_per_step} but there are only {T} tasks")
         if self._given_heads is not None and len(self._given_heads) != T:
             raise ValueError(f"got {len(self._given_heads)} heads but there are {T} tasks; give one head per task")
         self.task_specs = specs
