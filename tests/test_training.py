@@ -169,3 +169,23 @@ def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
     blob = open(records[0], "rb").read()
     for key in (b"train/query_loss", b"val/mse"):
         assert key in blob, key
+
+
+def test_gradient_clipping_and_scheduler_are_applied_each_meta_step():
+    from lightning.pytorch import Callback
+
+    norms = []
+
+    class RecordNorm(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            norms.append(float(torch.sqrt(sum((p.grad ** 2).sum() for p in pl_module.parameters()
+                                              if p.grad is not None))))
+
+    torch.manual_seed(0)
+    module = MAMLModule(MLP(), inner_steps=1, clip_grad_norm=1e-3, optimizer=adam(0.1),
+                        lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))
+    dm = SinusoidDataModule(meta_batch_size=4, batches_per_epoch=3)
+    t = trainer(max_steps=3, callbacks=[RecordNorm()])
+    t.fit(module, dm)
+    assert len(norms) == 3 and max(norms) <= 1e-3 * (1 + 1e-4)
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
