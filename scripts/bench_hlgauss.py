@@ -19,20 +19,17 @@ Usage:
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import math
-import platform
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch import nn
 
+from _bench import fit_and_test, fmt, header, parser, setup, write_results
 from tasklight.datamodules.sinusoid import SinusoidDataModule
 from tasklight.lightning_modules.losses import HistogramLoss
 from tasklight.lightning_modules.maml import MAMLModule
@@ -56,13 +53,7 @@ def sinusoid_run(loss_name: str, seed: int, steps: int) -> dict:
         loss = HistogramLoss(SINUSOID_BINS, *SINUSOID_RANGE, sigma=SIGMA_BINS, sigma_unit="bin")
     module = MAMLModule(net, loss=loss, inner_steps=1, inner_lr=MAML_INNER_LR[loss_name], eval_inner_steps=10,
                         extra_eval_steps=[1])
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
-    start = time.perf_counter()
-    trainer.fit(module, dm)
-    fit_s = time.perf_counter() - start
-    res = trainer.test(module, dm, verbose=False)[0]
+    res, fit_s = fit_and_test(module, dm, steps)
     return {"mse@1": res["test/mse@1"], "mse@10": res["test/mse@10"], "fit_s": fit_s}
 
 
@@ -101,22 +92,9 @@ def diabetes_run(loss_name: str, seed: int, epochs: int) -> dict:
     return {"rmse": float(((pred - y_all[te]) ** 2).mean().sqrt())}
 
 
-def fmt(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {std:.3f}"
-
-
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer seeds and meta-steps (under 5 minutes)")
-    parser.add_argument("--seeds", type=int, default=None, help="sinusoid seeds (default 3 quick, 5 full)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on 2 cores)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench_hlgauss.md"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    seeds = list(range(args.seeds or (3 if args.quick else 5)))
+    args = parser(__doc__, str(ROOT / "docs" / "bench_hlgauss.md")).parse_args(argv)
+    seeds = setup(args)
     meta_steps = 1000 if args.quick else 4000
     diabetes_seeds, epochs = list(range(5 if args.quick else 10)), 100
     t0 = time.perf_counter()
@@ -137,14 +115,7 @@ def main(argv=None) -> None:
     total = time.perf_counter() - t0
     cmd = "python scripts/bench_hlgauss.py" + (" --quick" if args.quick else "") + \
         ("" if args.seeds is None else f" --seeds {args.seeds}")
-    doc = [
-        "# Benchmark: HL-Gauss histogram loss vs MSE",
-        "",
-        f"Command: `{cmd}`  ",
-        f"Date: {datetime.date.today().isoformat()}  ",
-        f"Machine: CPU, 2 cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-        f"{args.threads} intra-op thread(s); total time {total:.0f} s.",
-        "",
+    doc = header("Benchmark: HL-Gauss histogram loss vs MSE", cmd, args.threads, total) + [
         f"## Sinusoid meta-learning (MAML, {meta_steps} meta-steps, meta-batch 25, 1 inner step in training)",
         "",
         f"HL-Gauss: {SINUSOID_BINS} bins on [{SINUSOID_RANGE[0]}, {SINUSOID_RANGE[1]}], sigma = {SIGMA_BINS} bin "
@@ -170,16 +141,8 @@ def main(argv=None) -> None:
         "Ratios RMSE(HL-Gauss) / RMSE(MSE) (below 1: the histogram loss wins); the sinusoid one after 10 "
         "adaptation steps, the overall one their geometric mean:",
         "",
-        "```",
-        summary,
-        "```",
-        "",
     ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(doc))
-    print(f"wrote {out} ({total:.0f} s)")
-    print(summary)
+    write_results(args.out, doc, summary, total)
 
 
 if __name__ == "__main__":

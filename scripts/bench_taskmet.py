@@ -13,18 +13,15 @@ Usage:
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import platform
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from _bench import fit_and_test, fmt, header, parser, setup, write_results
 from tasklight.datamodules.decision import BudgetAllocation, CubicTopK, DecisionDataModule, PortfolioOptimization
 from tasklight.lightning_modules.nets import MLP
 from tasklight.lightning_modules.taskmet import DFLModule, MetricNet, MSEModule, TaskMetModule
@@ -62,51 +59,38 @@ def run_one(name: str, method: str, seed: int, scale: float) -> dict:
                             steps_per_epoch=10, num_random=10, seed=seed)
     module = make_module(method, spec)
     steps = max(1, int(spec["steps"][method] * scale))
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
-    start = time.perf_counter()
-    trainer.fit(module, dm)
-    fit_s = time.perf_counter() - start
-    res = trainer.test(module, dm, verbose=False)[0]
+    res, fit_s = fit_and_test(module, dm, steps)
     return {"ndq": res["test/ndq"], "mse": res["test/mse"], "fit_s": fit_s, "steps": steps}
 
 
-def time_outer_steps(name: str, mode: str, steps: int, inner_steps: int) -> float:
-    """Milliseconds per TaskMet outer step (inner fit + metric gradient), after a warm-up step."""
+def time_outer_steps(name: str, steps: int, inner_steps: int) -> dict[str, float]:
+    """Median milliseconds per TaskMet outer step (inner fit + metric gradient) for the implicit and the
+    unrolled metric gradient, measured alternately (so a change in the machine's load hits both)."""
     spec = PROBLEMS[name]
     dm = DecisionDataModule(spec["problem"](), num_train=spec["num_train"], num_val=1, num_test=1, seed=0)
     dm.setup("fit")
     x, y = dm.splits["train"].tensors[:2]
-    torch.manual_seed(0)
-    module = make_module("taskmet", spec, hypergradient=mode, inner_steps=inner_steps,
-                         first_inner_steps=max(inner_steps, 200))
-    module._problem = dm.problem
-    module.metric_gradient(x, y)  # the first (longer) inner fit
-    start = time.perf_counter()
+    modules = {}
+    for mode in ("implicit", "unrolled"):
+        torch.manual_seed(0)
+        modules[mode] = make_module("taskmet", spec, hypergradient=mode, inner_steps=inner_steps,
+                                    first_inner_steps=max(inner_steps, 200))
+        modules[mode]._problem = dm.problem
+        modules[mode].metric_gradient(x, y)  # the first (longer) inner fit
+    times: dict[str, list[float]] = {mode: [] for mode in modules}
     for _ in range(steps):
-        module.metric_gradient(x, y)
-    return 1000 * (time.perf_counter() - start) / steps
-
-
-def fmt(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {std:.3f}"
+        for mode, module in modules.items():
+            start = time.perf_counter()
+            module.metric_gradient(x, y)
+            times[mode].append(1000 * (time.perf_counter() - start))
+    return {mode: statistics.median(t) for mode, t in times.items()}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 seeds and fewer steps (under 5 minutes)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3 quick, 5 full)")
-    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on 2 cores)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench_taskmet.md"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*The number of training batches.*")
-    seeds = list(range(args.seeds or (3 if args.quick else 5)))
+    cli = parser(__doc__, str(ROOT / "docs" / "bench_taskmet.md"))
+    cli.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    args = cli.parse_args(argv)
+    seeds = setup(args)
     scale = 1.0 if args.quick else 2.0
     t0 = time.perf_counter()
 
@@ -118,9 +102,8 @@ def main(argv=None) -> None:
             print(f"{name:10s} {method:8s} ndq {fmt([r['ndq'] for r in runs])}  mse {fmt([r['mse'] for r in runs])}"
                   f"  fit {statistics.fmean(r['fit_s'] for r in runs):.1f}s/run", flush=True)
 
-    n_timed = 5 if args.quick else 20
-    timing = {(k, mode): time_outer_steps("cubic", mode, n_timed, k) for k in (10, 50)
-              for mode in ("implicit", "unrolled")}
+    n_timed = 7 if args.quick else 21
+    timing = {(k, mode): ms for k in (10, 50) for mode, ms in time_outer_steps("cubic", n_timed, k).items()}
     for k in (10, 50):
         print(f"TaskMet outer step on cubic ({k} inner steps): implicit {timing[(k, 'implicit')]:.1f} ms, "
               f"unrolled {timing[(k, 'unrolled')]:.1f} ms", flush=True)
@@ -141,14 +124,8 @@ def main(argv=None) -> None:
 
     summary = (f"SUMMARY cubic_taskmet={mean_ndq('cubic', 'taskmet'):.3f} cubic_mse={mean_ndq('cubic', 'mse'):.3f} "
                f"cubic_dfl={mean_ndq('cubic', 'dfl'):.3f}")
-    doc = [
-        "# Benchmark: TaskMet vs MSE vs DFL on decision-focused problems",
-        "",
-        f"Command: `{cmd}`  ",
-        f"Date: {datetime.date.today().isoformat()}  ",
-        f"Machine: CPU, 2 cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-        f"{args.threads} intra-op thread(s)  ",
-        f"Seeds: {len(seeds)} (data, initialisation); test split of 200 instances per seed; total time {total:.0f} s.",
+    doc = header("Benchmark: TaskMet vs MSE vs DFL on decision-focused problems", cmd, args.threads, total) + [
+        f"Seeds: {len(seeds)} (data, initialisation); test split of 200 instances per seed.",
         "",
         "Normalised decision quality = (DQ - DQ_random) / (DQ_optimal - DQ_random) on the test instances "
         "(1 = optimal decisions, 0 = as good as random predictions, negative = worse than random). "
@@ -158,7 +135,8 @@ def main(argv=None) -> None:
         *rows,
         "",
         f"Time per TaskMet outer step on cubic top-k (inner fit + metric gradient, "
-        f"{PROBLEMS['cubic']['num_train']} training instances x 50 items, mean of {n_timed} steps, same run). "
+        f"{PROBLEMS['cubic']['num_train']} training instances x 50 items, median of {n_timed} steps of each "
+        "variant measured alternately in the same run). "
         "Both variants run the same inner steps; the implicit one runs them outside the autograd graph and "
         "adds a conjugate-gradient solve, the unrolled one backpropagates through them:",
         "",
@@ -166,16 +144,8 @@ def main(argv=None) -> None:
         "|---|---|---|",
         *[f"| {k} | {timing[(k, 'implicit')]:.1f} | {timing[(k, 'unrolled')]:.1f} |" for k in (10, 50)],
         "",
-        "```",
-        summary,
-        "```",
-        "",
     ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(doc))
-    print(f"wrote {out} ({total:.0f} s)")
-    print(summary)
+    write_results(args.out, doc, summary, total)
 
 
 if __name__ == "__main__":

@@ -160,21 +160,16 @@ def test_hlgauss_sinusoid_config_runs_end_to_end(config, tmp_path):
     from tasklight.cli import run_cli
 
     root = Path(__file__).resolve().parents[1]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cli = run_cli(["fit", "--config", str(root / "configs" / config), "--trainer.max_steps", "3",
-                       "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing",
-                       "false", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-                       "--data.init_args.val_episodes", "10", "--data.init_args.test_episodes", "10"])
-        assert cli.trainer.global_step == 3
-        mse = float(cli.trainer.callback_metrics["test/mse"])
-        assert math.isfinite(mse)
-        # the learner turns the histogram logits into values through HistogramLoss.predict
-        batch = next(iter(cli.datamodule.test_dataloader()))
-        pred = cli.model.predict_episode(batch.support_x, batch.support_y, batch.query_x)
-        assert pred.shape == batch.query_y.shape
-        loss = cli.model.loss_fn
-        assert isinstance(loss, HistogramLoss) and pred.min() >= loss.v_min and pred.max() <= loss.v_max
-    finally:
-        torch.set_num_threads(threads)
+    cli = run_cli(["fit", "--config", str(root / "configs" / config), "--trainer.max_steps", "3",
+                   "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing",
+                   "false", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+                   "--data.init_args.val_episodes", "10", "--data.init_args.test_episodes", "10"])
+    assert cli.trainer.global_step == 3
+    mse = float(cli.trainer.callback_metrics["test/mse"])
+    assert math.isfinite(mse)
+    # the learner turns the histogram logits into values through HistogramLoss.predict
+    batch = next(iter(cli.datamodule.test_dataloader()))
+    pred = cli.model.predict_episode(batch.support_x, batch.support_y, batch.query_x)
+    assert pred.shape == batch.query_y.shape
+    loss = cli.model.loss_fn
+    assert isinstance(loss, HistogramLoss) and pred.min() >= loss.v_min and pred.max() <= loss.v_max

@@ -15,15 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core machine: one intra-op thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_problem(seed=0):
     problem = CubicTopK(num_items=10, temperature=0.3)
     x, y = problem.generate(6, torch.Generator().manual_seed(seed))
