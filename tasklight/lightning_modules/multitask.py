@@ -280,6 +280,8 @@ class MultiTaskModule(LightningModule):
         self.last_task_gradients: Optional[tuple[Tensor, Tensor]] = None
         self.built = False
         self.task_specs: list[TaskSpec] = []
+        # a network built later (in setup) is initialised from the random state at construction
+        self._build_seed = int(torch.randint(0, 2**31 - 1, ()))
         if tasks is not None:
             self.build(tasks, descriptor_dim)
 
@@ -304,7 +306,9 @@ class MultiTaskModule(LightningModule):
             if specs is None:
                 raise ValueError("MultiTaskModule needs its tasks: use a MultiTaskDataModule (which supplies "
                                  "task_specs and task_descriptors) or pass `tasks=[TaskSpec(...), ...]`")
-            self.build(specs, z.shape[1] if z is not None else None, example=_first_input(dm))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self._build_seed)
+                self.build(specs, z.shape[1] if z is not None else None, example=_first_input(dm))
         elif specs is not None:
             self._check_against(specs, z)
 
