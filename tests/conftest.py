@@ -7,3 +7,17 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _finish_wandb_runs():
+    """Each test starts and ends without an open W&B run (a logger would otherwise reuse it)."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

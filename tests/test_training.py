@@ -150,8 +150,11 @@ def test_checkpoint_resume_reproduces_the_next_meta_steps(tmp_path, stop_at):
 
 
 def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
+    if wandb.run is not None:
+        wandb.finish()
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     torch.manual_seed(0)
