@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .episodes import episode_generator
+from .episodes import EpisodeStream, episode_generator
 
 TaskKind = Literal["classification", "regression", "objective"]
 TASK_KINDS = ("classification", "regression", "objective")
@@ -154,7 +154,7 @@ class ImageTask(Dataset):
 
 
 # ----------------------------------------------------------------------------- the training stream
-class MultiTaskStream(IterableDataset):
+class MultiTaskStream(EpisodeStream):
     """Training batches ``start, start+1, ...`` up to the end of the current epoch.
 
     Batch ``i`` on rank ``r`` of ``R`` holds, for every task, the examples at positions
@@ -166,14 +166,16 @@ class MultiTaskStream(IterableDataset):
 
     def __init__(self, datasets: Sequence[Dataset], descriptors: Tensor, batch_size_per_task: int,
                  steps_per_epoch: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        # the episode stream's epoch/worker logic, with multi-task batches for meta-batches
+        super().__init__(self._unused, 1, steps_per_epoch, seed, rank, start)
         self.datasets, self.descriptors = list(datasets), descriptors
-        self.b, self.steps_per_epoch = batch_size_per_task, steps_per_epoch
-        self.seed, self.rank, self.world_size, self.start = seed, rank, world_size, start
+        self.b, self.steps_per_epoch, self.world_size = batch_size_per_task, steps_per_epoch, world_size
         self.sizes = [len(d) for d in self.datasets]
         self._perm_cache: dict[tuple[int, int], Tensor] = {}
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch
+    @staticmethod
+    def _unused(gen):  # pragma: no cover - batches come from batch(), not from a task function
+        raise NotImplementedError
 
     def _perm(self, task: int, epoch_pass: int) -> Tensor:
         key = (task, epoch_pass)
@@ -205,12 +207,8 @@ class MultiTaskStream(IterableDataset):
         return MultiTaskBatch(torch.cat(xs), torch.cat(ys), task, self.descriptors[task],
                               index=torch.tensor([step], dtype=torch.long))
 
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        end = (self.start // self.steps_per_epoch + 1) * self.steps_per_epoch
-        for i in range(self.start + wid, end, nw):
-            yield self.batch(i)
+    def meta_batch(self, index: int) -> MultiTaskBatch:
+        return self.batch(index)
 
 
 class _EvalSet(Dataset):

@@ -589,6 +589,26 @@ class MultiTaskModule(LightningModule):
             return opt
         return [opt], [self.scheduler_factory(opt)]
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["multitask"] = {"tasks": [(t.name, t.out_features, t.kind, t.size) for t in self.task_specs],
+                                   "descriptor_dim": self.descriptor_dim}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Build the network from the checkpoint's task list when it is not built yet (e.g. in
+        ``MultiTaskModule.load_from_checkpoint(path, trunk=...)``). Task losses default by kind; give
+        ``task_losses`` for custom ones."""
+        saved = checkpoint.get("multitask")
+        if saved is None or self.built:
+            return
+        tasks = []
+        for i, (name, out, kind, size) in enumerate(saved["tasks"]):
+            loss = self._given_losses[i] if self._given_losses else None
+            if kind == "objective" and loss is None:
+                raise ValueError(f"task {name!r} of the checkpoint is an 'objective' task whose loss is not stored; "
+                                 f"pass task_losses=[...] to load_from_checkpoint")
+            tasks.append(TaskSpec(name, out, kind, loss, size))
+        self.build(tasks, saved["descriptor_dim"])
+
     def configure_callbacks(self):
         from ..callbacks.task_logging import TaskLossLogger
 

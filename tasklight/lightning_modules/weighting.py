@@ -260,6 +260,13 @@ class DROWeighting(Weighting):
 
 
 # ------------------------------------------------------------------------------- gradient based
+def _scatter(values: Tensor, idx: Tensor, stats: TaskStats) -> Tensor:
+    """Weights of the active tasks ``idx`` placed into a ``[T]`` vector (0 elsewhere)."""
+    w = torch.zeros(stats.num_tasks, dtype=torch.float64, device=values.device)
+    w[idx.to(values.device)] = values
+    return w.to(stats.losses)
+
+
 def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-6) -> Tensor:
     """The convex combination ``alpha`` (``alpha >= 0``, ``sum alpha = 1``) that minimises
     ``|| sum_t alpha_t g_t ||^2 = alpha^T G alpha``, given only the Gram matrix ``G``.
@@ -267,17 +274,17 @@ def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-6) -> Te
     Two tasks: closed form. More: the Frank-Wolfe solver of Sener & Koltun (2018), started from the
     best pair.
     """
-    G = gram.detach().double()
+    G = gram.detach().double().cpu().numpy()  # small T x T problem: numpy is much faster per operation
     T = G.shape[0]
     if T == 1:
         return torch.ones(1, dtype=torch.float64)
 
-    def pair(v11: Tensor, v12: Tensor, v22: Tensor) -> float:
+    def pair(v11: float, v12: float, v22: float) -> float:
         """argmin_gamma || gamma v1 + (1 - gamma) v2 ||^2 over [0, 1]."""
-        den = float(v11 + v22 - 2 * v12)
+        den = v11 + v22 - 2 * v12
         if den <= 1e-30:
             return 0.5
-        return float(min(max(float(v22 - v12) / den, 0.0), 1.0))
+        return min(max((v22 - v12) / den, 0.0), 1.0)
 
     if T == 2:
         g = pair(G[0, 0], G[0, 1], G[1, 1])
@@ -286,23 +293,22 @@ def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-6) -> Te
     for i in range(T):
         for j in range(i + 1, T):
             g = pair(G[i, i], G[i, j], G[j, j])
-            val = g * g * float(G[i, i]) + 2 * g * (1 - g) * float(G[i, j]) + (1 - g) ** 2 * float(G[j, j])
+            val = g * g * G[i, i] + 2 * g * (1 - g) * G[i, j] + (1 - g) ** 2 * G[j, j]
             if val < best:
                 best, sol = val, (i, j, g)
-    alpha = torch.zeros(T, dtype=torch.float64)
+    alpha = np.zeros(T)
     alpha[sol[0]], alpha[sol[1]] = sol[2], 1.0 - sol[2]
     for _ in range(max_iter):
         grad = G @ alpha
-        t = int(torch.argmin(grad))
-        v11 = alpha @ grad
-        gamma = pair(v11, grad[t], G[t, t])
+        t = int(np.argmin(grad))
+        gamma = pair(float(alpha @ grad), float(grad[t]), float(G[t, t]))
         new = gamma * alpha
         new[t] += 1.0 - gamma
-        if float((new - alpha).abs().sum()) < tol:
-            alpha = new
-            break
+        done = float(np.abs(new - alpha).sum()) < tol
         alpha = new
-    return alpha
+        if done:
+            break
+    return torch.from_numpy(alpha)
 
 
 def gradient_normalizers(grads: Tensor, losses: Tensor, kind: str) -> Tensor:
@@ -346,10 +352,7 @@ class MGDA(Weighting):
         g = stats.grads[idx].double()
         n = gradient_normalizers(g, stats.losses[idx], self.normalization).clamp_min(1e-12)
         g = g / n[:, None]
-        alpha = min_norm_weights(g @ g.T, self.max_iter)
-        w = torch.zeros(self.num_tasks, dtype=torch.float64, device=alpha.device)
-        w[idx.to(alpha.device)] = alpha
-        return w.to(stats.losses)
+        return _scatter(min_norm_weights(g @ g.T, self.max_iter), idx, stats)
 
 
 def pcgrad_coefficients(gram: Tensor, orders: Sequence[Sequence[int]]) -> Tensor:
@@ -400,10 +403,7 @@ class PCGrad(Weighting):
         self._check(stats)
         idx = stats.active.nonzero().flatten()
         g = stats.grads[idx].double()
-        c = pcgrad_coefficients(g @ g.T, self.orders(stats.step, idx.tolist()))
-        w = torch.zeros(self.num_tasks, dtype=torch.float64, device=c.device)
-        w[idx.to(c.device)] = c
-        return w.to(stats.losses)
+        return _scatter(pcgrad_coefficients(g @ g.T, self.orders(stats.step, idx.tolist())), idx, stats)
 
 
 class GradNorm(Weighting):
