@@ -86,6 +86,8 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=32, help="Conv4 width")
     p.add_argument("--image-size", type=int, default=16, help="square image size (at least 16)")
     p.add_argument("--batch-size-per-task", type=int, default=8)
+    p.add_argument("--only", default=None,
+                   help="comma-separated runs to keep, e.g. 'hard/equal,hard/mgda,soft/equal' (STL always runs)")
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
@@ -93,7 +95,8 @@ def main(argv=None) -> None:
     steps = args.steps or (200 if args.quick else 1000)
     hidden, size = args.hidden, args.image_size
     start = time.perf_counter()
-    plan = runs(args.quick)
+    plan = runs(args.quick) if not args.only else [
+        r for r in runs(False) if r[0] == "stl" or f"{r[0]}/{r[2]}" in args.only.split(",")]
     acc: dict[str, list[list[float]]] = {}
     names: list[str] = []
     for seed in seeds:
@@ -120,7 +123,8 @@ def main(argv=None) -> None:
     short = [n.replace("_", " ") for n in names]
     lines = _bench.header("Omniglot alphabets: multi-task vs single-task", " ".join(
         ["python scripts/bench_mtl_omniglot.py"] + (argv if argv is not None else sys.argv[1:])), args.threads, total)
-    lines[0] = f"## Omniglot alphabets: multi-task vs single-task ({'quick' if args.quick else 'full'})"
+    mode = f"{steps} steps, selected runs" if args.only else ("quick" if args.quick else "full")
+    lines[0] = f"## Omniglot alphabets: multi-task vs single-task ({mode})"
     lines += [f"Conv4 (width {hidden}, {size}x{size} images), Adam 3e-3, {steps} steps of {args.batch_size_per_task} "
               f"images per alphabet ({max(steps // 8, 1)} steps per epoch, which DWA uses), {len(seeds)} seed(s); "
               f"test accuracy on drawers 17-19 of every character. Delta_m = mean over alphabets of the relative "
@@ -140,7 +144,8 @@ def main(argv=None) -> None:
     lines.append("")
     summary = f"SUMMARY best_delta_m={best[0]:.2f} method={best[1].replace(' / ', '/')}"
     print("\n".join(lines))
-    write_section(args.out, "bench_mtl_omniglot" + ("_quick" if args.quick else ""), lines + ["```", summary, "```"])
+    key = "bench_mtl_omniglot" + ("_subset" if args.only else "_quick" if args.quick else "_full")
+    write_section(args.out, key, lines + ["```", summary, "```"])
     print(f"wrote {args.out} ({total:.0f} s)")
     print(summary)
 

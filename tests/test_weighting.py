@@ -210,3 +210,23 @@ def test_weightings_reject_a_different_number_of_tasks():
     m = ready(DROWeighting(), 3)
     with pytest.raises(ValueError, match="set up for 3 tasks but got losses for 2"):
         m.compute_weights(stats([1.0, 2.0]))
+
+
+def test_loss_ratio_methods_measure_from_the_lower_bound_and_reject_losses_below_it():
+    u = UncertaintyWeighting()
+    u.setup(2, lower_bounds=[-20.0, 0.0])
+    losses = torch.tensor([-19.0, 0.5])
+    w = u.compute_weights(stats(losses))
+    s = u.log_vars.detach()
+    torch.testing.assert_close(u.loss(losses, w), (0.5 * torch.exp(-s) * (losses - torch.tensor([-20.0, 0.0]))
+                                                   + 0.5 * s).sum())
+    d = DWA(temperature=1.0)
+    d.setup(2, lower_bounds=[-2.0, 0.0])
+    for epoch, losses in enumerate([[-1.0, 2.0], [-1.5, 1.0], [-1.5, 1.0]]):
+        out = d.compute_weights(stats(losses, epoch=epoch))
+    r = torch.tensor([0.5 / 1.0, 1.0 / 2.0])  # (L - b) ratios of epochs 1 and 0
+    torch.testing.assert_close(out, 2 * torch.softmax(r, 0))
+    for method in (UncertaintyWeighting(), DWA(), GradNorm()):
+        method.setup(2)
+        with pytest.raises(ValueError, match=r"task 1 has loss -0.3 < 0.*TaskSpec\(lower_bound=...\)"):
+            method.compute_weights(stats([0.2, -0.3], torch.ones(2, 3)))

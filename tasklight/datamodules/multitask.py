@@ -79,6 +79,8 @@ class TaskSpec:
             ``objective`` (the loss is the objective itself, no separate metric; ``loss`` required).
         loss: the task loss ``loss(output, y) -> scalar mean`` (default by ``kind``).
         size: number of training examples (used by proportional task sampling).
+        lower_bound: a known lower bound of the loss (0 for cross-entropy and MSE), used by the
+            weighting methods built on loss ratios or logs (uncertainty, DWA, GradNorm).
     """
 
     name: str
@@ -86,6 +88,7 @@ class TaskSpec:
     kind: TaskKind = "classification"
     loss: Optional[nn.Module] = None
     size: int = 0
+    lower_bound: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
@@ -451,6 +454,7 @@ TOY_STARTS = {
     "nashmtl": [(-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)],
 }
 TOY_SCALES = {"cagrad": (1.0, 1.0), "nashmtl": (0.1, 1.0)}
+TOY_LOWER_BOUND = -20.0  # every toy loss is at least -20 (times its scale)
 
 
 def toy_objectives(x: Tensor, scales: Sequence[float] = (1.0, 1.0)) -> Tensor:
@@ -531,7 +535,8 @@ class TwoObjectiveToyDataModule(MultiTaskDataModule):
         self.scales = TOY_SCALES[variant]
 
     def build(self):
-        tasks = [TaskSpec(f"f{i + 1}", 2, "objective", ToyObjective(i, self.scales[i])) for i in range(2)]
+        tasks = [TaskSpec(f"f{i + 1}", 2, "objective", ToyObjective(i, self.scales[i]),
+                          lower_bound=TOY_LOWER_BOUND * self.scales[i]) for i in range(2)]
         sets = [TensorDataset(torch.zeros(1, 1), torch.zeros(1)) for _ in range(2)]
         return tasks, sets, sets, sets
 
@@ -561,8 +566,10 @@ def toy_descent(make_weighting, starts: Sequence[Sequence[float]], scales: Seque
     x = torch.tensor([[float(a), float(b)] for a, b in starts], dtype=torch.float64, requires_grad=True)
     methods = [make_weighting() for _ in starts]
     for m in methods:
-        m.setup(2)
-    opt = torch.optim.Adam([x], lr=lr)
+        m.setup(2, [TOY_LOWER_BOUND * s for s in scales])
+        m.double()
+    # the methods' own parameters (uncertainty weighting's log variances) train with the point, as in the module
+    opt = torch.optim.Adam([x] + [p for m in methods for p in m.parameters()], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     active = torch.ones(2, dtype=torch.bool)
     for step in range(steps):

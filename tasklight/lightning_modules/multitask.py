@@ -382,7 +382,7 @@ class MultiTaskModule(LightningModule):
                 self.head = nn.Identity() if self.head_type == "identity" else _mlp_head(feat, self.head_hidden,
                                                                                           max_out)
                 self._insert_conditioning()
-        self.weighting.setup(T)
+        self.weighting.setup(T, [s.lower_bound for s in specs])
         self.built = True
 
     def _insert_conditioning(self) -> None:
@@ -590,7 +590,8 @@ class MultiTaskModule(LightningModule):
         return [opt], [self.scheduler_factory(opt)]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["multitask"] = {"tasks": [(t.name, t.out_features, t.kind, t.size) for t in self.task_specs],
+        checkpoint["multitask"] = {"tasks": [(t.name, t.out_features, t.kind, t.size, t.lower_bound)
+                                             for t in self.task_specs],
                                    "descriptor_dim": self.descriptor_dim}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -601,12 +602,12 @@ class MultiTaskModule(LightningModule):
         if saved is None or self.built:
             return
         tasks = []
-        for i, (name, out, kind, size) in enumerate(saved["tasks"]):
+        for i, (name, out, kind, size, bound) in enumerate(saved["tasks"]):
             loss = self._given_losses[i] if self._given_losses else None
             if kind == "objective" and loss is None:
                 raise ValueError(f"task {name!r} of the checkpoint is an 'objective' task whose loss is not stored; "
                                  f"pass task_losses=[...] to load_from_checkpoint")
-            tasks.append(TaskSpec(name, out, kind, loss, size))
+            tasks.append(TaskSpec(name, out, kind, loss, size, bound))
         self.build(tasks, saved["descriptor_dim"])
 
     def configure_callbacks(self):

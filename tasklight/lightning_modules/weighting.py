@@ -77,6 +77,7 @@ class Weighting(nn.Module):
 
     Class attributes:
         needs_grads: the method needs per-task gradients (``stats.grads``).
+        needs_bounded_losses: the method uses ``L_t - lower_bound_t >= 0`` (loss ratios, logs).
         direction_only: the weights only steer the shared parameters; task-specific heads get the
             plain gradient of their own loss (MGDA, PCGrad).
 
@@ -91,6 +92,7 @@ class Weighting(nn.Module):
 
     needs_grads: bool = False
     direction_only: bool = False
+    needs_bounded_losses: bool = False
 
     def __init__(self, grad_source: GradSource = "representation") -> None:
         super().__init__()
@@ -98,12 +100,22 @@ class Weighting(nn.Module):
             raise ValueError(f"{type(self).__name__}: grad_source must be one of {GRAD_SOURCES}, got {grad_source!r}")
         self.grad_source = grad_source
         self.num_tasks = 0
+        self.lower_bounds = torch.zeros(0, dtype=torch.float64)
 
-    def setup(self, num_tasks: int) -> None:
-        """Allocate per-task state. Called once the number of tasks is known."""
+    def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
+        """Allocate per-task state. Called once the number of tasks is known.
+
+        ``lower_bounds`` are known lower bounds of the task losses (default 0: cross-entropy, MSE).
+        Methods built on loss ratios or ``log`` terms (uncertainty weighting, DWA, GradNorm) use
+        ``L_t - lower_bound_t``, which must not be negative.
+        """
         if num_tasks < 1:
             raise ValueError(f"{type(self).__name__}: need at least one task, got {num_tasks}")
         self.num_tasks = int(num_tasks)
+        bounds = [0.0] * num_tasks if lower_bounds is None else [float(b) for b in lower_bounds]
+        if len(bounds) != num_tasks:
+            raise ValueError(f"{type(self).__name__}: got {len(bounds)} loss lower bounds for {num_tasks} tasks")
+        self.lower_bounds = torch.tensor(bounds, dtype=torch.float64)
 
     def _check(self, stats: TaskStats) -> None:
         if self.num_tasks == 0:
@@ -113,6 +125,20 @@ class Weighting(nn.Module):
                              f"{stats.num_tasks}")
         if self.needs_grads and stats.grads is None:
             raise ValueError(f"{type(self).__name__} needs per-task gradients (stats.grads) but none were given")
+        if self.needs_bounded_losses:
+            below = stats.active.cpu() & (stats.losses.detach().double().cpu() < self.lower_bounds - 1e-6)
+            if bool(below.any()):
+                t = int(below.nonzero()[0])
+                raise ValueError(
+                    f"{type(self).__name__} needs every task loss to be at least its lower bound (0 unless the "
+                    f"task says otherwise), but task {t} has loss {float(stats.losses[t]):.4g} < "
+                    f"{float(self.lower_bounds[t]):.4g}. Give the task's known lower bound "
+                    f"(TaskSpec(lower_bound=...)) or use a method without loss ratios (EqualWeighting, "
+                    f"DROWeighting, MGDA, PCGrad).")
+
+    def shifted_losses(self, stats: TaskStats) -> Tensor:
+        """``L_t - lower_bound_t`` (float64, on the CPU)."""
+        return stats.losses.detach().double().cpu() - self.lower_bounds
 
     def compute_weights(self, stats: TaskStats) -> Tensor:  # pragma: no cover - abstract
         """The weight of each task for this step, ``[T]`` (0 for inactive tasks), detached."""
@@ -134,8 +160,8 @@ class StaticWeighting(Weighting):
             raise ValueError(f"StaticWeighting weights must be finite and >= 0, got {self.fixed}")
         self.register_buffer("w", torch.ones(0))
 
-    def setup(self, num_tasks: int) -> None:
-        super().setup(num_tasks)
+    def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
+        super().setup(num_tasks, lower_bounds)
         if self.fixed is not None and len(self.fixed) != num_tasks:
             raise ValueError(f"StaticWeighting got {len(self.fixed)} weights but there are {num_tasks} tasks; give "
                              f"one weight per task, or none for equal weights.")
@@ -157,18 +183,22 @@ class UncertaintyWeighting(Weighting):
     """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, 2018).
 
     Learns ``s_t = log sigma_t^2`` per task; the objective is
-    ``sum_t 0.5 * exp(-s_t) * L_t + 0.5 * s_t``, minimised at ``s_t = log L_t``. The reported
-    weights are ``0.5 * exp(-s_t)``. The ``s_t`` are parameters of the module, trained by its
-    optimiser (and averaged across DDP ranks like every other gradient).
+    ``sum_t 0.5 * exp(-s_t) * (L_t - b_t) + 0.5 * s_t``, minimised at ``s_t = log (L_t - b_t)``, with
+    ``b_t`` the task loss's lower bound (0 for cross-entropy and MSE; the objective is unbounded
+    below for losses under it). The reported weights are ``0.5 * exp(-s_t)``. The ``s_t`` are
+    parameters of the module, trained by its optimiser (and averaged across DDP ranks like every
+    other gradient).
     """
+
+    needs_bounded_losses = True
 
     def __init__(self, init_log_var: float = 0.0) -> None:
         super().__init__()
         self.init_log_var = float(init_log_var)
         self.log_vars = nn.Parameter(torch.zeros(0))
 
-    def setup(self, num_tasks: int) -> None:
-        super().setup(num_tasks)
+    def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
+        super().setup(num_tasks, lower_bounds)
         if self.log_vars.numel() != num_tasks:
             self.log_vars = nn.Parameter(torch.full((num_tasks,), self.init_log_var))
 
@@ -179,15 +209,19 @@ class UncertaintyWeighting(Weighting):
     def loss(self, losses: Tensor, weights: Tensor) -> Tensor:
         active = (weights > 0).to(losses)
         s = self.log_vars.to(losses)
-        return (active * (0.5 * torch.exp(-s) * losses + 0.5 * s)).sum()
+        b = self.lower_bounds.to(losses) if self.lower_bounds.numel() else torch.zeros_like(losses)
+        return (active * (0.5 * torch.exp(-s) * (losses - b) + 0.5 * s)).sum()
 
 
 class DWA(Weighting):
     """Dynamic Weight Average (Liu, Johns & Davison, 2019).
 
     ``w_t = T * softmax_t(r_t / temperature)`` with ``r_t = L_t(e-1) / L_t(e-2)``, the ratio of the
-    task's average training loss over the two previous epochs; all ones during the first two epochs.
+    task's average training loss over the two previous epochs (measured from the loss's lower bound);
+    all ones during the first two epochs.
     """
+
+    needs_bounded_losses = True
 
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
@@ -198,8 +232,8 @@ class DWA(Weighting):
             self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
         self.register_buffer("state", torch.tensor([-1, 0], dtype=torch.long))  # current epoch, finished epochs
 
-    def setup(self, num_tasks: int) -> None:
-        super().setup(num_tasks)
+    def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
+        super().setup(num_tasks, lower_bounds)
         self.prev = torch.full((2, num_tasks), float("nan"), dtype=torch.float64)
         self.acc_sum = torch.zeros(num_tasks, dtype=torch.float64)
         self.acc_count = torch.zeros(num_tasks, dtype=torch.float64)
@@ -218,7 +252,7 @@ class DWA(Weighting):
         if stats.epoch != int(self.state[0]):
             self._roll(stats.epoch)
         active = stats.active.to(self.acc_sum.device)
-        self.acc_sum += torch.where(active, stats.losses.detach().double().to(self.acc_sum.device), 0.0)
+        self.acc_sum += torch.where(active, self.shifted_losses(stats).to(self.acc_sum.device), 0.0)
         self.acc_count += active.double()
         if int(self.state[1]) < 2:
             w = torch.ones(self.num_tasks, dtype=torch.float64)
@@ -244,8 +278,8 @@ class DROWeighting(Weighting):
         self.step_size = float(step_size)
         self.register_buffer("log_q", torch.zeros(0, dtype=torch.float64))
 
-    def setup(self, num_tasks: int) -> None:
-        super().setup(num_tasks)
+    def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
+        super().setup(num_tasks, lower_bounds)
         self.log_q = torch.full((num_tasks,), -math.log(num_tasks), dtype=torch.float64)
 
     def compute_weights(self, stats: TaskStats) -> Tensor:
@@ -413,10 +447,12 @@ class GradNorm(Weighting):
     parameters), ``G_bar`` its mean, ``r_t = (L_t / L_t(0)) / mean_s (L_s / L_s(0))`` the relative
     inverse training rate and the constant target ``G_bar * r_t^alpha``, the weights take an Adam
     step of size ``lr`` on ``sum_t |G_t - target_t|`` and are renormalised to sum to ``T``.
-    ``L_t(0)`` is the task's first observed loss. The model uses the weights of the current step.
+    ``L_t(0)`` is the task's first observed loss; losses are measured from their lower bound. The
+    model uses the weights of the current step.
     """
 
     needs_grads = True
+    needs_bounded_losses = True
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, grad_source: GradSource = "representation") -> None:
         super().__init__(grad_source)
@@ -427,8 +463,8 @@ class GradNorm(Weighting):
             self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
         self.register_buffer("t", torch.zeros((), dtype=torch.long))
 
-    def setup(self, num_tasks: int) -> None:
-        super().setup(num_tasks)
+    def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
+        super().setup(num_tasks, lower_bounds)
         self.w = torch.ones(num_tasks, dtype=torch.float64)
         self.initial = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
         self.m = torch.zeros(num_tasks, dtype=torch.float64)
@@ -447,12 +483,12 @@ class GradNorm(Weighting):
         dev = self.w.device
         active = stats.active.to(dev)
         idx = active.nonzero().flatten()
-        losses = stats.losses.detach().double().to(dev)
+        losses = self.shifted_losses(stats).to(dev)
         self.initial = torch.where(active & torch.isnan(self.initial), losses, self.initial)
         current = (self.w * active.double()).clone()  # the weights the model uses this step
         norms = stats.grads.detach().double().to(dev)[idx].norm(dim=1)
         w = self.w[idx]
-        target = self.targets(norms, losses[idx], self.initial[idx], w)
+        target = self.targets(norms, losses[idx], self.initial[idx].clamp_min(1e-12), w)
         grad = torch.sign(w * norms - target) * norms  # d/dw_t sum |w_t ||g_t|| - target_t|
         self.t += 1
         b1, b2, eps, t = 0.9, 0.999, 1e-8, int(self.t)
