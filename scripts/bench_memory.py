@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
                f"missed: iMAML grows {growth['imaml']:.2f}x, MAML {growth['maml']:.2f}x")
     total = time.perf_counter() - t_start
     summary = f"SUMMARY maml_growth={growth['maml']:.2f} imaml_growth={growth['imaml']:.2f}"
-    body = f"""## {'Quick run' if args.quick else 'Default run'}
+    body = f"""## {'Quick run' if args.quick else 'Default run'}{'' if args.net == 'mlp' else f' ({args.net})'}
 
 Command: `{B.command_line()}`
 Date: {B.today()}
@@ -247,7 +247,8 @@ products at the end point. Target (iMAML at most 1.2x from {lo} to {hi} steps, M
 """
     intro = """Peak memory of one meta-step (meta-objective + backward) for second-order MAML and iMAML as the
 number of inner steps grows, each setting in its own process. Produced by `scripts/bench_memory.py`."""
-    path = B.write_section("memory", "MAML vs iMAML memory", intro, "quick" if args.quick else "default", body)
+    section = ("quick" if args.quick else "default") + ("" if args.net == "mlp" else f"-{args.net}")
+    path = B.write_section("memory", "MAML vs iMAML memory", intro, section, body)
     print(f"wrote {path} ({total:.0f} s)")
     print(summary)
     return growth
