@@ -1,6 +1,6 @@
 """Peak memory of one meta-step, MAML (second order) vs iMAML, as the inner steps grow 5 -> 20 -> 100.
 
-    python scripts/bench_memory.py --quick        # MLP on sinusoid, 3 step counts (< 2 min)
+    python scripts/bench_memory.py --quick        # MLP on sinusoid, 3 step counts (about 2-3 min)
     python scripts/bench_memory.py                # also 50 steps, and 3 repeats per setting
 
 Each (algorithm, inner steps) setting runs in its own process (this script with ``--child``), so
@@ -158,7 +158,7 @@ def run_child(args, algo: str, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="steps 5, 20, 100; one process per setting (< 2 min)")
+    p.add_argument("--quick", action="store_true", help="steps 5, 20, 100; one process per setting (about 2-3 min)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="inner step counts (default 5 20 100; "
                    "5 20 50 100 without --quick)")
     p.add_argument("--repeats", type=int, default=None, help="processes per setting (median; default 1 quick, 3)")

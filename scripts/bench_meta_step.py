@@ -35,7 +35,6 @@ import argparse
 import copy
 import sys
 import time
-from collections import Counter
 from typing import Callable
 
 import torch
