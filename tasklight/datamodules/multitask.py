@@ -29,7 +29,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .episodes import EpisodeStream, episode_generator
+from .episodes import EpisodeStream, EpisodicDataModule, episode_generator
 
 TaskKind = Literal["classification", "regression", "objective"]
 TASK_KINDS = ("classification", "regression", "objective")
@@ -367,11 +367,9 @@ class MultiTaskDataModule(LightningDataModule):
                 self._train_stream.start = self.consumed
         return batch
 
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.consumed = int(state_dict.get("consumed", 0))
+    # the same resumption state as the episodic DataModules: batches consumed and the stream's seed
+    state_dict = EpisodicDataModule.state_dict
+    load_state_dict = EpisodicDataModule.load_state_dict
 
 
 # ----------------------------------------------------------------------------- Omniglot alphabets
