@@ -59,13 +59,17 @@ class MultiTaskBatch:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    def _map(self, fn, per_example_only: bool = False) -> "MultiTaskBatch":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return MultiTaskBatch(**{k: v if v is None or (per_example_only and k == "index") else fn(v)
+                                 for k, v in values.items()})
+
     def to(self, *args, **kwargs) -> "MultiTaskBatch":
-        return MultiTaskBatch(**{f.name: (None if getattr(self, f.name) is None else
-                                          getattr(self, f.name).to(*args, **kwargs)) for f in fields(self)})
+        return self._map(lambda t: t.to(*args, **kwargs))
 
     def select(self, mask: Tensor) -> "MultiTaskBatch":
         """The examples where ``mask`` is True (a bool ``[N]`` tensor)."""
-        return MultiTaskBatch(self.x[mask], self.y[mask], self.task[mask], self.z[mask], self.index)
+        return self._map(lambda t: t[mask], per_example_only=True)
 
 
 @dataclass
