@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -15,14 +15,14 @@ from torch.utils.data import TensorDataset
 from tasklight.callbacks.gradient_conflict import GradientConflictMonitor, cosine_matrix
 from tasklight.callbacks.task_logging import TaskLossLogger
 from tasklight.datamodules.multitask import (
-    TOY_SCALES, TOY_STARTS, MultiTaskBatch, MultiTaskDataModule, MultiTaskStream, OmniglotAlphabetsDataModule,
+    TOY_SCALES, TOY_STARTS, MultiTaskDataModule, MultiTaskStream, OmniglotAlphabetsDataModule,
     TaskSpec, ToyPoint, TwoObjectiveToyDataModule, pareto_gap, toy_descent, toy_objectives, toy_pareto_front,
 )
 from tasklight.lightning_modules.losses import HistogramLoss
 from tasklight.lightning_modules.multitask import ConditionedLayer, MultiTaskModule, _ZContext
 from tasklight.lightning_modules.nets import MLP
 from tasklight.lightning_modules.weighting import (
-    DROWeighting, EqualWeighting, GradNorm, MGDA, PCGrad, UncertaintyWeighting, min_norm_weights,
+    DROWeighting, EqualWeighting, MGDA, PCGrad, UncertaintyWeighting, min_norm_weights,
     pcgrad_coefficients,
 )
 
