@@ -19,17 +19,20 @@ def main() -> None:
                                                                        else len(ORDER), p.stem))
     summaries = []
     for f in files:
+        heading = ""
         for line in f.read_text().splitlines():
+            if line.startswith("## "):
+                heading = line[3:].strip()
             m = re.match(r"^\s*(SUMMARY .*)$", line)
             if m:
-                summaries.append((f.stem, m.group(1)))
+                summaries.append((f.stem, heading, m.group(1)))
     out = ["# Benchmarks", "",
            "Every figure here was produced by a script in `scripts/` (each has `--quick`), with the compared",
            "methods measured in the same run; ratios are against the alternative of that run. The machine and",
            "thread settings are given per section. CPU figures unless a section says GPU.", "",
            "Regenerate this file from the results files with `python scripts/collect_benchmarks.py`.", "",
-           "## Summary lines", "", "| results file | summary |", "|---|---|"]
-    out += [f"| [{stem}](docs/{stem}.md) | `{s}` |" for stem, s in summaries]
+           "## Summary lines", "", "| results file | run | summary |", "|---|---|---|"]
+    out += [f"| [{stem}](docs/{stem}.md) | {run} | `{s}` |" for stem, run, s in summaries]
     out.append("")
     for f in files:
         text = re.sub(r"^(#+) ", r"#\1 ", f.read_text().strip(), flags=re.M)  # one level down
