@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from _bench import fit_and_test, fmt, header, parser, setup, write_results
-from tasklight.datamodules.sinusoid import SinusoidDataModule
-from tasklight.lightning_modules.losses import HistogramLoss
-from tasklight.lightning_modules.maml import MAMLModule
-from tasklight.lightning_modules.nets import MLP
+from tasklight.data.sinusoid import SinusoidDataModule
+from tasklight.nn.losses import HistogramLoss
+from tasklight.meta.maml import MAMLModule
+from tasklight.nn.nets import MLP
 
 ROOT = Path(__file__).resolve().parents[1]
 

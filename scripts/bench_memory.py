@@ -66,11 +66,11 @@ def _maxrss_kb() -> int:
 
 
 def build(args, tasks: int):
-    from tasklight.batch import MetaBatch, collate_tasks
-    from tasklight.datamodules.sinusoid import sinusoid_task
-    from tasklight.lightning_modules.imaml import IMAMLModule
-    from tasklight.lightning_modules.maml import MAMLModule
-    from tasklight.lightning_modules.nets import MLP, Conv4
+    from tasklight.data.batch import MetaBatch, collate_tasks
+    from tasklight.data.sinusoid import sinusoid_task
+    from tasklight.meta.imaml import IMAMLModule
+    from tasklight.meta.maml import MAMLModule
+    from tasklight.nn.nets import MLP, Conv4
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)

@@ -44,10 +44,10 @@ from torch.func import functional_call
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import _bench_meta as B  # noqa: E402
 
-from tasklight.batch import MetaBatch, collate_tasks  # noqa: E402
-from tasklight.datamodules.sinusoid import sinusoid_task  # noqa: E402
-from tasklight.lightning_modules.maml import MAMLModule  # noqa: E402
-from tasklight.lightning_modules.nets import MLP  # noqa: E402
+from tasklight.data.batch import MetaBatch, collate_tasks  # noqa: E402
+from tasklight.data.sinusoid import sinusoid_task  # noqa: E402
+from tasklight.meta.maml import MAMLModule  # noqa: E402
+from tasklight.nn.nets import MLP  # noqa: E402
 
 METHODS = ("core", "higher", "loop", "func", "bmm")
 

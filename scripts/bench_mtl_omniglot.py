@@ -30,9 +30,9 @@ from lightning.pytorch import seed_everything
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
 
-from tasklight.datamodules.multitask import OmniglotAlphabetsDataModule  # noqa: E402
-from tasklight.lightning_modules.multitask import MultiTaskModule  # noqa: E402
-from tasklight.lightning_modules.nets import Conv4  # noqa: E402
+from tasklight.data.multitask import OmniglotAlphabetsDataModule  # noqa: E402
+from tasklight.multitask.module import MultiTaskModule  # noqa: E402
+from tasklight.nn.nets import Conv4  # noqa: E402
 from tasklight.lightning_modules import weighting as W  # noqa: E402
 
 OUT = "docs/bench_multitask.md"

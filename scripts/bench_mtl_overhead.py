@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
 from bench_mtl_omniglot import OUT, write_section  # noqa: E402
 
-from tasklight.datamodules.multitask import OmniglotAlphabetsDataModule  # noqa: E402
+from tasklight.data.multitask import OmniglotAlphabetsDataModule  # noqa: E402
 from tasklight.lightning_modules import weighting as W  # noqa: E402
-from tasklight.lightning_modules.multitask import MultiTaskModule  # noqa: E402
-from tasklight.lightning_modules.nets import Conv4  # noqa: E402
+from tasklight.multitask.module import MultiTaskModule  # noqa: E402
+from tasklight.nn.nets import Conv4  # noqa: E402
 
 METHODS = {
     "equal": W.EqualWeighting,

@@ -38,9 +38,9 @@ import _bench_meta as B  # noqa: E402
 
 from lightning.pytorch import Trainer, seed_everything  # noqa: E402
 
-from tasklight.datamodules.omniglot import OmniglotDataModule  # noqa: E402
-from tasklight.lightning_modules.maml import MAMLModule  # noqa: E402
-from tasklight.lightning_modules.nets import Conv4  # noqa: E402
+from tasklight.data.omniglot import OmniglotDataModule  # noqa: E402
+from tasklight.meta.maml import MAMLModule  # noqa: E402
+from tasklight.nn.nets import Conv4  # noqa: E402
 
 PAPER = {5: 0.987, 20: 0.958}
 

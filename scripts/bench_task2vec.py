@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from tasklight.datamodules.omniglot import load_omniglot
-from tasklight.lightning_modules.nets import Conv4
-from tasklight.lightning_modules.task2vec import Task2Vec, evaluate_expert_selection, rank_experts, train_classifier
+from tasklight.data.omniglot import load_omniglot
+from tasklight.nn.nets import Conv4
+from tasklight.task2vec.embedding import Task2Vec, evaluate_expert_selection, rank_experts, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 

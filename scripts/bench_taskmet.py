@@ -22,9 +22,9 @@ import lightning as L
 import torch
 
 from _bench import fit_and_test, fmt, header, parser, setup, write_results
-from tasklight.datamodules.decision import BudgetAllocation, CubicTopK, DecisionDataModule, PortfolioOptimization
-from tasklight.lightning_modules.nets import MLP
-from tasklight.lightning_modules.taskmet import DFLModule, MetricNet, MSEModule, TaskMetModule
+from tasklight.taskmet.problems import BudgetAllocation, CubicTopK, DecisionDataModule, PortfolioOptimization
+from tasklight.nn.nets import MLP
+from tasklight.taskmet.module import DFLModule, MetricNet, MSEModule, TaskMetModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Embed the tasks of a DataModule with Task2Vec and write the embeddings and distance matrices to disk.
 
     python scripts/embed_tasks.py --config configs/task2vec_embed_omniglot.yaml
-    python scripts/embed_tasks.py --data.class_path tasklight.datamodules.omniglot.OmniglotDataModule \\
+    python scripts/embed_tasks.py --data.class_path tasklight.data.omniglot.OmniglotDataModule \\
         --probe_ckpt runs/checkpoints/maml_omniglot/last.ckpt --output_dir runs/task2vec
 
 The ``data`` section is the same as in a ``tasklight fit`` config. The probe is a checkpoint
@@ -9,7 +9,7 @@ The ``data`` section is the same as in a ``tasklight fit`` config. The probe is 
 ``nn.Module``) or a network given by class path (``--probe``) with optional weights
 (``--probe_state``: a state dict or a Lightning ``.ckpt``; ``--probe_state_prefix trunk`` takes a
 MultiTaskModule's trunk out of its checkpoint, ``net`` a meta-learner's network).
-``--task2vec.*`` are the options of ``tasklight.lightning_modules.task2vec.Task2Vec``.
+``--task2vec.*`` are the options of ``tasklight.task2vec.embedding.Task2Vec``.
 
 Writes to ``--output_dir``:
 
@@ -31,7 +31,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch import LightningDataModule, seed_everything
 from torch import nn
 
-from tasklight.lightning_modules.task2vec import (DEFAULT_ALPHA, Task2Vec, datamodule_tasks, load_expert,
+from tasklight.task2vec.embedding import (DEFAULT_ALPHA, Task2Vec, datamodule_tasks, load_expert,
                                                   save_embeddings)
 
 

@@ -34,9 +34,9 @@ import _bench_meta as B  # noqa: E402
 
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
-from tasklight.datamodules.sinusoid import SinusoidDataModule  # noqa: E402
-from tasklight.lightning_modules.maml import MAMLModule  # noqa: E402
-from tasklight.lightning_modules.nets import MLP  # noqa: E402
+from tasklight.data.sinusoid import SinusoidDataModule  # noqa: E402
+from tasklight.meta.maml import MAMLModule  # noqa: E402
+from tasklight.nn.nets import MLP  # noqa: E402
 
 PAPER = {1: 0.67, 5: 0.38, 10: 0.35}
 QUICK_SECONDS = 200  # training-time cap of --quick (the whole run stays under 5 minutes)

@@ -1,7 +1,7 @@
 """Gradient conflict between tasks: pairwise cosine similarity of the task gradients.
 
 Every ``every_n_steps`` training steps, :class:`GradientConflictMonitor` asks the
-:class:`~tasklight.lightning_modules.multitask.MultiTaskModule` for the per-task gradients on the shared
+:class:`~tasklight.multitask.module.MultiTaskModule` for the per-task gradients on the shared
 parameters (or the shared representation) of that step -- computed inside the step, synchronised
 across DDP ranks together with the losses, so no extra forward pass is made -- and logs the cosine
 matrix ``C_ij = g_i . g_j / (|g_i| |g_j|)``. Negative entries are conflicting tasks (negative
@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from ..lightning_modules.weighting import GRAD_SOURCES
+from tasklight.multitask.weighting import GRAD_SOURCES
 
 
 def cosine_matrix(grads: Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 :class:`TaskMeans` is a torchmetrics ``Metric`` whose single state is a ``[fields, T]`` matrix of sums
 (``dist_reduce_fx="sum"``), so all tasks and all fields are synchronised in one gather when it is
 computed. :class:`TaskLossLogger` keeps one per stage (train / val / test), fills it from the
-per-task sums that :class:`~tasklight.lightning_modules.multitask.MultiTaskModule` returns from its
+per-task sums that :class:`~tasklight.multitask.module.MultiTaskModule` returns from its
 steps, and at the end of each epoch logs, to whatever Lightning logger is attached:
 
 * ``{stage}/tasks/{name}/loss`` and ``{stage}/tasks/{name}/{metric}`` for every task

@@ -1,0 +1,373 @@
+"""Multi-task data: one dataset per task, combined into batches that carry the task id and z_i.
+
+* :class:`MultiTaskBatch` (in :mod:`tasklight.data.batch`) -- the batch contract of :class:`~tasklight.multitask.module.MultiTaskModule`:
+  ``x [N, ...]``, ``y [N, ...]``, ``task [N]`` (task id of each example) and ``z [N, d]`` (the task
+  descriptor of each example's task).
+* :class:`TaskSpec` (in :mod:`tasklight.data.batch`) -- what the model needs to know about a task (name, output size, kind, loss).
+* :class:`MultiTaskDataModule` -- combines one dataset per task. Training batches hold
+  ``batch_size_per_task`` examples of every task (tasks contiguous, in task order); every task is
+  walked through a seeded permutation, pass after pass, and DDP ranks take disjoint slices of it.
+  Validation/test batches are the concatenated held-out sets.
+* :class:`OmniglotAlphabetsDataModule` -- every alphabet of Omniglot is a task (classification over its
+  characters); held-out drawers give validation and test sets.
+
+Task descriptors ``z_i`` are one-hot by default; ``task_descriptors`` takes any ``[T, d]`` tensor
+(or the path of a ``.pt`` file holding one), e.g. Task2Vec embeddings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from tasklight.data.episodes import EpisodeStream, EpisodicDataModule, episode_generator
+from tasklight.data.batch import TASK_KINDS, MultiTaskBatch, TaskKind, TaskSpec, default_loss  # noqa: F401
+
+
+def load_descriptors(descriptors: Union[Tensor, str, Path, None], num_tasks: int,
+                     task_names: Sequence[str] = ()) -> Tensor:
+    """The ``[T, d]`` float task descriptors: one-hot when None, a tensor, or a ``.pt`` file holding one."""
+    if descriptors is None:
+        return torch.eye(num_tasks)
+    if isinstance(descriptors, (str, Path)):
+        path = Path(descriptors)
+        if not path.exists():
+            raise FileNotFoundError(f"task_descriptors file {path} does not exist; give a .pt file holding a [T, d] "
+                                    f"tensor (torch.save(tensor, path)) or a tensor")
+        descriptors = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(descriptors, Tensor):
+        descriptors = torch.as_tensor(np.asarray(descriptors))
+    z = descriptors.detach().float()
+    if z.dim() == 1:
+        z = z[:, None]
+    names = f" (tasks in order: {list(task_names)})" if task_names else ""
+    if z.dim() != 2 or z.shape[0] != num_tasks:
+        raise ValueError(f"task_descriptors has shape {tuple(z.shape)} but there are {num_tasks} tasks; give one "
+                         f"row per task, shape [{num_tasks}, d]{names}")
+    if not torch.isfinite(z).all():
+        raise ValueError("task_descriptors contain NaN or inf values; give finite descriptors")
+    return z
+
+
+def _fetch(ds: Dataset, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Examples ``idx`` of a task dataset as ``(x [n, ...], y [n, ...])``."""
+    if hasattr(ds, "fetch"):
+        return ds.fetch(idx)
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[0][idx], ds.tensors[1][idx]
+    items = [ds[int(i)] for i in idx]
+    return (torch.stack([torch.as_tensor(it[0]) for it in items]),
+            torch.stack([torch.as_tensor(it[1]) for it in items]))
+
+
+class ImageTask(Dataset):
+    """A classification task over uint8 images ``[n, H, W]`` (returned as float ``[1, H, W]`` in [0, 1])."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def fetch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        return self.images[idx].float().div_(255.0).unsqueeze(1), self.labels[idx]
+
+    def __getitem__(self, i: int):
+        x, y = self.fetch(torch.tensor([i]))
+        return x[0], y[0]
+
+
+# ----------------------------------------------------------------------------- the training stream
+class MultiTaskStream(EpisodeStream):
+    """Training batches ``start, start+1, ...`` up to the end of the current epoch.
+
+    Batch ``i`` on rank ``r`` of ``R`` holds, for every task, the examples at positions
+    ``(i*R + r)*b ... (i*R + r + 1)*b - 1`` of the task's endless stream of seeded permutations
+    (one permutation per pass over the task's data). Ranks therefore see disjoint examples, every
+    example is seen once per pass, and a batch is a pure function of ``(seed, i, r, R)``: the stream
+    is the same for any number of DataLoader workers and resumes exactly.
+    """
+
+    def __init__(self, datasets: Sequence[Dataset], descriptors: Tensor, batch_size_per_task: int,
+                 steps_per_epoch: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        # the episode stream's epoch/worker logic, with multi-task batches for meta-batches
+        super().__init__(self._unused, 1, steps_per_epoch, seed, rank, start)
+        self.datasets, self.descriptors = list(datasets), descriptors
+        self.b, self.steps_per_epoch, self.world_size = batch_size_per_task, steps_per_epoch, world_size
+        self.sizes = [len(d) for d in self.datasets]
+        self._perm_cache: dict[tuple[int, int], Tensor] = {}
+
+    @staticmethod
+    def _unused(gen):  # pragma: no cover - batches come from batch(), not from a task function
+        raise NotImplementedError
+
+    def _perm(self, task: int, epoch_pass: int) -> Tensor:
+        key = (task, epoch_pass)
+        if key not in self._perm_cache:
+            if len(self._perm_cache) > 4 * len(self.datasets):
+                self._perm_cache.clear()
+            gen = episode_generator(self.seed, 10 + task, 0, epoch_pass)
+            self._perm_cache[key] = torch.randperm(self.sizes[task], generator=gen)
+        return self._perm_cache[key]
+
+    def task_indices(self, task: int, step: int) -> Tensor:
+        n, b = self.sizes[task], self.b
+        pos = torch.arange((step * self.world_size + self.rank) * b, (step * self.world_size + self.rank + 1) * b)
+        passes = pos // n
+        out = torch.empty(b, dtype=torch.long)
+        for p in passes.unique().tolist():
+            sel = passes == p
+            out[sel] = self._perm(task, p)[pos[sel] % n]
+        return out
+
+    def batch(self, step: int) -> MultiTaskBatch:
+        xs, ys, ts = [], [], []
+        for t, ds in enumerate(self.datasets):
+            x, y = _fetch(ds, self.task_indices(t, step))
+            xs.append(x)
+            ys.append(y)
+            ts.append(torch.full((self.b,), t, dtype=torch.long))
+        task = torch.cat(ts)
+        return MultiTaskBatch(torch.cat(xs), torch.cat(ys), task, self.descriptors[task],
+                              index=torch.tensor([step], dtype=torch.long))
+
+    def meta_batch(self, index: int) -> MultiTaskBatch:
+        return self.batch(index)
+
+
+class _EvalSet(Dataset):
+    """The held-out sets of all tasks, concatenated; item ``i`` is ``(x, y, task)``."""
+
+    def __init__(self, datasets: Sequence[Optional[Dataset]]) -> None:
+        self.datasets = datasets
+        self.offsets = np.cumsum([0] + [len(d) if d is not None else 0 for d in datasets])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int):
+        t = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        x, y = _fetch(self.datasets[t], torch.tensor([i - int(self.offsets[t])]))
+        return x[0], y[0], t
+
+
+class _Collate:
+    def __init__(self, descriptors: Tensor) -> None:
+        self.descriptors = descriptors
+
+    def __call__(self, items) -> MultiTaskBatch:
+        task = torch.tensor([it[2] for it in items], dtype=torch.long)
+        return MultiTaskBatch(torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]), task,
+                              self.descriptors[task])
+
+
+# ----------------------------------------------------------------------------- the DataModule
+class MultiTaskDataModule(LightningDataModule):
+    """Combines one dataset per task into multi-task batches.
+
+    Give the datasets in Python (``train_sets``, ``val_sets``, ``test_sets``, ``tasks``), or subclass
+    and implement :meth:`build`. A task dataset is any map-style dataset of ``(x, y)`` pairs (a
+    ``TensorDataset`` or anything with ``fetch(indices) -> (x, y)`` is indexed in one call).
+
+    Args:
+        tasks: one :class:`TaskSpec` per task (default: classification with ``max(y) + 1`` classes).
+        train_sets, val_sets, test_sets: one dataset per task (val/test entries may be None).
+        batch_size_per_task: training examples of every task in each batch (per DDP rank).
+        steps_per_epoch: training batches per epoch (per rank).
+        eval_batch_size: examples per validation/test batch.
+        task_descriptors: ``[T, d]`` tensor, or the path of a ``.pt`` file holding one, giving each
+            task's descriptor z_i (default: one-hot). Task2Vec embeddings fit here.
+        seed: root of the training stream's randomness.
+        num_workers: DataLoader workers (the stream is identical for any number).
+    """
+
+    def __init__(self, tasks: Optional[list[TaskSpec]] = None, train_sets: Optional[list[Dataset]] = None,
+                 val_sets: Optional[list[Optional[Dataset]]] = None,
+                 test_sets: Optional[list[Optional[Dataset]]] = None, batch_size_per_task: int = 16,
+                 steps_per_epoch: int = 100, eval_batch_size: int = 256,
+                 task_descriptors: Optional[Union[Tensor, str]] = None, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        if batch_size_per_task < 1 or steps_per_epoch < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch_size_per_task, steps_per_epoch and eval_batch_size must be >= 1, got "
+                             f"{batch_size_per_task}, {steps_per_epoch}, {eval_batch_size}")
+        self._given = (tasks, train_sets, val_sets, test_sets)
+        self.batch_size_per_task, self.steps_per_epoch = batch_size_per_task, steps_per_epoch
+        self.eval_batch_size, self.seed, self.num_workers = eval_batch_size, seed, num_workers
+        self._descriptor_source = task_descriptors
+        self.tasks: list[TaskSpec] = []
+        self.train_sets: list[Dataset] = []
+        self.val_sets: list[Optional[Dataset]] = []
+        self.test_sets: list[Optional[Dataset]] = []
+        self.descriptors: Optional[Tensor] = None
+        self.consumed = 0
+        self._train_stream: Optional[MultiTaskStream] = None
+
+    # ------------------------------------------------------------------ building
+    def build(self) -> tuple[Optional[list[TaskSpec]], list[Dataset], list[Optional[Dataset]],
+                             list[Optional[Dataset]]]:
+        """``(tasks, train_sets, val_sets, test_sets)``; subclasses override this."""
+        tasks, train, val, test = self._given
+        if train is None:
+            raise ValueError("MultiTaskDataModule needs train_sets (one dataset per task), or a subclass that "
+                             "implements build()")
+        return tasks, list(train), list(val) if val is not None else [], list(test) if test is not None else []
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.descriptors is not None:
+            return
+        tasks, train, val, test = self.build()
+        num = len(train)
+        if num == 0:
+            raise ValueError("MultiTaskDataModule got no tasks (train_sets is empty)")
+        for name, sets in (("val_sets", val), ("test_sets", test)):
+            if sets and len(sets) != num:
+                raise ValueError(f"{name} has {len(sets)} entries but there are {num} training sets; give one per "
+                                 f"task (None for a task without one)")
+        if tasks is None:
+            tasks = [TaskSpec(f"task{t}", int(_fetch(ds, torch.arange(len(ds)))[1].max()) + 1 if len(ds) else 1)
+                     for t, ds in enumerate(train)]
+        if len(tasks) != num:
+            raise ValueError(f"got {len(tasks)} task specs but {num} training sets; give one TaskSpec per task")
+        for spec, ds in zip(tasks, train):
+            if len(ds) == 0:
+                raise ValueError(f"task {spec.name!r} has no training data (an empty dataset); remove the task or "
+                                 f"give it examples")
+            spec.size = len(ds)
+        self.tasks, self.train_sets = list(tasks), train
+        self.val_sets = val or [None] * num
+        self.test_sets = test or [None] * num
+        self.descriptors = load_descriptors(self._descriptor_source, num, [t.name for t in tasks])
+
+    @property
+    def num_tasks(self) -> int:
+        self.setup()
+        return len(self.tasks)
+
+    @property
+    def task_specs(self) -> list[TaskSpec]:
+        self.setup()
+        return self.tasks
+
+    @property
+    def task_descriptors(self) -> Tensor:
+        self.setup()
+        return self.descriptors
+
+    # ------------------------------------------------------------------ loaders
+    def _rank_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (int(t.global_rank), int(t.world_size)) if t is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        rank, world = self._rank_world()
+        self._train_stream = MultiTaskStream(self.train_sets, self.descriptors, self.batch_size_per_task,
+                                             self.steps_per_epoch, self.seed, rank, world, start=self.consumed)
+        return DataLoader(self._train_stream, batch_size=None, num_workers=self.num_workers)
+
+    def _eval_loader(self, sets: list[Optional[Dataset]], split: str) -> DataLoader:
+        self.setup()
+        if all(s is None or len(s) == 0 for s in sets):
+            raise ValueError(f"no task has a {split} set; give {split}_sets (or use a subclass that builds them)")
+        return DataLoader(_EvalSet(sets), batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=_Collate(self.descriptors), num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_sets, "val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_sets, "test")
+
+    # ------------------------------------------------------------------ resumption
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = self.trainer
+        if (trainer is not None and trainer.training and isinstance(batch, MultiTaskBatch)
+                and batch.index is not None):
+            self.consumed = int(batch.index[0]) + 1
+            if self._train_stream is not None:
+                self._train_stream.start = self.consumed
+        return batch
+
+    # the same resumption state as the episodic DataModules: batches consumed and the stream's seed
+    state_dict = EpisodicDataModule.state_dict
+    load_state_dict = EpisodicDataModule.load_state_dict
+
+
+# ----------------------------------------------------------------------------- Omniglot alphabets
+class OmniglotAlphabetsDataModule(MultiTaskDataModule):
+    """Omniglot alphabets as tasks: each alphabet is a classification task over its characters.
+
+    Drawers (20 per character) are split: drawers ``0 .. 19-val_drawers-test_drawers`` train (at most
+    ``train_drawers`` of them when given, for a low-data regime), the next ``val_drawers`` validate,
+    the last ``test_drawers`` test. Labels are the character's index within its alphabet.
+
+    Args:
+        root: Omniglot folder or zips (default ``../shared/data/omniglot``, see
+            :func:`~tasklight.data.omniglot.default_omniglot_root`).
+        alphabets: restrict to these alphabets (default: all, in sorted order).
+        image_size: square image size (28 as in the literature).
+        val_drawers, test_drawers: held-out drawers per character.
+        train_drawers: use only this many training drawers (default: all the rest).
+        Other arguments: see :class:`MultiTaskDataModule`.
+    """
+
+    def __init__(self, root: Optional[str] = None, alphabets: Optional[list[str]] = None, image_size: int = 28,
+                 val_drawers: int = 3, test_drawers: int = 3, train_drawers: Optional[int] = None,
+                 batch_size_per_task: int = 16, steps_per_epoch: int = 100, eval_batch_size: int = 256,
+                 task_descriptors: Optional[Union[Tensor, str]] = None, seed: int = 0, num_workers: int = 0,
+                 cache_dir: Optional[str] = None) -> None:
+        super().__init__(batch_size_per_task=batch_size_per_task, steps_per_epoch=steps_per_epoch,
+                         eval_batch_size=eval_batch_size, task_descriptors=task_descriptors, seed=seed,
+                         num_workers=num_workers)
+        if val_drawers < 0 or test_drawers < 0 or val_drawers + test_drawers > 19:
+            raise ValueError(f"val_drawers + test_drawers must leave at least one of the 20 drawers for training; "
+                             f"got val_drawers={val_drawers}, test_drawers={test_drawers}")
+        available = 20 - val_drawers - test_drawers
+        if train_drawers is not None and not 1 <= train_drawers <= available:
+            raise ValueError(f"train_drawers must be between 1 and {available} (20 - val_drawers - test_drawers), "
+                             f"got {train_drawers}")
+        self.root, self.alphabets, self.image_size, self.cache_dir = root, alphabets, image_size, cache_dir
+        self.val_drawers, self.test_drawers = val_drawers, test_drawers
+        self.train_drawers = train_drawers if train_drawers is not None else available
+
+    def prepare_data(self) -> None:
+        from tasklight.data.omniglot import load_omniglot
+
+        load_omniglot(self.root, self.image_size, self.cache_dir, alphabets=self.alphabets)
+
+    def build(self):
+        from tasklight.data.omniglot import load_omniglot
+
+        data = load_omniglot(self.root, self.image_size, self.cache_dir, alphabets=self.alphabets)
+        first_val = 20 - self.val_drawers - self.test_drawers
+        first_test = 20 - self.test_drawers
+        tasks, train, val, test = [], [], [], []
+        for a, name in enumerate(data.alphabets):
+            chars = (data.character_alphabet == a).nonzero().flatten()
+            local = torch.full((data.num_characters,), -1, dtype=torch.long)
+            local[chars] = torch.arange(len(chars))
+            in_a = data.image_alphabet == a
+            d = data.image_drawer
+
+            def part(mask: Tensor) -> ImageTask:
+                idx = (in_a & mask).nonzero().flatten()
+                return ImageTask(data.images[idx], local[data.image_character[idx]])
+
+            train.append(part((d >= 0) & (d < self.train_drawers)))
+            val.append(part((d >= first_val) & (d < first_test)) if self.val_drawers else None)
+            test.append(part(d >= first_test) if self.test_drawers else None)
+            tasks.append(TaskSpec(name, int(len(chars)), "classification"))
+        return tasks, train, val, test
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (1, self.image_size, self.image_size)
+
+
+__all__ = ["MultiTaskBatch", "TaskSpec", "MultiTaskDataModule", "OmniglotAlphabetsDataModule",
+           "load_descriptors", "ImageTask", "MultiTaskStream"]

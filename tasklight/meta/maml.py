@@ -1,0 +1,150 @@
+"""MAML (Finn et al. 2017): second order, first order (FOMAML) and Meta-SGD inner learning rates.
+
+The default backend is tasklight's functional core: all tasks of a meta-batch are adapted in one
+``vmap``-ed call. ``backend="higher"`` runs the same algorithm with the ``higher`` library (a loop
+over tasks), which also allows a differentiable inner optimiser other than SGD (``inner_optimizer="adam"``).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence, Union
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from tasklight.data.batch import MetaBatch
+from tasklight.core.functional import merge_task_buffers, split_state
+from tasklight.meta.base import MetaLearner, MetaOutput, adam
+
+
+class MAMLModule(MetaLearner):
+    """Model-Agnostic Meta-Learning.
+
+    Args (besides :class:`MetaLearner`'s):
+        first_order: drop second-order terms (FOMAML).
+        learn_inner_lr: Meta-SGD: learn one inner learning rate per parameter element
+            (``inner_lr_granularity="element"``) or per parameter tensor (``"tensor"``), initialised
+            to ``inner_lr`` and trained by the outer optimiser.
+        backend: ``"functorch"`` (vmapped core) or ``"higher"``.
+        inner_optimizer: the differentiable inner optimiser of the ``higher`` backend: ``"sgd"`` or
+            ``"adam"`` (the functorch backend takes plain SGD steps).
+    """
+
+    def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 1,
+                 inner_lr: float = 0.01, first_order: bool = False, learn_inner_lr: bool = False,
+                 inner_lr_granularity: Literal["element", "tensor"] = "element",
+                 backend: Literal["functorch", "higher"] = "functorch",
+                 inner_optimizer: Literal["sgd", "adam"] = "sgd", eval_inner_steps: Optional[int] = None,
+                 extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = adam,
+                 lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
+                 nonfinite: Literal["raise", "skip"] = "raise") -> None:
+        super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
+                         lr_scheduler, clip_grad_norm, nonfinite)
+        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
+        if backend not in ("functorch", "higher"):
+            raise ValueError(f"backend must be 'functorch' or 'higher', got {backend!r}")
+        if inner_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
+        if inner_optimizer != "sgd" and backend != "higher":
+            raise ValueError(f"inner_optimizer={inner_optimizer!r} needs backend='higher' (the functorch backend "
+                             f"takes SGD steps)")
+        if learn_inner_lr and first_order and backend == "higher":
+            raise ValueError("learn_inner_lr with first_order needs backend='functorch' (higher's first-order "
+                             "mode cuts the graph to the inner learning rates)")
+        self.first_order, self.backend, self.inner_optimizer = first_order, backend, inner_optimizer
+        self.inner_lrs: Optional[nn.ParameterDict] = None
+        if learn_inner_lr:
+            if inner_lr_granularity not in ("element", "tensor"):
+                raise ValueError(f"inner_lr_granularity must be 'element' or 'tensor', got {inner_lr_granularity!r}")
+            self.inner_lrs = nn.ParameterDict({
+                _key(n): nn.Parameter(torch.full_like(p, inner_lr) if inner_lr_granularity == "element"
+                                      else torch.tensor(float(inner_lr)))
+                for n, p in self.net.named_parameters()})
+
+    # ----------------------------------------------------------------- inner learning rates
+    def lr_for_core(self, detach: bool = False):
+        if self.inner_lrs is None:
+            return self.inner_lr
+        return {n: (self.inner_lrs[_key(n)].detach() if detach else self.inner_lrs[_key(n)])
+                for n, _ in self.net.named_parameters()}
+
+    # ----------------------------------------------------------------- core backend
+    def _adapt(self, sx, sy, qx, qy, steps: int, first_order: bool, outer_graph: bool = True):
+        params, buffers = split_state(self.net)
+        if not outer_graph:  # evaluation: no meta-gradient needed
+            params = {k: v.detach() for k, v in params.items()}
+        res, out, qloss = self.core.adapt_tasks(params, buffers, sx, sy, qx, qy, steps=steps,
+                                                lr=self.lr_for_core(detach=not outer_graph),
+                                                first_order=first_order)
+        if self.net.training and res.buffers:
+            merge_task_buffers(self.net, res.buffers)
+        return out, qloss, res.inner_losses
+
+    def meta_objective(self, batch: MetaBatch) -> MetaOutput:
+        if self.backend == "higher":
+            return self._higher_objective(batch)
+        out, qloss, inner = self._adapt(batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+                                        self.inner_steps, self.first_order)
+        return MetaOutput(qloss.mean(), qloss, inner)
+
+    def adapt_and_predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                          steps: int) -> tuple[Tensor, Tensor]:
+        if self.backend == "higher":
+            out, _, inner = self._higher_tasks(support_x, support_y, query_x, None, steps, track=False)
+            return out, inner
+        out, _, inner = self._adapt(support_x, support_y, query_x, None, steps, first_order=True, outer_graph=False)
+        return out, inner
+
+    # ----------------------------------------------------------------- higher backend
+    def _higher_tasks(self, sx, sy, qx, qy, steps: int, track: bool):
+        """Adapt each task with ``higher`` (a Python loop over tasks); ``track`` keeps the graph."""
+        import higher
+
+        outs, qlosses, inners = [], [], []
+        params = list(self.net.parameters())
+        override = None
+        if self.inner_lrs is not None:
+            override = {"lr": [self.inner_lrs[_key(n)] for n, _ in self.net.named_parameters()]}
+        for t in range(sx.shape[0]):
+            groups = [{"params": [p]} for p in params]  # one group per tensor: per-tensor lr overrides
+            if self.inner_optimizer == "sgd":
+                inner_opt = torch.optim.SGD(groups, lr=self.inner_lr)
+            else:
+                inner_opt = torch.optim.Adam(groups, lr=self.inner_lr)
+            with higher.innerloop_ctx(self.net, inner_opt, copy_initial_weights=False,
+                                      track_higher_grads=track) as (fmodel, diffopt):
+                task_inner = []
+                for _ in range(steps):
+                    loss = self.loss_fn(fmodel(sx[t]), sy[t])
+                    task_inner.append(loss.detach())
+                    diffopt.step(loss, override=override)
+                out = fmodel(qx[t])
+                outs.append(out if track else out.detach())
+                if qy is not None:
+                    ql = self.loss_fn(out, qy[t])
+                    if not track:  # first order: the query gradient at the adapted weights
+                        fast = list(fmodel.parameters())
+                        ql_grads = torch.autograd.grad(ql, fast, allow_unused=True)
+                        qlosses.append((ql.detach(), ql_grads))
+                    else:
+                        qlosses.append(ql)
+                inners.append(torch.stack(task_inner) if task_inner else torch.zeros(0, device=sx.device))
+        return torch.stack(outs), qlosses, torch.stack(inners)
+
+    def _higher_objective(self, batch: MetaBatch) -> MetaOutput:
+        T = batch.num_tasks
+        out, qlosses, inner = self._higher_tasks(batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+                                                 self.inner_steps, track=not self.first_order)
+        if not self.first_order:
+            ql = torch.stack(qlosses)
+            return MetaOutput(ql.mean(), ql.detach(), inner)
+        # first order: apply the mean query gradient at the adapted weights to the initial weights
+        params = list(self.net.parameters())
+        mean_grads = [sum(g[i] if g[i] is not None else torch.zeros_like(p) for _, g in qlosses) / T
+                      for i, p in enumerate(params)]
+        surrogate = sum((p * g.detach()).sum() for p, g in zip(params, mean_grads))
+        return MetaOutput(surrogate, torch.stack([q for q, _ in qlosses]), inner)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")

@@ -1,0 +1,175 @@
+"""Histogram losses (HL-Gauss, HL-OneBin) and the Mahalanobis loss."""
+import math
+import warnings
+
+import pytest
+import torch
+from scipy.stats import norm
+from torch.func import grad, vmap
+
+from tasklight.nn.losses import HistogramLoss, MahalanobisLoss, mahalanobis_loss
+
+
+def test_hlgauss_target_sums_to_one_and_matches_truncated_cdf_differences():
+    loss = HistogramLoss(num_bins=7, v_min=-2.0, v_max=1.5, sigma=0.4, sigma_unit="absolute")
+    y = torch.tensor([-1.9, -0.3, 0.0, 1.2, 1.5], dtype=torch.float64)
+    probs = loss.target_probs(y)
+    assert probs.shape == (5, 7)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5, dtype=torch.float64))
+    edges = [-2.0 + i * 3.5 / 7 for i in range(8)]
+    for row, target in zip(probs, y.tolist()):
+        cdf = [norm.cdf(e, loc=target, scale=0.4) for e in edges]
+        expected = [(cdf[i + 1] - cdf[i]) / (cdf[-1] - cdf[0]) for i in range(7)]
+        torch.testing.assert_close(row, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-9)
+
+
+def test_sigma_relative_to_bin_width():
+    rel = HistogramLoss(num_bins=20, v_min=0.0, v_max=4.0, sigma=0.75, sigma_unit="bin")
+    ab = HistogramLoss(num_bins=20, v_min=0.0, v_max=4.0, sigma=0.15, sigma_unit="absolute")
+    assert math.isclose(rel.sigma, 0.15)
+    y = torch.tensor([1.234])
+    torch.testing.assert_close(rel.target_probs(y), ab.target_probs(y))
+
+
+def test_loss_is_minimised_at_the_target_distribution():
+    loss = HistogramLoss(num_bins=30, v_min=-3.0, v_max=3.0, sigma=0.8, sigma_unit="absolute").double()
+    y = torch.tensor([0.37, -0.2], dtype=torch.float64)
+    best = loss.target_probs(y).log()
+    # zero gradient at log(target), and any perturbation increases the loss (strictly convex in the simplex)
+    g = torch.func.grad(lambda z: loss(z, y))(best)
+    assert g.abs().max() < 1e-10
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert loss(best + 0.3 * torch.randn(best.shape, generator=gen, dtype=torch.float64), y) > loss(best, y)
+    # minimising the loss from zero logits recovers the target and predicts y
+    z = torch.zeros_like(best, requires_grad=True)
+    opt = torch.optim.Adam([z], lr=0.1)
+    for _ in range(500):
+        opt.zero_grad()
+        loss(z, y).backward()
+        opt.step()
+    torch.testing.assert_close(torch.softmax(z, -1), loss.target_probs(y), atol=2e-3, rtol=0)
+    torch.testing.assert_close(loss.predict(z.detach(), keepdim=False), y, atol=1e-2, rtol=0)
+
+
+def test_predict_of_one_hot_returns_the_bin_centre():
+    loss = HistogramLoss(num_bins=10, v_min=0.0, v_max=5.0)
+    logits = torch.full((3, 10), -1e4)
+    logits[0, 0] = logits[1, 4] = logits[2, 9] = 0.0
+    torch.testing.assert_close(loss.predict(logits), torch.tensor([[0.25], [2.25], [4.75]]))
+    assert loss.predict(logits, keepdim=False).shape == (3,)
+
+
+def test_onebin_puts_all_mass_in_the_bin_of_y():
+    loss = HistogramLoss(num_bins=4, v_min=0.0, v_max=4.0, kind="onebin")
+    probs = loss.target_probs(torch.tensor([0.0, 0.99, 1.0, 3.5, 4.0]))
+    expected = torch.tensor([0, 0, 1, 3, 3])
+    torch.testing.assert_close(probs, torch.nn.functional.one_hot(expected, 4).float())
+    # the loss is -log p(bin of y)
+    logits = torch.randn(5, 4)
+    torch.testing.assert_close(loss(logits, torch.tensor([0.0, 0.99, 1.0, 3.5, 4.0])),
+                               -torch.log_softmax(logits, -1)[torch.arange(5), expected].mean())
+
+
+def test_targets_outside_the_range_are_clamped_with_a_warning():
+    loss = HistogramLoss(num_bins=8, v_min=-1.0, v_max=1.0)
+    logits = torch.randn(4, 8)
+    y = torch.tensor([-3.0, 0.2, 0.5, 7.0])
+    with pytest.warns(UserWarning, match=r"2 of 4 targets lie outside \[v_min, v_max\]"):
+        out = loss(logits, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(out, loss(logits, y.clamp(-1, 1)))
+    # also inside torch.func transforms (the MAML inner loop vmaps over tasks)
+    with pytest.warns(UserWarning, match="clamped"):
+        vmap(grad(lambda z, t: loss(z, t)))(logits.view(2, 2, 8), y.view(2, 2))
+
+
+def test_targets_with_trailing_singleton_and_shape_errors():
+    loss = HistogramLoss(num_bins=5)
+    logits = torch.randn(6, 5)
+    y = torch.rand(6) - 0.5
+    torch.testing.assert_close(loss(logits, y), loss(logits, y.unsqueeze(-1)))
+    with pytest.raises(ValueError, match="out_features to num_bins=5"):
+        loss(torch.randn(6, 4), y)
+    with pytest.raises(ValueError, match="do not match logits"):
+        loss(logits, torch.rand(5))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sigma=0.0), "sigma > 0"),
+    (dict(sigma=-1.0), "sigma > 0"),
+    (dict(v_min=1.0, v_max=1.0), "range is empty"),
+    (dict(v_min=2.0, v_max=-1.0), "range is empty"),
+    (dict(num_bins=1), "num_bins >= 2"),
+    (dict(kind="triangle"), "kind must be one of"),
+    (dict(sigma_unit="percent"), "sigma_unit must be one of"),
+])
+def test_bad_arguments_raise_one_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HistogramLoss(**kwargs)
+
+
+def test_hlgauss_regression_learns():
+    """A small MLP trained with HL-Gauss fits y = sin(3x): the prediction error must go down."""
+    torch.manual_seed(0)
+    x = torch.linspace(-1, 1, 128).unsqueeze(-1)
+    y = torch.sin(3 * x)
+    loss = HistogramLoss(num_bins=32, v_min=-1.5, v_max=1.5)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 64), torch.nn.Tanh(), torch.nn.Linear(64, 32))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    rmse = lambda: ((loss.predict(net(x)) - y) ** 2).mean().sqrt().item()  # noqa: E731
+    start = rmse()
+    for _ in range(300):
+        opt.zero_grad()
+        loss(net(x), y).backward()
+        opt.step()
+    assert rmse() < 0.1 < start
+
+
+def test_mahalanobis_loss_matches_an_explicit_loop_and_the_diagonal_form():
+    gen = torch.Generator().manual_seed(1)
+    pred, target = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64), torch.randn(2, 5, 3, generator=gen,
+                                                                                       dtype=torch.float64)
+    a = torch.randn(2, 5, 3, 3, generator=gen, dtype=torch.float64)
+    metric = a @ a.transpose(-1, -2)
+    explicit = sum(float((pred[i, j] - target[i, j]) @ metric[i, j] @ (pred[i, j] - target[i, j]))
+                   for i in range(2) for j in range(5)) / 10
+    assert math.isclose(float(MahalanobisLoss()(pred, target, metric)), explicit, rel_tol=1e-12)
+    d = torch.rand(2, 5, 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(mahalanobis_loss(pred, target, d, diagonal=True),
+                               mahalanobis_loss(pred, target, torch.diag_embed(d)))
+    # a global metric broadcasts over the examples
+    torch.testing.assert_close(mahalanobis_loss(pred, target, metric[0, 0]),
+                               mahalanobis_loss(pred, target, metric[0, 0].expand(2, 5, 3, 3)))
+
+
+def test_mahalanobis_metric_dimension_mismatch_raises():
+    pred = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="dimension m=3"):
+        mahalanobis_loss(pred, pred, torch.eye(2).expand(4, 2, 2))
+    with pytest.raises(ValueError, match="dimension m=3"):
+        mahalanobis_loss(pred, pred, torch.ones(4, 2), diagonal=True)
+
+
+# ---------------------------------------------------------------- HL-Gauss in the meta-learners, through the CLI
+@pytest.mark.parametrize("config", ["maml_sinusoid_hlgauss.yaml", "imaml_sinusoid_hlgauss.yaml"])
+def test_hlgauss_sinusoid_config_runs_end_to_end(config, tmp_path):
+    from pathlib import Path
+
+    from tasklight.cli import run_cli
+
+    root = Path(__file__).resolve().parents[2]
+    cli = run_cli(["fit", "--config", str(root / "configs" / config), "--trainer.max_steps", "3",
+                   "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing",
+                   "false", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+                   "--data.init_args.val_episodes", "10", "--data.init_args.test_episodes", "10"])
+    assert cli.trainer.global_step == 3
+    mse = float(cli.trainer.callback_metrics["test/mse"])
+    assert math.isfinite(mse)
+    # the learner turns the histogram logits into values through HistogramLoss.predict
+    batch = next(iter(cli.datamodule.test_dataloader()))
+    pred = cli.model.predict_episode(batch.support_x, batch.support_y, batch.query_x)
+    assert pred.shape == batch.query_y.shape
+    loss = cli.model.loss_fn
+    assert isinstance(loss, HistogramLoss) and pred.min() >= loss.v_min and pred.max() <= loss.v_max
