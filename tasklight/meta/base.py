@@ -13,6 +13,7 @@ schedulers stepped by hand), non-finite handling, evaluation with gradients enab
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Union
 
@@ -25,6 +26,9 @@ from torch import Tensor, nn
 from tasklight.data.batch import MetaBatch, check_episode_shapes
 from tasklight.metrics import MeanCI
 from tasklight.core.functional import FunctionalLearner, check_finite_inner
+from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_metrics, configure_outer_optimizers,
+                                  default_optimizer, outer_step, setup_outer_step)
+from tasklight.nn.losses import TargetChecked, align_target
 from tasklight.nn.nets import make_vmap_safe
 
 
@@ -33,11 +37,6 @@ class MetaOutput:
     objective: Tensor  # scalar to backward (its gradient is the meta-gradient)
     query_losses: Tensor  # [T]
     inner_losses: Tensor  # [T, steps]
-
-
-def adam(params) -> torch.optim.Optimizer:
-    """The default outer optimiser: Adam with lr 1e-3."""
-    return torch.optim.Adam(params, lr=1e-3)
 
 
 def resolve_loss(loss: Union[str, nn.Module]) -> tuple[nn.Module, str]:
@@ -71,33 +70,40 @@ class MetaLearner(LightningModule):
         clip_grad_norm: clip the meta-gradient's global norm (None: no clipping).
         nonfinite: ``"raise"`` stops on a non-finite inner/query loss or meta-gradient; ``"skip"``
             skips that meta-step (parameters and optimiser state untouched) and counts it.
+        max_consecutive_skips: with ``nonfinite="skip"``, raise after this many skipped steps in a row.
+
+    The outer step itself is :func:`tasklight.core.outer.outer_step`, shared by every learner.
     """
 
     def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 1,
                  inner_lr: float = 0.01, eval_inner_steps: Optional[int] = None,
-                 extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = adam,
+                 extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
-                 nonfinite: Literal["raise", "skip"] = "raise") -> None:
+                 nonfinite: Literal["raise", "skip"] = "raise",
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
         super().__init__()
         self.automatic_optimization = False
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner steps must be >= 0, got inner_steps={inner_steps}, "
                              f"eval_inner_steps={eval_inner_steps}")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if any(int(k) != k or k < 0 for k in extra_eval_steps):
+            raise ValueError(f"extra_eval_steps must be inner step counts >= 0, got {list(extra_eval_steps)}")
+        if isinstance(inner_lr, (int, float)) and not (inner_lr >= 0 and math.isfinite(inner_lr)):
+            raise ValueError(f"inner_lr must be a finite number >= 0 (the inner loop's step size), got {inner_lr}")
+        setup_outer_step(self, clip_grad_norm, nonfinite, max_consecutive_skips)
         self.net = net
         make_vmap_safe(self.net)
         self.loss_fn, self.task_type = resolve_loss(loss)
-        self.core = FunctionalLearner(self.net, self.loss_fn)
+        # the loss the learner trains with: targets checked against outputs (no silent broadcasting)
+        self.checked_loss = TargetChecked(self.loss_fn, f"the network {type(net).__name__}")
+        self.core = FunctionalLearner(self.net, self.checked_loss)
         self.inner_steps, self.inner_lr = inner_steps, inner_lr
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.eval_steps = sorted({self.eval_inner_steps, *extra_eval_steps})
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.clip_grad_norm, self.nonfinite = clip_grad_norm, nonfinite
         self.metric_name = "acc" if self.task_type == "classification" else "mse"
         self.eval_metrics = nn.ModuleDict({f"{stage}_{k}": MeanCI() for stage in ("val", "test")
                                            for k in self.eval_steps})
-        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.input_ndim: Optional[int] = len(net.input_shape) if hasattr(net, "input_shape") else None
 
     # ----------------------------------------------------------------- to implement
@@ -110,41 +116,17 @@ class MetaLearner(LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+        return configure_outer_optimizers(self.optimizer_factory, self.scheduler_factory, self.parameters())
 
     def training_step(self, batch: MetaBatch, batch_idx: int) -> Tensor:
-        opt = self.optimizers()
-        opt.zero_grad(set_to_none=False)
         if self.input_ndim is None:
             self.input_ndim = batch.support_x.dim() - 2
         out = self.meta_objective(batch)
         problem = check_finite_inner(out.inner_losses, out.query_losses)
-        if problem and self.nonfinite == "raise":
-            raise FloatingPointError(
-                f"{problem} at step {self.global_step}: lower inner_lr or the outer learning rate, set "
-                f"clip_grad_norm, or pass nonfinite='skip' to skip such meta-steps.")
-        # one backward = one gradient all-reduce under DDP (every rank takes part, even a bad one,
-        # so that a non-finite gradient reaches all ranks and they all skip together)
-        self.manual_backward(out.objective)
-        grads_ok = all(torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None)
-        if not grads_ok or problem:
-            if self.nonfinite == "raise":
-                raise FloatingPointError(
-                    f"non-finite meta-gradient at step {self.global_step}: lower the learning rates, set "
-                    f"clip_grad_norm, or pass nonfinite='skip'.")
-            opt.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self.log("train/skipped_steps", self.skipped_steps.float(), prog_bar=True)
+        # one backward = one gradient all-reduce under DDP; the shared outer step applies the
+        # non-finite policy, clipping, the optimiser and the scheduler
+        if not outer_step(self, out.objective, problem=problem, what="meta-gradient"):
             return out.objective.detach()
-        if self.clip_grad_norm:
-            self.clip_gradients(opt, gradient_clip_val=self.clip_grad_norm, gradient_clip_algorithm="norm")
-        opt.step()
-        sch = self.lr_schedulers()
-        if sch is not None:
-            sch.step()
         qloss = out.query_losses.detach().mean()
         self.log("train/query_loss", qloss, prog_bar=True)
         if out.inner_losses.numel():
@@ -167,7 +149,7 @@ class MetaLearner(LightningModule):
         if self.task_type == "classification":
             return (outputs.argmax(-1) == query_y).float().mean(-1)
         pred = self.predictions(outputs)
-        target = query_y.reshape(pred.shape) if query_y.numel() == pred.numel() else query_y
+        target = align_target(pred, query_y, None, "the predictions")
         return F.mse_loss(pred, target, reduction="none").flatten(1).mean(-1)
 
     def _eval_step(self, batch: MetaBatch, stage: str) -> None:
@@ -184,6 +166,8 @@ class MetaLearner(LightningModule):
                 continue
             res = m.compute()
             name = f"{stage}/{self.metric_name}"
+            check_finite_metrics({f"{name}@{k}": res["mean"], f"{name}@{k}_ci95": res["ci95"]},
+                                 where=f"{stage} (episodes: {int(res['count'])})")
             self.log(f"{name}@{k}", res["mean"].float(), sync_dist=False)
             self.log(f"{name}@{k}_ci95", res["ci95"].float(), sync_dist=False)
             if k == self.eval_inner_steps:

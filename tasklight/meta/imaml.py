@@ -18,7 +18,8 @@ from torch.func import grad, vmap
 from tasklight.data.batch import MetaBatch
 from tasklight.core.functional import _batched_buffers, merge_task_buffers, split_state
 from tasklight.core.implicit import proximal_meta_gradient
-from tasklight.meta.base import MetaLearner, MetaOutput, adam
+from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS, default_optimizer
+from tasklight.meta.base import MetaLearner, MetaOutput
 
 
 class IMAMLModule(MetaLearner):
@@ -33,10 +34,11 @@ class IMAMLModule(MetaLearner):
     def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 10,
                  inner_lr: float = 0.01, lam: float = 1.0, cg_steps: int = 5, cg_damping: float = 0.0,
                  eval_inner_steps: Optional[int] = None, extra_eval_steps: Sequence[int] = (0,),
-                 optimizer: OptimizerCallable = adam, lr_scheduler: Optional[LRSchedulerCallable] = None,
-                 clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise") -> None:
+                 optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[LRSchedulerCallable] = None,
+                 clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise",
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
-                         lr_scheduler, clip_grad_norm, nonfinite)
+                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         if lam <= 0:
             raise ValueError(f"lam (the proximal weight) must be > 0, got {lam}")
