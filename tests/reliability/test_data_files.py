@@ -127,3 +127,26 @@ def test_transparent_images_are_composited_on_white_paper(tmp_path, mode):
     assert img[:, :8].max() == 0  # background: no ink (it was all ink before)
     assert img[:, 11:13].min() == 255  # the stroke is ink
     assert (img - plain).abs().max() <= 1
+
+
+def test_embeddings_and_probe_states_load_without_pickle(tmp_path):
+    import torch
+
+    from tasklight.task2vec.embedding import TaskEmbedding, load_embeddings, save_embeddings
+
+    embs = [TaskEmbedding(torch.rand(3), ["a"], [3], f"t{i}", {"n": np.int64(5 + i), "tag": "x"}) for i in range(3)]
+    path = tmp_path / "emb.pt"
+    save_embeddings(path, embs)
+    back = load_embeddings(path)
+    assert [e.name for e in back] == ["t0", "t1", "t2"] and back[1].meta["n"] == 6
+    torch.testing.assert_close(torch.stack([e.vector for e in back]), torch.stack([e.vector for e in embs]))
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"embeddings": torch.rand(1, 3), "evil": Payload()}, path)
+    with pytest.raises(ValueError, match="not loaded"):
+        load_embeddings(path)
+    assert not marker.exists()
