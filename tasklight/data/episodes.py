@@ -154,6 +154,12 @@ class EpisodicDataModule(LightningDataModule):
                  test_episodes: int = 600, eval_batch_size: Optional[int] = None, seed: int = 0,
                  num_workers: int = 0) -> None:
         super().__init__()
+        for name, value, low in (("meta_batch_size", meta_batch_size, 1), ("batches_per_epoch", batches_per_epoch, 1),
+                                 ("val_episodes", val_episodes, 1), ("test_episodes", test_episodes, 1),
+                                 ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size, 1),
+                                 ("num_workers", num_workers, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be >= {low} (an integer), got {value!r}")
         self.meta_batch_size, self.batches_per_epoch = meta_batch_size, batches_per_epoch
         self.val_episodes, self.test_episodes = val_episodes, test_episodes
         self.eval_batch_size = eval_batch_size or meta_batch_size

@@ -118,10 +118,51 @@ class MetaLearner(LightningModule):
     def configure_optimizers(self):
         return configure_outer_optimizers(self.optimizer_factory, self.scheduler_factory, self.parameters())
 
+    # ----------------------------------------------------------------- checks
+    def setup(self, stage: str) -> None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        n_way = getattr(dm, "n_way", None)
+        out = getattr(self.net, "out_features", None)
+        if self.task_type == "classification" and isinstance(n_way, int) and isinstance(out, int) and out != n_way:
+            raise ValueError(f"the network's head has out_features={out} but the episodes are n_way={n_way}-way: "
+                             f"set the net's out_features to {n_way} (one logit per class of an episode).")
+        bins = getattr(self.loss_fn, "num_bins", None)
+        if isinstance(bins, int) and isinstance(out, int) and out != bins:
+            raise ValueError(f"the network's head has out_features={out} but the loss "
+                             f"{type(self.loss_fn).__name__} has num_bins={bins}: set out_features to {bins}.")
+
+    def check_inputs(self, support_x: Tensor, support_y: Tensor) -> None:
+        """Examples against the net's ``input_shape`` and class labels against its outputs."""
+        shape = getattr(self.net, "input_shape", None)
+        if shape is not None and tuple(support_x.shape[2:]) != tuple(shape):
+            raise ValueError(f"the episodes have examples of shape {tuple(support_x.shape[2:])} but the network "
+                             f"{type(self.net).__name__} was built for input_shape {tuple(shape)}: make the data's "
+                             f"image_size (or feature size) and the net's agree.")
+        out = getattr(self.net, "out_features", None)
+        if self.task_type == "classification" and isinstance(out, int) and support_y.numel():
+            top = int(support_y.max())
+            if top >= out or int(support_y.min()) < 0:
+                raise ValueError(f"the episodes have class label {top} but the network's head has {out} outputs: "
+                                 f"labels must be 0..{out - 1}; set the net's out_features to the episodes' n_way.")
+
+    def _memory_error(self, err: BaseException, batch: MetaBatch, stage: str) -> MemoryError:
+        T, S, Q = batch.support_x.shape[0], batch.support_x.shape[1], batch.query_x.shape[1]
+        return MemoryError(
+            f"the {stage} meta-batch does not fit in memory ({T} tasks x {S} support + {Q} query examples, "
+            f"inner_steps={self.inner_steps}): lower meta_batch_size (or eval_batch_size), inner_steps or the "
+            f"shots, use first_order=True, or IMAMLModule, whose memory does not grow with inner_steps. "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+
     def training_step(self, batch: MetaBatch, batch_idx: int) -> Tensor:
         if self.input_ndim is None:
             self.input_ndim = batch.support_x.dim() - 2
-        out = self.meta_objective(batch)
+        self.check_inputs(batch.support_x, batch.support_y)
+        try:
+            out = self.meta_objective(batch)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err):
+                raise
+            raise self._memory_error(err, batch, "training") from err
         problem = check_finite_inner(out.inner_losses, out.query_losses)
         # one backward = one gradient all-reduce under DDP; the shared outer step applies the
         # non-finite policy, clipping, the optimiser and the scheduler
@@ -154,9 +195,15 @@ class MetaLearner(LightningModule):
 
     def _eval_step(self, batch: MetaBatch, stage: str) -> None:
         self._check_grad_mode()
+        self.check_inputs(batch.support_x, batch.support_y)
         with torch.enable_grad():
             for k in self.eval_steps:
-                outputs, _ = self.adapt_and_predict(batch.support_x, batch.support_y, batch.query_x, k)
+                try:
+                    outputs, _ = self.adapt_and_predict(batch.support_x, batch.support_y, batch.query_x, k)
+                except (torch.OutOfMemoryError, RuntimeError) as err:
+                    if not _is_oom(err):
+                        raise
+                    raise self._memory_error(err, batch, stage) from err
                 self.eval_metrics[f"{stage}_{k}"].update(self.episode_metric(outputs.detach(), batch.query_y))
 
     def _eval_epoch_end(self, stage: str) -> None:
@@ -210,6 +257,7 @@ class MetaLearner(LightningModule):
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self._check_grad_mode()
+        self.check_inputs(support_x, support_y)
         dev = next(self.parameters()).device
         with torch.enable_grad():
             out, _ = self.adapt_and_predict(support_x.to(dev), support_y.to(dev), query_x.to(dev), steps)
@@ -217,3 +265,11 @@ class MetaLearner(LightningModule):
         if self.task_type == "regression":
             out = self.predictions(out)
         return out if batched else out[0]
+
+
+def _is_oom(err: BaseException) -> bool:
+    """True for an allocator failure (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return "can't allocate memory" in text or "out of memory" in text.lower()

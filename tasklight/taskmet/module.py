@@ -396,8 +396,9 @@ class TaskMetModule(DecisionLearner):
                 outer = _grads(task, theta)
             # CG on an n-dimensional system is exact after n steps: more would only cost time
             cg_steps = min(self.cg_steps, sum(t.numel() for t in theta.values()))
-            hyper = implicit_gradient(lambda th, ph: self.inner_loss(th, ph, x, y), theta, phi, outer,
-                                      cg_steps=cg_steps, damping=self.cg_damping)
+            hyper, cg = implicit_gradient(lambda th, ph: self.inner_loss(th, ph, x, y), theta, phi, outer,
+                                          cg_steps=cg_steps, damping=self.cg_damping, return_info=True)
+            self.log("train/cg_rel_residual", cg["rel_residual"].float(), batch_size=x.shape[0])
         else:
             with torch.no_grad():
                 warm, state = self.run_inner(theta0, self.metric(x), x, y, steps - self.inner_steps,
