@@ -42,7 +42,7 @@ class TaskMeans(Metric):
         if values.shape != (self.num_fields, self.num_tasks):
             raise ValueError(f"TaskMeans expects values of shape {(self.num_fields, self.num_tasks)}, got "
                              f"{tuple(values.shape)}")
-        self.totals += values.detach().to(self.totals)
+        self.totals = self.totals + values.detach().to(self.totals)  # out of place (ddp_spawn shares states)
 
     def compute(self) -> Tensor:
         return self.totals

@@ -161,8 +161,8 @@ def outer_step(module, objective: Tensor, problem: Optional[str] = None,
                 f"{reason} at step {step}: lower the learning rates (inner_lr, the optimizer's lr), set "
                 f"clip_grad_norm, or pass nonfinite='skip' to skip such steps.")
         opt.zero_grad(set_to_none=True)
-        module.skipped_steps += 1
-        module.consecutive_skips += 1
+        module.skipped_steps = module.skipped_steps + 1  # out of place (see tasklight.metrics.unshare_state)
+        module.consecutive_skips = module.consecutive_skips + 1
         n = int(module.consecutive_skips)
         if n > module.max_consecutive_skips:
             raise FloatingPointError(
@@ -173,7 +173,7 @@ def outer_step(module, objective: Tensor, problem: Optional[str] = None,
                        f"{int(module.skipped_steps)} in all.", category=RuntimeWarning)
         module.log("train/skipped_steps", module.skipped_steps.float(), prog_bar=True)
         return False
-    module.consecutive_skips.zero_()
+    module.consecutive_skips = torch.zeros_like(module.consecutive_skips)
     if module.clip_grad_norm is not None:
         module.clip_gradients(opt, gradient_clip_val=module.clip_grad_norm, gradient_clip_algorithm="norm")
     opt.step()

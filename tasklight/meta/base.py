@@ -24,7 +24,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from tasklight.data.batch import MetaBatch, check_episode_shapes
-from tasklight.metrics import MeanCI
+from tasklight.metrics import MeanCI, unshare_state
+from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
 from tasklight.core.functional import FunctionalLearner, check_finite_inner
 from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_metrics, configure_outer_optimizers,
                                   default_optimizer, outer_step, setup_outer_step)
@@ -118,8 +119,16 @@ class MetaLearner(LightningModule):
     def configure_optimizers(self):
         return configure_outer_optimizers(self.optimizer_factory, self.scheduler_factory, self.parameters())
 
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        stamp_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        verify_checkpoint(self, checkpoint)
+
     # ----------------------------------------------------------------- checks
     def setup(self, stage: str) -> None:
+        unshare_state(self)
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         n_way = getattr(dm, "n_way", None)
         out = getattr(self.net, "out_features", None)

@@ -34,9 +34,11 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
 from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, configure_outer_optimizers, default_optimizer,
                                   outer_step, setup_outer_step)
 from tasklight.data.multitask import MultiTaskBatch, TaskSpec, default_loss
+from tasklight.metrics import unshare_state
 from tasklight.nn.losses import align_target
 from tasklight.multitask.weighting import EqualWeighting, GRAD_SOURCES, TaskStats, Weighting
 
@@ -305,6 +307,7 @@ class MultiTaskModule(LightningModule):
         return [t.kind for t in self.task_specs]
 
     def setup(self, stage: Optional[str] = None) -> None:
+        unshare_state(self)
         dm = self.trainer.datamodule if self._trainer is not None else None
         specs = getattr(dm, "task_specs", None) if dm is not None else None
         z = getattr(dm, "task_descriptors", None) if dm is not None else None
@@ -599,11 +602,13 @@ class MultiTaskModule(LightningModule):
         checkpoint["multitask"] = {"tasks": [(t.name, t.out_features, t.kind, t.size, t.lower_bound)
                                              for t in self.task_specs],
                                    "descriptor_dim": self.descriptor_dim}
+        stamp_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Build the network from the checkpoint's task list when it is not built yet (e.g. in
         ``MultiTaskModule.load_from_checkpoint(path, trunk=...)``). Task losses default by kind; give
         ``task_losses`` for custom ones."""
+        verify_checkpoint(self, checkpoint)
         saved = checkpoint.get("multitask")
         if saved is None or self.built:
             return

@@ -31,9 +31,11 @@ from torch.func import functional_call, grad
 from torchmetrics import Metric
 
 from tasklight.taskmet.problems import DecisionProblem, normalize_dq
+from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
 from tasklight.core.implicit import implicit_gradient
 from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_metrics, configure_outer_optimizers,
                                   default_optimizer, outer_step, setup_outer_step)
+from tasklight.metrics import unshare_state
 from tasklight.nn.losses import align_target, mahalanobis_loss
 from tasklight.nn.nets import MLP
 
@@ -183,6 +185,7 @@ class DecisionLearner(LightningModule):
         return self._problem
 
     def setup(self, stage: str) -> None:
+        unshare_state(self)
         trainer = getattr(self, "_trainer", None)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         dm_problem = getattr(dm, "problem", None)
@@ -231,6 +234,13 @@ class DecisionLearner(LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+    # ----- checkpoints: learner class and state checksum checked on load
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        stamp_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        verify_checkpoint(self, checkpoint)
 
     # ----- the optimisation step shared by all learners
     def _step(self, objective: Tensor, problem: Optional[str] = None) -> bool:
@@ -436,6 +446,8 @@ class TaskMetModule(DecisionLearner):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["taskmet_inner_state"] = self._inner_state
+        super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._inner_state = checkpoint.get("taskmet_inner_state")
