@@ -56,7 +56,10 @@ def main():
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0, limit_val_batches=0,
                       callbacks=[ck, Progress(os.path.join(run_dir, "progress.txt"))], default_root_dir=run_dir)
-    trainer.fit(module, dm, ckpt_path=newest_readable(ckpt_dir))
+    start = newest_readable(ckpt_dir)
+    with open(os.path.join(run_dir, "starts.txt"), "a") as f:
+        f.write(f"{os.path.basename(start) if start else 'scratch'}\n")
+    trainer.fit(module, dm, ckpt_path=start)
     torch.save(module.state_dict(), os.path.join(run_dir, "final.pt"))
 
 

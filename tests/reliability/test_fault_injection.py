@@ -54,6 +54,10 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     last = _start(run_dir)
     assert last.wait(timeout=600) == 0, last.stderr.read()[-3000:]
 
+    starts = (run_dir / "starts.txt").read_text().split()
+    assert starts[0] == "scratch" and len(starts) == len(targets) + 1
+    resumed_at = [int(s.split("=")[1].split(".")[0]) for s in starts[1:]]
+    assert all(step >= t - 1 for step, t in zip(resumed_at, targets))  # it resumed, it did not start over
     want = torch.load(ref_dir / "final.pt", weights_only=True)
     got = torch.load(run_dir / "final.pt", weights_only=True)
     assert set(want) == set(got)
