@@ -376,14 +376,23 @@ class MultiTaskModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["multitask"] = {"tasks": [(t.name, t.out_features, t.kind, t.size, t.lower_bound)
                                              for t in self.task_specs],
-                                   "descriptor_dim": self.descriptor_dim}
+                                   "descriptor_dim": self.descriptor_dim,
+                                   "architecture": type(self.architecture).__name__}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Build the network from the checkpoint's task list when it is not built yet (e.g. in
-        ``MultiTaskModule.load_from_checkpoint(path, trunk=...)``). Task losses default by kind; give
+        ``MultiTaskModule.load_from_checkpoint(path, trunk=..., architecture=...)``; the architecture is
+        the default HardSharing when not given). Task losses default by kind; give
         ``task_losses`` for custom ones."""
         saved = checkpoint.get("multitask")
-        if saved is None or self.built:
+        if saved is None:
+            return
+        arch = saved.get("architecture")
+        if arch is not None and arch != type(self.architecture).__name__:
+            raise ValueError(f"the checkpoint was saved with architecture {arch} but this model has "
+                             f"{type(self.architecture).__name__}; pass the same architecture, e.g. "
+                             f"load_from_checkpoint(path, trunk=..., architecture={arch}(...))")
+        if self.built:
             return
         tasks = []
         for i, (name, out, kind, size, bound) in enumerate(saved["tasks"]):

@@ -243,3 +243,17 @@ def test_architecture_errors_name_the_fix():
     model = MultiTaskModule(MLP(4, [8], 6), architecture=FiLM(), tasks=specs(2), descriptor_dim=2)
     with pytest.raises(ValueError, match="conditions on descriptors of size 2 but got descriptors of size 3"):
         model(torch.randn(2, 4), 0, z=torch.ones(3))
+
+
+def test_a_checkpoint_rebuilds_a_non_default_architecture(tmp_path):
+    seed_everything(8)
+    dm = tiny_dm(T=2)
+    model = MultiTaskModule(MLP(4, [8], 6), architecture=MTAN(hidden=4))
+    trainer = fit(model, dm, 2)
+    trainer.save_checkpoint(tmp_path / "mtan.ckpt")
+    loaded = MultiTaskModule.load_from_checkpoint(tmp_path / "mtan.ckpt", trunk=MLP(4, [8], 6),
+                                                  architecture=MTAN(hidden=4))
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(loaded(x, 1), model(x, 1))
+    with pytest.raises(ValueError, match="saved with architecture MTAN but this model has HardSharing"):
+        MultiTaskModule.load_from_checkpoint(tmp_path / "mtan.ckpt", trunk=MLP(4, [8], 6))
