@@ -30,6 +30,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from tasklight.core.seeding import seeded_generator
 from tasklight.data.multitask import MultiTaskBatch, TaskSpec, default_loss
 from tasklight.multitask.architectures import Architecture, HardSharing, HeadFactory
 from tasklight.multitask.weighting import EqualWeighting, GRAD_SOURCES, TaskStats, Weighting
@@ -295,8 +296,7 @@ class MultiTaskModule(LightningModule):
         k = self.tasks_per_step
         if k > T:
             raise ValueError(f"tasks_per_step={k} but there are only {T} tasks")
-        state = np.random.SeedSequence([self.sampling_seed, int(step)]).generate_state(2, dtype=np.uint32)
-        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        gen = seeded_generator(self.sampling_seed, int(step))
         if self.task_sampling == "uniform":
             p = torch.ones(T)
         else:

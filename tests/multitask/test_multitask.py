@@ -477,6 +477,7 @@ def test_toy_through_the_module_matches_the_plain_descent():
     torch.testing.assert_close(toy_objectives(x, TOY_SCALES["nashmtl"]), f)
 
 
+@pytest.mark.slow
 def test_toy_mgda_pcgrad_and_robust_weighting_reach_the_pareto_front_equal_weighting_is_dragged():
     """Nash-MTL's variant (loss 1 scaled by 0.1), the five published starting points, Adam at 0.2
     annealed to 0 over 600 steps (the schedule of configs/mtl_toy_*.yaml)."""
@@ -530,6 +531,7 @@ def test_every_mtl_config_parses_and_builds_its_classes():
             assert isinstance(init.data, TwoObjectiveToyDataModule) and model.head_factory.kind == "identity"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mtl_toy_mgda", "mtl_omniglot_hard_pcgrad", "mtl_omniglot_film"])
 def test_configs_run_end_to_end_through_the_cli(name, tmp_path, monkeypatch):
     from tasklight.cli import run_cli

@@ -248,6 +248,7 @@ def omniglot():
     return load_omniglot(default_omniglot_root())
 
 
+@pytest.mark.slow
 def test_same_alphabet_tasks_are_closer_on_a_probe_trained_on_other_alphabets(omniglot):
     data = omniglot
     held = ["Japanese_(katakana)", "Sanskrit"]
@@ -277,6 +278,7 @@ def test_same_alphabet_tasks_are_closer_on_a_probe_trained_on_other_alphabets(om
         assert within < between, (name, float(within), float(between), d)
 
 
+@pytest.mark.slow
 def test_callback_in_a_meta_learning_run_logs_heatmap_and_table_to_wandb(tmp_path):
     from tasklight.callbacks.task2vec import Task2VecCallback
     from tasklight.cli import run_cli
