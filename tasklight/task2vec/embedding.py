@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, Optional, Sequence, Union
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -118,8 +120,13 @@ class Task2Vec:
         exact: Monte-Carlo method only: take the expectation over labels exactly instead of
             sampling (costs one gradient per class per example).
         beta, variational_steps, variational_lr, variational_batch_size: the variational estimate's
-            KL weight (the paper's code: 1e-7), Adam steps, learning rate (1e-2 as in the paper's
-            code) and minibatch size (see :func:`~tasklight.task2vec.fisher.variational_fisher`).
+            KL weight (the paper's code: 1e-7, for an ImageNet ResNet-34 whose Fisher per weight is
+            tiny; the learned precision is about ``Fisher / (2 beta) + prior``, so a small probe with a
+            large Fisher per weight needs a larger beta, e.g. 1e-4 for Conv4 on Omniglot), Adam
+            steps, learning rate on the log-variances (0.1: they have to move by several nats; the
+            iterates of the last half are averaged) and minibatch size (see
+            :func:`~tasklight.task2vec.fisher.variational_fisher`). A warning says when the
+            variances had not settled.
         max_examples: use at most this many examples of a task (a seeded random subset).
         batch_size: examples per vmapped per-example-gradient call (memory ~ batch_size x weights)
             and per forward pass when computing features.
@@ -139,7 +146,7 @@ class Task2Vec:
     def __init__(self, probe: nn.Module, network: Optional[str] = None, head: Optional[str] = "auto",
                  layers: Optional[Sequence[str]] = None, method: Literal["montecarlo", "variational"] = "montecarlo",
                  mc_samples: int = 1, exact: bool = False, beta: float = 1e-7, variational_steps: int = 200,
-                 variational_lr: float = 1e-2, variational_batch_size: int = 100,
+                 variational_lr: float = 0.1, variational_batch_size: int = 32,
                  max_examples: Optional[int] = None, batch_size: int = 64, head_steps: int = 100,
                  head_weight_decay: float = 1e-2, bn_stats: Literal["task", "probe"] = "task",
                  input_transform: Optional[Callable[[Tensor], Tensor]] = None, seed: int = 0) -> None:
@@ -231,8 +238,14 @@ class Task2Vec:
                                     lr=self.variational_lr, batch_size=self.variational_batch_size, generator=gen)
             parts = [vf.precision[m].float().cpu() for m in modules]
             scale = torch.cat([vf.prior_precision[m].float().cpu().expand(len(p)) for m, p in zip(modules, parts)])
-            meta.update(beta=self.beta, variational_steps=self.variational_steps,
+            meta.update(beta=self.beta, variational_steps=self.variational_steps, drift=vf.drift,
                         final_loss=sum(vf.losses[-10:]) / len(vf.losses[-10:]))
+            if vf.drift > 0.25:
+                warnings.warn(f"Task2Vec variational Fisher of {what}: the posterior variances were still moving "
+                              f"(mean drift {vf.drift:.2f} in log-variance over the averaged steps); raise "
+                              f"variational_steps or variational_lr, or raise beta (the precision to reach is about "
+                              f"Fisher / (2 beta): small probes have a large Fisher per weight and need a larger beta "
+                              f"than the paper's 1e-7, see docs/task2vec.md)", stacklevel=2)
         else:
             names = [f"body.{p}" for _, p in self.params]
             fisher = fisher_diagonal(model, x, names, mc_samples=self.mc_samples, exact=self.exact,
