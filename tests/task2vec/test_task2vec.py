@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasklight.nn.nets import MLP, Conv4
-from tasklight.task2vec.embedding import (
+from tasklight.task2vec import (
     Task2Vec, TaskEmbedding, asymmetric_distance, distance_matrix, fisher_diagonal, load_embeddings, per_filter,
     rank_experts, save_embeddings, set_batchnorm_stats, symmetric_distance, task_descriptors, train_classifier,
     transfer_error, trivial_embedding)
@@ -366,7 +366,7 @@ def test_multitask_module_probe_uses_its_trunk():
 
 
 def test_evaluate_expert_selection_scores_task2vec_oracle_random_and_generic(tmp_path):
-    from tasklight.task2vec.embedding import evaluate_expert_selection, load_expert
+    from tasklight.task2vec import evaluate_expert_selection, load_expert
 
     g = torch.Generator().manual_seed(0)
     centers = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0]])
