@@ -48,8 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SINUSOID_BINS = 50
 MAML_INNER_LR = {"mse": 0.01, "hlgauss": 0.1}
 TRAIN_INNER_STEPS = 1
+SEED_OFFSET = 100  # the sinusoid seeds of this benchmark (100, 101, ...) were not used to choose the settings
 
 TABULAR_BINS = 100
+BATCH, TABULAR_LR = 64, 3e-3
 FRIEDMAN_NOISE = {"friedman1": 1.0, "friedman2": 125.0, "friedman3": 0.1}
 TABULAR_LOSSES = {"mse": None, "hlgauss": 0.75, "hlgauss_sigma2": 2.0}  # name -> sigma in bin widths
 
@@ -125,7 +127,7 @@ def tabular_run(name: str, loss_name: str, seed: int, epochs: int) -> dict:
         net, loss_fn = MLP(x.shape[1], [64, 64], TABULAR_BINS), hl
         predict = lambda out: hl.predict(out, keepdim=False)  # noqa: E731
         target = lambda idx: y_tr[idx]  # noqa: E731
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=TABULAR_LR)
 
     def rmse(idx: torch.Tensor) -> float:
         with torch.no_grad():
@@ -134,7 +136,7 @@ def tabular_run(name: str, loss_name: str, seed: int, epochs: int) -> dict:
 
     best = (math.inf, math.nan, 0)
     for epoch in range(epochs):
-        for idx in torch.randperm(n_tr, generator=gen).split(32):
+        for idx in torch.randperm(n_tr, generator=gen).split(BATCH):
             opt.zero_grad()
             loss_fn(net(x[tr[idx]]), target(idx)).backward()
             opt.step()
@@ -147,20 +149,36 @@ def tabular_run(name: str, loss_name: str, seed: int, epochs: int) -> dict:
 # ------------------------------------------------------------------ main
 def main(argv=None) -> None:
     p = parser(__doc__, str(ROOT / "docs" / "bench_hlgauss.md"))
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs in parallel processes (each on --threads threads; the quality numbers do not change)")
     args = p.parse_args(argv)
-    seeds = setup(args)
+    seeds = [SEED_OFFSET + s for s in setup(args)]
     meta_steps, test_episodes = (1000, 300) if args.quick else (4000, 600)
-    tab_seeds, epochs = list(range(5 if args.quick else 10)), 150 if args.quick else 300
+    tab_seeds, epochs = list(range(5 if args.quick else 10)), 200 if args.quick else 400
+    names = ["diabetes", "friedman1", "friedman2", "friedman3"]
     t0 = time.perf_counter()
 
-    sin = {name: [sinusoid_run(name, s, meta_steps, test_episodes) for s in seeds] for name in ("mse", "hlgauss")}
+    jobs = {("sinusoid", name, s): (sinusoid_run, (name, s, meta_steps, test_episodes))
+            for name in ("mse", "hlgauss") for s in seeds}
+    jobs.update({(data, loss, s): (tabular_run, (data, loss, s, epochs))
+                 for data in names for loss in TABULAR_LOSSES for s in tab_seeds})
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(args.threads,)) as pool:
+            futures = {key: pool.submit(fn, *fn_args) for key, (fn, fn_args) in jobs.items()}
+            results = {key: f.result() for key, f in futures.items()}
+    else:
+        results = {key: fn(*fn_args) for key, (fn, fn_args) in jobs.items()}
+
+    sin = {name: [results[("sinusoid", name, s)] for s in seeds] for name in ("mse", "hlgauss")}
     for name, runs in sin.items():
         print(f"sinusoid {name:8s} 5-shot MSE @1 {fmt_ci([r['mse@1'] for r in runs])} @10 "
               f"{fmt_ci([r['mse@10'] for r in runs])}", flush=True)
-    names = ["diabetes", "friedman1", "friedman2", "friedman3"]
-    tab = {}
+    tab = {data: {loss: [results[(data, loss, s)] for s in tab_seeds] for loss in TABULAR_LOSSES} for data in names}
     for name in names:
-        tab[name] = {loss: [tabular_run(name, loss, s, epochs) for s in tab_seeds] for loss in TABULAR_LOSSES}
         print(f"{name:9s} " + "  ".join(f"{loss} {fmt_ci([r['rmse'] for r in runs])}"
                                         for loss, runs in tab[name].items()), flush=True)
 
@@ -199,7 +217,7 @@ def main(argv=None) -> None:
         "",
         "Reference (Finn et al. 2017, 70k meta-steps): MAML 0.67 / 0.38 / 0.35 after 1 / 5 / 10 steps.",
         "",
-        f"## Tabular regression (scikit-learn data, 64-64 MLP, Adam 1e-3, batch 32, up to {epochs} epochs)",
+        f"## Tabular regression (scikit-learn data, 64-64 MLP, Adam {TABULAR_LR:g}, batch {BATCH}, up to {epochs} epochs)",
         "",
         f"Random 60/20/20 splits ({len(tab_seeds)} seeds; the Friedman data are drawn anew per seed), inputs and "
         f"targets standardised with the training statistics; every loss reports the test RMSE (target units) at "
