@@ -185,6 +185,23 @@ class EpisodicDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test", self.test_episodes)
 
+    def train_targets(self, episodes: int = 1000) -> Tensor:
+        """The targets (support and query) of the first ``episodes`` training tasks, flattened.
+
+        Regression learners fit a loss's support to them (``HistogramLoss(support="auto")``). They
+        are the tasks of rank 0's training stream, so every DDP rank gets the same values.
+        """
+        if episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {episodes}")
+        stream = EpisodeStream(self.task_fn("train"), self.meta_batch_size, 1, self.seed, rank=0)
+        ys, n, index = [], 0, 0
+        while n < episodes:
+            batch = stream.meta_batch(index)
+            take = min(episodes - n, batch.num_tasks)
+            ys += [batch.support_y[:take].flatten(), batch.query_y[:take].flatten()]
+            n, index = n + take, index + 1
+        return torch.cat(ys)
+
     # resumption --------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         trainer = self.trainer

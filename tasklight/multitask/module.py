@@ -34,6 +34,7 @@ from tasklight.core.seeding import seeded_generator
 from tasklight.data.multitask import MultiTaskBatch, TaskSpec, default_loss
 from tasklight.multitask.architectures import Architecture, HardSharing, HeadFactory
 from tasklight.multitask.weighting import EqualWeighting, GRAD_SOURCES, TaskStats, Weighting
+from tasklight.nn.losses import fit_auto_support
 
 SAMPLINGS = ("all", "uniform", "proportional")
 
@@ -195,6 +196,18 @@ class MultiTaskModule(LightningModule):
                 self.build(specs, z.shape[1] if z is not None else None, example=_first_input(dm))
         elif specs is not None:
             self._check_against(specs, z)
+        self._fit_auto_supports(dm)
+
+    def _fit_auto_supports(self, dm) -> None:
+        """Fit each ``HistogramLoss(support="auto")`` to the training targets of the tasks that use it."""
+        users: dict[int, list[int]] = {}
+        for t, loss in enumerate(self.task_losses):
+            if getattr(loss, "needs_support", False):
+                users.setdefault(id(loss), []).append(t)
+        get = getattr(dm, "train_targets", None)
+        for tasks in users.values():
+            targets = None if get is None else (lambda ts=tuple(tasks): torch.cat([get(t).flatten() for t in ts]))
+            fit_auto_support(self.task_losses[tasks[0]], targets, f"the DataModule {type(dm).__name__}")
 
     def _check_against(self, specs: list[TaskSpec], z: Optional[Tensor]) -> None:
         if len(specs) != self.num_tasks:
