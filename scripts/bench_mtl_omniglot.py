@@ -1,7 +1,7 @@
 """Multi-task learning on Omniglot alphabets: per-task test accuracy and Delta_m for each
 architecture x weighting method, against single-task networks.
 
-Every alphabet of ../shared/data/omniglot is a classification task over its characters (drawers 0-13
+Every alphabet of the packaged Omniglot small sets is a classification task over its characters (drawers 0-13
 train, 17-19 test). Single-task learning (STL) is one Conv4 per alphabet, trained together as soft
 sharing with penalty 0 (exactly independent networks, see tests/test_multitask.py) with the same
 examples per task per step. Delta_m is LibMTL's average relative gain over STL,
