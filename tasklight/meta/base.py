@@ -29,7 +29,7 @@ from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
 from tasklight.core.functional import FunctionalLearner, check_finite_inner
 from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_metrics, configure_outer_optimizers,
                                   default_optimizer, outer_step, setup_outer_step)
-from tasklight.nn.losses import TargetChecked, align_target
+from tasklight.nn.losses import TargetChecked, align_target, fit_auto_support
 from tasklight.nn.nets import make_vmap_safe
 
 
@@ -127,9 +127,12 @@ class MetaLearner(LightningModule):
         verify_checkpoint(self, checkpoint)
 
     # ----------------------------------------------------------------- checks
-    def setup(self, stage: str) -> None:
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Per-process state (ddp_spawn), a ``HistogramLoss(support="auto")`` fitted to the DataModule's
+        training targets (once), and the head checked against the episodes."""
         unshare_state(self)
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        fit_auto_support(self.loss_fn, getattr(dm, "train_targets", None), f"the DataModule {type(dm).__name__}")
         n_way = getattr(dm, "n_way", None)
         out = getattr(self.net, "out_features", None)
         if self.task_type == "classification" and isinstance(n_way, int) and isinstance(out, int) and out != n_way:

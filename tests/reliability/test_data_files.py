@@ -132,7 +132,8 @@ def test_transparent_images_are_composited_on_white_paper(tmp_path, mode):
 def test_embeddings_and_probe_states_load_without_pickle(tmp_path):
     import torch
 
-    from tasklight.task2vec.embedding import TaskEmbedding, load_embeddings, save_embeddings
+    from tasklight.task2vec.embedding import TaskEmbedding
+    from tasklight.task2vec.store import load_embeddings, save_embeddings
 
     embs = [TaskEmbedding(torch.rand(3), ["a"], [3], f"t{i}", {"n": np.int64(5 + i), "tag": "x"}) for i in range(3)]
     path = tmp_path / "emb.pt"
