@@ -469,8 +469,7 @@ def test_toy_through_the_module_matches_the_plain_descent():
     start, steps = TOY_STARTS["nashmtl"][2], 30
     model = MultiTaskModule(ToyPoint(start), head_type="identity", weighting=MGDA(),
                             optimizer=lambda p: torch.optim.Adam(p, lr=0.05),
-                            lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, steps),
-                            lr_scheduler_interval="step")
+                            lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, steps))
     fit(model, TwoObjectiveToyDataModule("nashmtl"), steps)
     x, f = toy_descent(MGDA, [start], TOY_SCALES["nashmtl"], steps=steps, lr=0.05)
     torch.testing.assert_close(model.trunk.point.detach().double(), x[0], atol=2e-4, rtol=0)
