@@ -486,6 +486,11 @@ class GradNorm(Weighting):
         r = ratio / ratio.mean()
         return G.mean() * r.pow(self.alpha)
 
+    @staticmethod
+    def weight_gradient(norms: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+        """``d/dw_t sum_s |w_s ||g_s|| - target_s|`` with the targets held constant."""
+        return torch.sign(weights * norms - target) * norms
+
     def compute_weights(self, stats: TaskStats) -> Tensor:
         self._check(stats)
         dev = self.w.device
@@ -497,7 +502,7 @@ class GradNorm(Weighting):
         norms = stats.grads.detach().double().to(dev)[idx].norm(dim=1)
         w = self.w[idx]
         target = self.targets(norms, losses[idx], self.initial[idx].clamp_min(1e-12), w)
-        grad = torch.sign(w * norms - target) * norms  # d/dw_t sum |w_t ||g_t|| - target_t|
+        grad = self.weight_gradient(norms, target, w)
         self.t += 1
         b1, b2, eps, t = 0.9, 0.999, 1e-8, int(self.t)
         self.m[idx] = b1 * self.m[idx] + (1 - b1) * grad
@@ -739,7 +744,10 @@ class IMTL(Weighting):
     * IMTL-G: the shared parameters move along ``d = sum_t alpha_t g'_t`` with ``g'_t = exp(s_t) g_t``
       the scaled losses' gradients and ``alpha`` (summing to 1) the unique combination whose
       projection on every unit gradient ``u_t`` is the same: ``d . u_t = d . u_1``, i.e.
-      ``alpha_{2:} = g'_1 U^T (D U^T)^{-1}``, ``D = g'_1 - g'_{2:}``, ``U = u_1 - u_{2:}``.
+      ``alpha_{2:} = g'_1 U^T (D U^T)^{-1}``, ``D = g'_1 - g'_{2:}``, ``U = u_1 - u_{2:}``. For
+      linearly independent gradients this is ``alpha = G'^{-1} n / sum(G'^{-1} n)`` with ``n_t =
+      ||g'_t||``; torchjd's ``IMTLGWeighting`` computes it from the Gram matrix (with a
+      pseudo-inverse, which also covers dependent gradients).
 
     The weights on the shared parameters are ``alpha_t exp(s_t)``; the heads get the gradient of
     their own scaled loss (``task_weights = exp(s_t)``). The scales see ``L_t - b_t`` (``b_t`` the
@@ -754,6 +762,7 @@ class IMTL(Weighting):
     def __init__(self, scale_losses: bool = True, grad_source: GradSource = "representation") -> None:
         super().__init__(grad_source)
         self.scale_losses = bool(scale_losses)
+        self._solver = _torchjd_weighting("IMTLGWeighting")()
         self.log_scales = nn.Parameter(torch.zeros(0), requires_grad=self.scale_losses)
         self.register_buffer("_active", torch.zeros(0, dtype=torch.bool))
 
@@ -763,25 +772,12 @@ class IMTL(Weighting):
             self.log_scales = nn.Parameter(torch.zeros(num_tasks), requires_grad=self.scale_losses)
         self._active = torch.ones(num_tasks, dtype=torch.bool)
 
-    @staticmethod
-    def gradient_weights(grads: Tensor) -> Tensor:
-        """IMTL-G's ``alpha`` (float64) for gradients ``[T, P]``."""
-        g = grads.double()
-        T = g.shape[0]
-        if T == 1:
-            return torch.ones(1, dtype=torch.float64, device=g.device)
-        u = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        D = g[:1] - g[1:]
-        U = u[:1] - u[1:]
-        rest = torch.linalg.solve((D @ U.T).T, (g[0] @ U.T))  # x (D U^T) = g_1 U^T
-        return torch.cat([1.0 - rest.sum().reshape(1), rest])
-
     def compute_weights(self, stats: TaskStats) -> Tensor:
         self._check(stats)
-        idx = stats.active.nonzero().flatten()
+        idx, g, G = _active_gram(stats)
         self._active = stats.active.detach().to(self._active.device).clone()
-        scale = torch.exp(self.log_scales.detach().double()).to(stats.grads.device)[idx]
-        alpha = self.gradient_weights(scale[:, None] * stats.grads[idx].double())
+        scale = torch.exp(self.log_scales.detach().double()).to(G.device)[idx]
+        alpha = self._solver(scale[:, None] * G * scale[None, :]).double()  # the Gram matrix of the g'_t
         return _scatter(alpha * scale, idx, stats)
 
     def task_weights(self, weights: Tensor) -> Tensor:
