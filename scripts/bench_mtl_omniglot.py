@@ -33,7 +33,7 @@ import _bench  # noqa: E402
 from tasklight.data.multitask import OmniglotAlphabetsDataModule  # noqa: E402
 from tasklight.multitask.module import MultiTaskModule  # noqa: E402
 from tasklight.nn.nets import Conv4  # noqa: E402
-from tasklight.lightning_modules import weighting as W  # noqa: E402
+from tasklight.multitask import weighting as W  # noqa: E402
 
 OUT = "docs/bench_multitask.md"
 WEIGHTINGS = {

@@ -19,7 +19,8 @@ from tasklight.data.multitask import MultiTaskDataModule, TaskSpec
 from tasklight.multitask.module import MultiTaskModule
 from tasklight.nn.nets import MLP
 from tasklight.multitask.weighting import (
-    DROWeighting, DWA, EqualWeighting, GradNorm, MGDA, PCGrad, UncertaintyWeighting,
+    CAGrad, DROWeighting, DWA, EqualWeighting, FAMO, GradNorm, IMTL, MGDA, NashMTL, PCGrad, RLW, UncertaintyWeighting,
+    UPGrad,
 )
 
 T, B, STEPS, STEPS_PER_EPOCH, LR = 3, 4, 6, 2, 0.1
@@ -37,6 +38,13 @@ CASES = {
     "film_mgda": ({"architecture": "conditioned", "conditioning": "film", "condition_layer": 1},
                   lambda: MGDA(normalization="l2")),
     "sampled_pcgrad": ({"task_sampling": "uniform", "tasks_per_step": 2}, PCGrad),
+    "rlw": ({}, lambda: RLW(seed=3)),
+    "famo": ({}, lambda: FAMO(lr=0.2)),
+    "cagrad": ({}, lambda: CAGrad(c=0.5)),
+    "nashmtl_params": ({}, lambda: NashMTL(grad_source="parameters", update_every=2)),
+    "imtl": ({}, IMTL),
+    "upgrad": ({}, UPGrad),
+    "sampled_imtl": ({"task_sampling": "uniform", "tasks_per_step": 2}, IMTL),
 }
 MONITORED = "mgda"
 
