@@ -688,9 +688,10 @@ def nash_bargaining_weights(gram: Tensor, max_iter: int = 100, tol: float = 1e-1
         s = 1.0
         while np.any(a - s * step <= 0):
             s *= 0.5
-        f0 = f(a)
-        while f(a - s * step) > f0 - 0.25 * s * decrement and s > 1e-12:
-            s *= 0.5
+        if decrement > 1e-12:  # damped phase; closer in, full Newton steps converge quadratically
+            f0 = f(a)
+            while f(a - s * step) > f0 - 0.25 * s * decrement and s > 1e-12:
+                s *= 0.5
         a = a - s * step
     return torch.from_numpy(a)
 
