@@ -464,12 +464,13 @@ class MultiTaskModule(LightningModule):
         weights = weighting.compute_weights(stats).to(fw.losses)
         scaled = scale * fw.losses
         if direction:
-            # heads: the plain gradient of their own loss; trunk: sum_t w_t grad L_t (via d L / d rep)
-            total = scaled.sum()
+            # heads: their own loss (weighted by task_weights); trunk: sum_t w_t grad L_t (via d L / d rep)
+            head_w = weighting.task_weights(weights).to(fw.losses)
+            total = weighting.loss(scaled, head_w)
             row_coef = torch.zeros(len(batch), device=fw.losses.device)
             for t, r in enumerate(fw.rows):
                 if r is not None:
-                    row_coef[r] = scale[t] * (weights[t] - 1.0)
+                    row_coef[r] = scale[t] * (weights[t] - head_w[t])
             rep = fw.rep.reshape(fw.rep.shape[0], -1)
             total = total + (row_coef[:, None] * row_grads.reshape(rep.shape).detach() * rep).sum()
         else:
