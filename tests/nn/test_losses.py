@@ -296,3 +296,5 @@ def test_hlgauss_sinusoid_config_runs_end_to_end(config, tmp_path):
     assert pred.shape == batch.query_y.shape
     loss = cli.model.loss_fn
     assert isinstance(loss, HistogramLoss) and pred.min() >= loss.v_min and pred.max() <= loss.v_max
+    # the config's support: auto was fitted to the training targets (amplitudes up to 5, a 10 % margin)
+    assert loss.support_mode == "auto" and -6.0 < loss.v_min < -5.8 and 5.8 < loss.v_max < 6.0
