@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from tasklight.core.seeding import seeded_generator
 from tasklight.data.batch import MetaBatch, collate_tasks
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -26,8 +26,7 @@ STREAMS = {"train": 0, "val": 1, "test": 2, "predict": 3}
 
 def episode_generator(seed: int, stream: int, rank: int, index: int) -> torch.Generator:
     """A torch generator seeded from the tuple (seed, stream, rank, index)."""
-    state = np.random.SeedSequence([seed, stream, rank, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return seeded_generator(seed, stream, rank, index)
 
 
 class NWayKShot:

@@ -276,6 +276,7 @@ def test_mahalanobis_metric_dimension_mismatch_raises():
 
 
 # ---------------------------------------------------------------- HL-Gauss in the meta-learners, through the CLI
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["maml_sinusoid_hlgauss.yaml", "imaml_sinusoid_hlgauss.yaml"])
 def test_hlgauss_sinusoid_config_runs_end_to_end(config, tmp_path):
     from pathlib import Path

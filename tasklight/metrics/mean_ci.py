@@ -1,11 +1,12 @@
-"""Evaluation metrics that sync across DDP ranks in one reduction."""
+"""Mean and 95 % confidence interval over episodes, as a torchmetrics ``Metric`` that syncs across DDP
+ranks in one reduction, and as a plain function (both on :func:`tasklight.metrics.functional.mean_ci95_from_sums`)."""
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+from tasklight.metrics.functional import mean_ci95_from_sums
 
 
 class MeanCI(Metric):
@@ -30,11 +31,7 @@ class MeanCI(Metric):
         self.count += v.numel()
 
     def compute(self) -> dict[str, Tensor]:
-        n = self.count
-        mean = self.total / n.clamp_min(1)
-        var = (self.total_sq - n * mean * mean) / (n - 1).clamp_min(1)
-        std = var.clamp_min(0).sqrt()
-        return {"mean": mean, "ci95": 1.96 * std / n.clamp_min(1).sqrt(), "std": std, "count": n}
+        return mean_ci95_from_sums(self.total, self.total_sq, self.count)
 
 
 def mean_ci95(values: Tensor) -> tuple[float, float]:
@@ -42,4 +39,5 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
     v = values.double().reshape(-1)
     if v.numel() < 2:
         return float(v.mean()), float("nan")
-    return float(v.mean()), float(1.96 * v.std() / math.sqrt(v.numel()))
+    res = mean_ci95_from_sums(v.sum(), (v * v).sum(), torch.tensor(float(v.numel()), dtype=torch.float64))
+    return float(res["mean"]), float(res["ci95"])
