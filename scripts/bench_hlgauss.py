@@ -218,7 +218,8 @@ def main(argv=None) -> None:
         "",
         "Reference (Finn et al. 2017, 70k meta-steps): MAML 0.67 / 0.38 / 0.35 after 1 / 5 / 10 steps.",
         "",
-        f"## Tabular regression (scikit-learn data, 64-64 MLP, Adam {TABULAR_LR:g}, batch {BATCH}, up to {epochs} epochs)",
+        f"## Tabular regression (scikit-learn data, 64-64 MLP, Adam {TABULAR_LR:g}, batch {BATCH}, "
+        f"up to {epochs} epochs)",
         "",
         f"Random 60/20/20 splits ({len(tab_seeds)} seeds; the Friedman data are drawn anew per seed), inputs and "
         f"targets standardised with the training statistics; every loss reports the test RMSE (target units) at "
@@ -233,7 +234,7 @@ def main(argv=None) -> None:
         *[f"| {name} | {len(tabular_data(name, 0)[1])} | {fmt_ci([r['rmse'] for r in t['mse']])} | "
           f"{fmt_ci([r['rmse'] for r in t['hlgauss']])} | {fmt_ci([r['rmse'] for r in t['hlgauss_sigma2']])} | "
           f"{paired(name, 'hlgauss')} | {paired(name, 'hlgauss_sigma2')} | "
-          f"{statistics.fmean(r['epoch'] for r in t['mse']):.0f} / {statistics.fmean(r['epoch'] for r in t['hlgauss']):.0f} |"
+          f"{mean(t['mse'], 'epoch'):.0f} / {mean(t['hlgauss'], 'epoch'):.0f} |"
           for name, t in tab.items()],
         "",
         f"## Summary ({'quick run' if args.quick else 'default run'})",
