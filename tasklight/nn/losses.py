@@ -161,7 +161,8 @@ class HistogramLoss(nn.Module):
                                "v_min and v_max.")
 
     def extra_repr(self) -> str:
-        rng = f"v_min={self.v_min:.4g}, v_max={self.v_max:.4g}" if not self.needs_support else "support='auto' (not fitted)"
+        rng = ("support='auto' (not fitted)" if self.needs_support
+               else f"v_min={self.v_min:.4g}, v_max={self.v_max:.4g}")
         return f"kind={self.kind!r}, num_bins={self.num_bins}, {rng}, sigma={self.sigma:.4g}"
 
     # ---------------------------------------------------------------- targets
