@@ -25,6 +25,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from tasklight.config import RecordsInit
 from tasklight.data.episodes import EpisodeStream, EpisodicDataModule, episode_generator
 from tasklight.data.batch import TASK_KINDS, MultiTaskBatch, TaskKind, TaskSpec, default_loss  # noqa: F401
 
@@ -167,7 +168,7 @@ class _Collate:
 
 
 # ----------------------------------------------------------------------------- the DataModule
-class MultiTaskDataModule(LightningDataModule):
+class MultiTaskDataModule(RecordsInit, LightningDataModule):
     """Combines one dataset per task into multi-task batches.
 
     Give the datasets in Python (``train_sets``, ``val_sets``, ``test_sets``, ``tasks``), or subclass
@@ -281,6 +282,10 @@ class MultiTaskDataModule(LightningDataModule):
         return self._eval_loader(self.val_sets, "val")
 
     def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_sets, "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The predict split is every task's test set (``tasklight predict``)."""
         return self._eval_loader(self.test_sets, "test")
 
     # ------------------------------------------------------------------ resumption

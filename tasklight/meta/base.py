@@ -26,6 +26,7 @@ from tasklight.data.batch import MetaBatch, check_episode_shapes
 from tasklight.metrics import MeanCI
 from tasklight.core.functional import FunctionalLearner, check_finite_inner
 from tasklight.nn.nets import make_vmap_safe
+from tasklight.config import SelfDescribing
 
 
 @dataclass
@@ -55,7 +56,7 @@ def resolve_loss(loss: Union[str, nn.Module]) -> tuple[nn.Module, str]:
     return loss, kind
 
 
-class MetaLearner(LightningModule):
+class MetaLearner(SelfDescribing, LightningModule):
     """Base class of the meta-learners (see the module docstring).
 
     Args:
@@ -201,6 +202,15 @@ class MetaLearner(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+    def predict_step(self, batch: MetaBatch, batch_idx: int) -> dict[str, Tensor]:
+        """``tasklight predict``: adapt on each episode's support set and predict its queries.
+
+        Returns ``predictions`` ``[T, Q, ...]`` (logits for classification, values for regression)
+        after ``eval_inner_steps`` steps, and ``query_y`` for reference.
+        """
+        return {"predictions": self.predict_episode(batch.support_x, batch.support_y, batch.query_x),
+                "query_y": batch.query_y}
 
     # ----------------------------------------------------------------- public API
     def predict_episode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,

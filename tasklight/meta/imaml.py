@@ -19,6 +19,7 @@ from tasklight.data.batch import MetaBatch
 from tasklight.core.functional import _batched_buffers, merge_task_buffers, split_state
 from tasklight.core.implicit import proximal_meta_gradient
 from tasklight.meta.base import MetaLearner, MetaOutput, adam
+from tasklight.config import RecordsInit
 
 
 class IMAMLModule(MetaLearner):
@@ -37,7 +38,6 @@ class IMAMLModule(MetaLearner):
                  clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise") -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
                          lr_scheduler, clip_grad_norm, nonfinite)
-        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         if lam <= 0:
             raise ValueError(f"lam (the proximal weight) must be > 0, got {lam}")
         if cg_steps < 1 or cg_damping < 0:

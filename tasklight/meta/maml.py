@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tasklight.data.batch import MetaBatch
 from tasklight.core.functional import merge_task_buffers, split_state
 from tasklight.meta.base import MetaLearner, MetaOutput, adam
+from tasklight.config import RecordsInit
 
 
 class MAMLModule(MetaLearner):
@@ -40,7 +41,6 @@ class MAMLModule(MetaLearner):
                  nonfinite: Literal["raise", "skip"] = "raise") -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
                          lr_scheduler, clip_grad_norm, nonfinite)
-        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         if backend not in ("functorch", "higher"):
             raise ValueError(f"backend must be 'functorch' or 'higher', got {backend!r}")
         if inner_optimizer not in ("sgd", "adam"):

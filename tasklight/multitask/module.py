@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from tasklight.data.multitask import MultiTaskBatch, TaskSpec, default_loss
 from tasklight.multitask.weighting import EqualWeighting, GRAD_SOURCES, TaskStats, Weighting
+from tasklight.config import NotConfigurable, SelfDescribing, from_config, to_config
 
 Architecture = Literal["hard", "soft", "conditioned"]
 Conditioning = Literal["concat", "multiplicative", "film", "multihead"]
@@ -166,7 +167,7 @@ class _Forward:
     rep: Optional[Tensor]  # [N, d] the shared representation (hard / conditioned)
 
 
-class MultiTaskModule(LightningModule):
+class MultiTaskModule(SelfDescribing, LightningModule):
     """Multi-task learning with hard/soft sharing or task conditioning and pluggable loss weighting.
 
     Args:
@@ -225,8 +226,6 @@ class MultiTaskModule(LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.save_hyperparameters(ignore=["trunk", "heads", "weighting", "task_losses", "tasks", "optimizer",
-                                          "lr_scheduler"])
         _check_choice("architecture", architecture, ARCHITECTURES)
         _check_choice("conditioning", conditioning, CONDITIONINGS)
         _check_choice("task_sampling", task_sampling, SAMPLINGS)
@@ -590,9 +589,15 @@ class MultiTaskModule(LightningModule):
         return [opt], [self.scheduler_factory(opt)]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        losses = []
+        for t in self.task_specs:
+            try:
+                losses.append(to_config(t.loss))
+            except NotConfigurable:
+                losses.append(None)
         checkpoint["multitask"] = {"tasks": [(t.name, t.out_features, t.kind, t.size, t.lower_bound)
                                              for t in self.task_specs],
-                                   "descriptor_dim": self.descriptor_dim}
+                                   "losses": losses, "descriptor_dim": self.descriptor_dim}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Build the network from the checkpoint's task list when it is not built yet (e.g. in
@@ -604,6 +609,9 @@ class MultiTaskModule(LightningModule):
         tasks = []
         for i, (name, out, kind, size, bound) in enumerate(saved["tasks"]):
             loss = self._given_losses[i] if self._given_losses else None
+            stored = (saved.get("losses") or [None] * len(saved["tasks"]))[i]
+            if loss is None and stored is not None:
+                loss = from_config(stored)  # the task's own loss, rebuilt from its config
             if kind == "objective" and loss is None:
                 raise ValueError(f"task {name!r} of the checkpoint is an 'objective' task whose loss is not stored; "
                                  f"pass task_losses=[...] to load_from_checkpoint")
@@ -694,6 +702,24 @@ class MultiTaskModule(LightningModule):
 
     def test_step(self, batch: MultiTaskBatch, batch_idx: int) -> dict:
         return self._eval_step(batch)
+
+    def predict_step(self, batch: MultiTaskBatch, batch_idx: int) -> dict:
+        """``tasklight predict``: each example's output from its own task's head.
+
+        Returns ``predictions`` (a list with one ``[n_t, ...]`` tensor per task present, values through
+        the task loss's ``predict`` where it has one), ``task`` (the task id of each entry) and ``rows``
+        (each entry's rows in the batch).
+        """
+        fw = self._forward(batch, with_losses=False)
+        preds, tasks, rows = [], [], []
+        for t, out in enumerate(fw.outputs):
+            if out is None:
+                continue
+            predict = getattr(self.task_losses[t], "predict", None) if self.task_losses is not None else None
+            preds.append((predict(out) if predict is not None else out).detach())
+            tasks.append(t)
+            rows.append((batch.task == t).nonzero().flatten())
+        return {"predictions": preds, "task": tasks, "rows": rows}
 
 
 # ----------------------------------------------------------------------------- helpers

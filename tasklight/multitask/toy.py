@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 from tasklight.data.batch import TaskSpec
 from tasklight.data.multitask import MultiTaskDataModule
+from tasklight.config import RecordsInit
 
 LOWER = 5e-6
 TOY_STARTS = {
@@ -37,10 +38,12 @@ def toy_objectives(x: Tensor, scales: Sequence[float] = (1.0, 1.0)) -> Tensor:
     x1, x2 = x[..., 0], x[..., 1]
     f1 = torch.clamp((0.5 * (-x1 - 7) - torch.tanh(-x2)).abs(), LOWER).log() + 6
     f2 = torch.clamp((0.5 * (-x1 + 3) + torch.tanh(-x2) + 2).abs(), LOWER).log() + 6
-    c1 = torch.clamp(torch.tanh(x2 * 0.5), 0)
+    # the gates max(tanh(+-x2/2), 0) with the gradient passing at x2 = 0 (Nash-MTL starts a run exactly
+    # there): written with `where`, because torch 2.14 changed clamp's gradient at its bound from 1 to 0
+    c1 = torch.where(x2 >= 0, torch.tanh(x2 * 0.5), torch.zeros_like(x2))
     f1_sq = ((-x1 + 7).pow(2) + 0.1 * (-x2 - 8).pow(2)) / 10 - 20
     f2_sq = ((-x1 - 7).pow(2) + 0.1 * (-x2 - 8).pow(2)) / 10 - 20
-    c2 = torch.clamp(torch.tanh(-x2 * 0.5), 0)
+    c2 = torch.where(x2 <= 0, torch.tanh(-x2 * 0.5), torch.zeros_like(x2))
     return torch.stack([(f1 * c1 + f1_sq * c2) * scales[0], (f2 * c1 + f2_sq * c2) * scales[1]], -1)
 
 
@@ -59,7 +62,7 @@ def pareto_gap(values: Tensor, front: Tensor) -> Tensor:
     return diff.max(-1).values.min(1).values.clamp_min(0)
 
 
-class ToyPoint(nn.Module):
+class ToyPoint(RecordsInit, nn.Module):
     """The toy's "network": a learnable 2-D point, returned for every example of the batch."""
 
     def __init__(self, start: Sequence[float] = (9.0, 9.0)) -> None:
@@ -73,7 +76,7 @@ class ToyPoint(nn.Module):
         return self.point.expand(x.shape[0], 2)
 
 
-class ToyObjective(nn.Module):
+class ToyObjective(RecordsInit, nn.Module):
     """Loss ``index`` (0 or 1) of the toy, times ``scale``, averaged over the rows of ``pred [n, 2]``."""
 
     def __init__(self, index: int, scale: float = 1.0) -> None:

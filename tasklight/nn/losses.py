@@ -22,6 +22,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
+from tasklight.config import RecordsInit
 
 _KINDS = ("gauss", "onebin")
 _SIGMA_UNITS = ("bin", "absolute")
@@ -35,7 +36,7 @@ def _plain(t: Tensor) -> Tensor:
     return t
 
 
-class HistogramLoss(nn.Module):
+class HistogramLoss(RecordsInit, nn.Module):
     """Cross-entropy to a histogram target: HL-Gauss (default) or HL-OneBin.
 
     Args:
@@ -153,7 +154,7 @@ def mahalanobis_loss(pred: Tensor, target: Tensor, metric: Tensor, diagonal: boo
     return quad.mean()
 
 
-class MahalanobisLoss(nn.Module):
+class MahalanobisLoss(RecordsInit, nn.Module):
     """``forward(pred [..., m], target [..., m], metric)``: see :func:`mahalanobis_loss`."""
 
     def __init__(self, diagonal: bool = False) -> None:

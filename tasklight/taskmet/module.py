@@ -34,6 +34,7 @@ from tasklight.taskmet.problems import DecisionProblem, normalize_dq
 from tasklight.core.implicit import implicit_gradient
 from tasklight.nn.losses import mahalanobis_loss
 from tasklight.nn.nets import MLP
+from tasklight.config import RecordsInit, SelfDescribing
 
 ParamDict = dict[str, Tensor]
 
@@ -44,7 +45,7 @@ def adam_1e2(params) -> torch.optim.Optimizer:
 
 
 # ====================================================================== the metric
-class MetricNet(nn.Module):
+class MetricNet(RecordsInit, nn.Module):
     """A positive-definite metric ``Lambda(x) = L(x) L(x)^T + eps I`` of dimension ``dim``.
 
     Args:
@@ -152,7 +153,7 @@ class NormalizedDecisionQuality(Metric):
 
 
 # ====================================================================== the learners
-class DecisionLearner(LightningModule):
+class DecisionLearner(SelfDescribing, LightningModule):
     """Shared by TaskMet and the baselines: the predictor, the problem, evaluation and logging.
 
     Batches are ``(x [n, U, F], y [n, U, m], dq_optimal [n], dq_random [n])`` from a
@@ -163,7 +164,6 @@ class DecisionLearner(LightningModule):
     def __init__(self, predictor: nn.Module, problem: Optional[DecisionProblem] = None,
                  optimizer: OptimizerCallable = adam_1e2, clip_grad_norm: Optional[float] = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["predictor", "metric", "problem"])
         self.automatic_optimization = False
         self.predictor = predictor
         self._problem = problem
