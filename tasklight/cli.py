@@ -236,6 +236,21 @@ class TasklightCLI(LightningCLI):
                 if mode == "offline":
                     print(f"tasklight: upload it with: wandb sync {wandb_dir}", flush=True)
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand in ("test", "validate") and kwargs.pop("verbose", True):
+            self._print_table = True
+        if subcommand in ("test", "validate"):
+            kwargs["verbose"] = False  # tasklight prints the table, sorted numerically
+        return kwargs
+
+    def _print_metrics(self, stage: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+        if metrics:
+            print(metric_table(metrics, f"{stage} metric"), flush=True)
+
     def after_fit(self) -> None:
         cfg = self._sub()
         if cfg.get("test_after_fit", True) and not self.trainer.interrupted:
@@ -245,14 +260,38 @@ class TasklightCLI(LightningCLI):
                 print("tasklight: the datamodule defines no test_dataloader; skipping the final test.")
             else:
                 ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
-                self.trainer.test(self.model, datamodule=dm, ckpt_path=ckpt)
+                self.trainer.test(self.model, datamodule=dm, ckpt_path=ckpt, verbose=False)
+                self._print_metrics("test")
         self._report()
 
     def after_test(self) -> None:
+        if getattr(self, "_print_table", False):
+            self._print_metrics("test")
+        self._report()
+
+    def after_validate(self) -> None:
+        if getattr(self, "_print_table", False):
+            self._print_metrics("val")
         self._report()
 
     def after_predict(self) -> None:
         self._report()
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers inside names by value: ``mse@5`` before ``mse@10``."""
+    import re
+
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def metric_table(metrics: dict[str, float], header: str = "metric") -> str:
+    """A plain two-column table of ``metrics`` in natural order."""
+    names = sorted(metrics, key=natural_key)
+    width = max(len(header), *(len(n) for n in names))
+    lines = [f"{header:<{width}}  value", f"{'-' * width}  {'-' * 12}"]
+    lines += [f"{n:<{width}}  {metrics[n]:.6g}" for n in names]
+    return "\n".join(lines)
 
 
 def _class_of(node) -> Optional[type]:
