@@ -130,7 +130,8 @@ def test_wandb_run_records_the_resolved_config_seed_and_versions(tmp_path, monke
     import wandb
 
     monkeypatch.chdir(tmp_path)
-    args = [a for a in TINY if a not in ("--trainer.logger", "false")]
+    i = TINY.index("--trainer.logger")
+    args = TINY[:i] + TINY[i + 2:]  # the config's WandbLogger
     cli = run_cli(["fit", "--config", "maml_sinusoid", *args, "--test_after_fit", "false"])
     run = cli.trainer.logger.experiment
     cfg = dict(run.config)
