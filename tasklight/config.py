@@ -60,6 +60,21 @@ def _wrap_init(init):
     def __init__(self, *args, **kwargs):
         depth = self.__dict__.get(_DEPTH, 0)
         object.__setattr__(self, _DEPTH, depth + 1)
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        named = {}
+        for name, value in list(bound.arguments.items())[1:]:
+            kind = sig.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                named[name] = value
+        # a subclass passing *args/**kwargs on: the parent's constructor names them
+        levels = self.__dict__.setdefault("_tasklight_init_levels", []) if depth else None
+        if depth:
+            levels.append(named)
+        else:
+            object.__setattr__(self, "_tasklight_init_levels", [])
         try:
             init(self, *args, **kwargs)
         except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
@@ -69,15 +84,13 @@ def _wrap_init(init):
         finally:
             object.__setattr__(self, _DEPTH, depth)
         if depth == 0:  # the outermost constructor: these are the arguments the user gave
-            bound = sig.bind(self, *args, **kwargs)
-            bound.apply_defaults()
             recorded = {}
-            for name, value in list(bound.arguments.items())[1:]:
-                kind = sig.parameters[name].kind
-                if kind is inspect.Parameter.VAR_KEYWORD:
-                    recorded.update(value)
-                elif kind is not inspect.Parameter.VAR_POSITIONAL:
-                    recorded[name] = value
+            has_var = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values())
+            if has_var:
+                for level in reversed(self.__dict__.get("_tasklight_init_levels", [])):
+                    recorded.update(level)
+            recorded.update(named)
+            self.__dict__.pop("_tasklight_init_levels", None)
             object.__setattr__(self, _ARGS, recorded)
             after = getattr(self, "_after_init", None)
             if after is not None:
