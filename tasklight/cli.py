@@ -26,6 +26,9 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from tasklight.core.checkpoint import check_checkpoint_file
+from tasklight.strategies import DEFAULT_PROCESS_GROUP_TIMEOUT, timed_strategy
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: packages whose versions every run records
 VERSIONED = ("tasklight", "torch", "lightning", "torchmetrics", "jsonargparse", "wandb", "numpy", "higher")
@@ -100,6 +103,9 @@ class RunConfig(SaveConfigCallback):
         for logger in trainer.loggers:
             logger.log_hyperparams(record)
 
+from tasklight.core.checkpoint import check_checkpoint_file
+from tasklight.strategies import DEFAULT_PROCESS_GROUP_TIMEOUT, timed_strategy
+
 
 class TasklightCLI(LightningCLI):
     """LightningCLI with tasklight's defaults.
@@ -125,6 +131,23 @@ class TasklightCLI(LightningCLI):
                             help="after `fit`, run `test` with the fitted weights and print the metrics")
         parser.add_argument("--run_name", type=Optional[str], default=None,
                             help="the run folder's name under runs/ (default: the logger's run name or the config's)")
+
+        parser.add_argument("--process_group_timeout", type=float, default=DEFAULT_PROCESS_GROUP_TIMEOUT,
+                            help="seconds a DDP collective waits for the other ranks before the run fails "
+                                 "(a dead rank then ends the run instead of hanging it)")
+
+    def instantiate_trainer(self, **kwargs):
+        timeout = self._get(self.config_init, "process_group_timeout", default=DEFAULT_PROCESS_GROUP_TIMEOUT)
+        strategy = (self._get(self.config_init, "trainer", default={}) or {}).get("strategy")
+        if isinstance(strategy, str) and "strategy" not in kwargs:
+            kwargs["strategy"] = timed_strategy(strategy, timeout)
+        return super().instantiate_trainer(**kwargs)
+
+    def _check_ckpt_path(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        path = cfg.get("ckpt_path")
+        if path:
+            check_checkpoint_file(path)  # names a truncated / corrupted file before Lightning reads it
 
     # ------------------------------------------------------------------ checks before building
     def _sub(self) -> Any:
@@ -208,12 +231,15 @@ class TasklightCLI(LightningCLI):
         print(f"tasklight: run folder {run_dir} ({run_dir.parent / 'latest'} points here)", flush=True)
 
     def before_fit(self) -> None:
+        self._check_ckpt_path()
         self._announce()
 
     def before_test(self) -> None:
+        self._check_ckpt_path()
         self._announce()
 
     def before_validate(self) -> None:
+        self._check_ckpt_path()
         self._announce()
 
     def before_predict(self) -> None:

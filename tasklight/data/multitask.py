@@ -244,6 +244,14 @@ class MultiTaskDataModule(RecordsInit, LightningDataModule):
         self.test_sets = test or [None] * num
         self.descriptors = load_descriptors(self._descriptor_source, num, [t.name for t in tasks])
 
+    def train_targets(self, task: int) -> Tensor:
+        """All training targets of task ``task`` (e.g. to fit a ``HistogramLoss(support="auto")``)."""
+        self.setup()
+        if not 0 <= task < len(self.train_sets):
+            raise IndexError(f"task {task} out of range: there are {len(self.train_sets)} tasks")
+        ds = self.train_sets[task]
+        return _fetch(ds, torch.arange(len(ds)))[1]
+
     @property
     def num_tasks(self) -> int:
         self.setup()
@@ -312,7 +320,7 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
     the last ``test_drawers`` test. Labels are the character's index within its alphabet.
 
     Args:
-        root: Omniglot folder or zips (default ``../shared/data/omniglot``, see
+        root: Omniglot folder or zips (default: the small sets shipped with tasklight, see
             :func:`~tasklight.data.omniglot.default_omniglot_root`).
         alphabets: restrict to these alphabets (default: all, in sorted order).
         image_size: square image size (28 as in the literature).
