@@ -158,7 +158,7 @@ def to_config(value: Any) -> Any:
         return [to_config(v) for v in value]
     if isinstance(value, dict):
         return {str(k): to_config(v) for k, v in value.items()}
-    if isinstance(value, RecordsInit) and _ARGS in value.__dict__:
+    if isinstance(value, RecordsInit):  # (no recorded arguments: no constructor of its own takes any)
         return {"class_path": class_path_of(value), "init_args": {k: to_config(v) for k, v in value.init_args.items()}}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {"class_path": class_path_of(value),

@@ -10,7 +10,7 @@ from torch import nn
 
 from tasklight import (MLP, Conv4, DFLModule, HistogramLoss, IMAMLModule, MAMLModule, MSEModule, MultiTaskModule,
                        TaskMetModule, TaskSpec)
-from tasklight.multitask import MGDA
+from tasklight.multitask import MGDA, FiLM
 from tasklight.taskmet import MetricNet
 from tasklight.taskmet.problems import CubicTopK
 
@@ -89,10 +89,11 @@ def test_a_net_without_a_config_is_asked_for_by_name(tmp_path):
 def test_multitask_module_loads_alone_with_trunk_heads_and_weighting(tmp_path):
     seed_everything(2)
     tasks = [TaskSpec("a", 3, "classification"), TaskSpec("b", 1, "regression")]
-    model = perturb(MultiTaskModule(MLP(4, [8], 6), head_hidden=[5], weighting=MGDA(normalization="l2"),
-                                    tasks=tasks))
+    model = perturb(MultiTaskModule(MLP(4, [8], 6), architecture=FiLM(condition_layer=1), head_hidden=[5],
+                                    weighting=MGDA(normalization="l2"), tasks=tasks))
     loaded = MultiTaskModule.load_from_checkpoint(save(model, tmp_path / "mt.ckpt"))
     assert isinstance(loaded.weighting, MGDA) and loaded.weighting.normalization == "l2"
+    assert isinstance(loaded.architecture, FiLM)
     x = torch.randn(6, 4)
     for t in range(2):
         torch.testing.assert_close(loaded(x, t), model(x, t))
