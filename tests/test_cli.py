@@ -134,7 +134,7 @@ def test_wandb_run_records_the_resolved_config_seed_and_versions(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     i = TINY.index("--trainer.logger")
     args = TINY[:i] + TINY[i + 2:]  # the config's WandbLogger
-    cli = run_cli(["fit", "--config", "maml_sinusoid", *args, "--test_after_fit", "false"])
+    cli = run_cli(["fit", "--config", "maml_sinusoid", *args])
     run = cli.trainer.logger.experiment
     cfg = dict(run.config)
     assert cfg["config"]["model"]["class_path"] == "tasklight.MAMLModule"
@@ -145,3 +145,7 @@ def test_wandb_run_records_the_resolved_config_seed_and_versions(tmp_path, monke
     wandb.finish()
     out = capsys.readouterr().out
     assert f"wandb sync {wandb_dir}" in out
+    # the test's plots as images: MSE vs adaptation steps, the fitted sinusoids of three tasks
+    images = [p.name for p in wandb_dir.rglob("*.png")]
+    assert any(n.startswith("mse_vs_steps") for n in images) and any(n.startswith("fitted_functions")
+                                                                     for n in images), images

@@ -218,13 +218,46 @@ class MetaLearner(SelfDescribing, LightningModule):
                         raise
                     raise self._memory_error(err, batch, stage) from err
                 self.eval_metrics[f"{stage}_{k}"].update(self.episode_metric(outputs.detach(), batch.query_y))
+        if stage == "test" and getattr(self, "_plot_batch", None) is None:
+            self._plot_batch = batch  # the first test batch: the fitted curves of a few tasks
+
+    def _wandb_attached(self) -> bool:
+        try:
+            return any(type(lg).__name__ == "WandbLogger" for lg in self.trainer.loggers)
+        except RuntimeError:
+            return False
+
+    def _plot_test(self, curve: list[tuple[int, float, float]]) -> None:
+        """W&B images at the end of a test: the metric vs adaptation steps and, for 1-D regression,
+        the fitted functions of three test tasks after each evaluated number of steps."""
+        from tasklight.plots import fitted_curves, log_figure, metric_vs_steps
+
+        batch, self._plot_batch = getattr(self, "_plot_batch", None), None
+        if not self._wandb_attached() or not self.trainer.is_global_zero:
+            return
+        if curve:
+            steps, means, cis = zip(*curve)
+            log_figure(self, f"test/{self.metric_name}_vs_steps",
+                       metric_vs_steps(steps, means, cis, self.metric_name))
+        if batch is not None and self.task_type == "regression" and batch.support_x.dim() == 3 \
+                and batch.support_x.shape[-1] == 1:
+            n = min(3, batch.num_tasks)
+            lo, hi = float(batch.query_x[:n].min()), float(batch.query_x[:n].max())
+            grid = torch.linspace(lo, hi, 100, device=batch.support_x.device)[:, None]
+            curves = {k: self.predict_episode(batch.support_x[:n], batch.support_y[:n],
+                                              grid.expand(n, -1, -1), steps=k).cpu() for k in self.eval_steps}
+            log_figure(self, "test/fitted_functions", fitted_curves(
+                batch.support_x[:n].cpu(), batch.support_y[:n].cpu(), grid.cpu(), curves, batch.query_x[:n].cpu(),
+                batch.query_y[:n].cpu()))
 
     def _eval_epoch_end(self, stage: str) -> None:
+        curve = []
         for k in self.eval_steps:
             m = self.eval_metrics[f"{stage}_{k}"]
             if m._update_count == 0:
                 continue
             res = m.compute()
+            curve.append((k, float(res["mean"]), float(res["ci95"])))
             name = f"{stage}/{self.metric_name}"
             check_finite_metrics({f"{name}@{k}": res["mean"], f"{name}@{k}_ci95": res["ci95"]},
                                  where=f"{stage} (episodes: {int(res['count'])})")
@@ -233,6 +266,8 @@ class MetaLearner(SelfDescribing, LightningModule):
             if k == self.eval_inner_steps:
                 self.log(name, res["mean"].float(), prog_bar=True, sync_dist=False)
             m.reset()
+        if stage == "test":
+            self._plot_test(curve)
 
     def validation_step(self, batch: MetaBatch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
