@@ -60,16 +60,51 @@ def find_config(value: str) -> str:
     return value
 
 
+EXTENDS_KEY = "extends"
+
+
+def expand_config(value: str, _seen: tuple = ()) -> list[str]:
+    """The ``--config`` arguments for one config value: its ``extends:`` chain first, then itself.
+
+    A config may say ``extends: <path>`` (relative to the file): that file is applied first and this
+    file's keys on top, exactly as ``--config base.yaml --config this.yaml``: jsonargparse merges
+    several ``--config`` flags key by key (a nested ``config:`` key inside a file would replace whole
+    groups instead).
+    """
+    path = Path(find_config(value))
+    if not path.is_file():
+        return ["--config", value]
+    import yaml
+
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return ["--config", str(path)]
+    base = content.get(EXTENDS_KEY) if isinstance(content, dict) else None
+    if base is None:
+        return ["--config", str(path)]
+    if not isinstance(base, str):
+        raise SystemExit(f"tasklight: `{EXTENDS_KEY}:` in {path} must be the path of one config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if not base_path.is_file():
+        raise SystemExit(f"tasklight: {path} extends {base!r}, but {base_path} does not exist")
+    if base_path in _seen or base_path == path.resolve():
+        raise SystemExit(f"tasklight: the `{EXTENDS_KEY}:` chain of {path} loops back to {base_path}")
+    return expand_config(str(base_path), _seen + (path.resolve(),)) + ["--config", str(path)]
+
+
 def _resolve_config_args(args: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(args):
         a = args[i]
-        if a == "--config" and i + 1 < len(args):
-            out += [a, find_config(args[i + 1])]
+        if a in ("--config", "-c") and i + 1 < len(args):
+            out += expand_config(args[i + 1])
             i += 2
             continue
         if a.startswith("--config="):
-            a = "--config=" + find_config(a.split("=", 1)[1])
+            out += expand_config(a.split("=", 1)[1])
+            i += 1
+            continue
         out.append(a)
         i += 1
     return out
@@ -129,6 +164,8 @@ class TasklightCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after `fit`, run `test` with the fitted weights and print the metrics")
+        parser.add_argument(f"--{EXTENDS_KEY}", type=Optional[str], default=None,
+                            help="in a config file: the config it builds on (applied first, relative to the file)")
         parser.add_argument("--run_name", type=Optional[str], default=None,
                             help="the run folder's name under runs/ (default: the logger's run name or the config's)")
 
