@@ -31,6 +31,7 @@ from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_me
                                   default_optimizer, outer_step, setup_outer_step)
 from tasklight.nn.losses import TargetChecked, align_target, fit_auto_support
 from tasklight.nn.nets import make_vmap_safe
+from tasklight.config import SelfDescribing
 
 
 @dataclass
@@ -55,7 +56,7 @@ def resolve_loss(loss: Union[str, nn.Module]) -> tuple[nn.Module, str]:
     return loss, kind
 
 
-class MetaLearner(LightningModule):
+class MetaLearner(SelfDescribing, LightningModule):
     """Base class of the meta-learners (see the module docstring).
 
     Args:
@@ -217,13 +218,46 @@ class MetaLearner(LightningModule):
                         raise
                     raise self._memory_error(err, batch, stage) from err
                 self.eval_metrics[f"{stage}_{k}"].update(self.episode_metric(outputs.detach(), batch.query_y))
+        if stage == "test" and getattr(self, "_plot_batch", None) is None:
+            self._plot_batch = batch  # the first test batch: the fitted curves of a few tasks
+
+    def _wandb_attached(self) -> bool:
+        try:
+            return any(type(lg).__name__ == "WandbLogger" for lg in self.trainer.loggers)
+        except RuntimeError:
+            return False
+
+    def _plot_test(self, curve: list[tuple[int, float, float]]) -> None:
+        """W&B images at the end of a test: the metric vs adaptation steps and, for 1-D regression,
+        the fitted functions of three test tasks after each evaluated number of steps."""
+        from tasklight.plots import fitted_curves, log_figure, metric_vs_steps
+
+        batch, self._plot_batch = getattr(self, "_plot_batch", None), None
+        if not self._wandb_attached() or not self.trainer.is_global_zero:
+            return
+        if curve:
+            steps, means, cis = zip(*curve)
+            log_figure(self, f"test/{self.metric_name}_vs_steps",
+                       metric_vs_steps(steps, means, cis, self.metric_name))
+        if batch is not None and self.task_type == "regression" and batch.support_x.dim() == 3 \
+                and batch.support_x.shape[-1] == 1:
+            n = min(3, batch.num_tasks)
+            lo, hi = float(batch.query_x[:n].min()), float(batch.query_x[:n].max())
+            grid = torch.linspace(lo, hi, 100, device=batch.support_x.device)[:, None]
+            curves = {k: self.predict_episode(batch.support_x[:n], batch.support_y[:n],
+                                              grid.expand(n, -1, -1), steps=k).cpu() for k in self.eval_steps}
+            log_figure(self, "test/fitted_functions", fitted_curves(
+                batch.support_x[:n].cpu(), batch.support_y[:n].cpu(), grid.cpu(), curves, batch.query_x[:n].cpu(),
+                batch.query_y[:n].cpu()))
 
     def _eval_epoch_end(self, stage: str) -> None:
+        curve = []
         for k in self.eval_steps:
             m = self.eval_metrics[f"{stage}_{k}"]
             if m._update_count == 0:
                 continue
             res = m.compute()
+            curve.append((k, float(res["mean"]), float(res["ci95"])))
             name = f"{stage}/{self.metric_name}"
             check_finite_metrics({f"{name}@{k}": res["mean"], f"{name}@{k}_ci95": res["ci95"]},
                                  where=f"{stage} (episodes: {int(res['count'])})")
@@ -232,6 +266,8 @@ class MetaLearner(LightningModule):
             if k == self.eval_inner_steps:
                 self.log(name, res["mean"].float(), prog_bar=True, sync_dist=False)
             m.reset()
+        if stage == "test":
+            self._plot_test(curve)
 
     def validation_step(self, batch: MetaBatch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -244,6 +280,15 @@ class MetaLearner(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+    def predict_step(self, batch: MetaBatch, batch_idx: int) -> dict[str, Tensor]:
+        """``tasklight predict``: adapt on each episode's support set and predict its queries.
+
+        Returns ``predictions`` ``[T, Q, ...]`` (logits for classification, values for regression)
+        after ``eval_inner_steps`` steps, and ``query_y`` for reference.
+        """
+        return {"predictions": self.predict_episode(batch.support_x, batch.support_y, batch.query_x),
+                "query_y": batch.query_y}
 
     # ----------------------------------------------------------------- public API
     def predict_episode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,

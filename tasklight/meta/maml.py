@@ -42,7 +42,6 @@ class MAMLModule(MetaLearner):
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
                          lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
-        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         if backend not in ("functorch", "higher"):
             raise ValueError(f"backend must be 'functorch' or 'higher', got {backend!r}")
         if inner_optimizer not in ("sgd", "adam"):

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from tasklight.config import RecordsInit
 
 _KINDS = ("gauss", "onebin")
 _SIGMA_UNITS = ("bin", "absolute")
@@ -41,7 +42,7 @@ def _plain(t: Tensor) -> Tensor:
     return t
 
 
-class HistogramLoss(nn.Module):
+class HistogramLoss(RecordsInit, nn.Module):
     """Cross-entropy to a histogram target: HL-Gauss (default) or HL-OneBin.
 
     Args:
@@ -261,7 +262,7 @@ def mahalanobis_loss(pred: Tensor, target: Tensor, metric: Tensor, diagonal: boo
     return quad.mean()
 
 
-class MahalanobisLoss(nn.Module):
+class MahalanobisLoss(RecordsInit, nn.Module):
     """``forward(pred [..., m], target [..., m], metric)``: see :func:`mahalanobis_loss`."""
 
     def __init__(self, diagonal: bool = False) -> None:
