@@ -9,6 +9,10 @@ expectation of the bin centres under ``softmax(logits)``.
   integrated over each bin (differences of the normal CDF at the bin edges, renormalised);
 * ``kind="onebin"`` (HL-OneBin): all mass in the bin that contains ``y``.
 
+Defaults: ``sigma = 0.75`` bin widths (Farebrother et al. 2024) and, without ``v_min``/``v_max``,
+``support="auto"``: the range of the training targets plus a 10 % margin, fitted by
+``fit_support`` (the tasklight learners call it from their DataModule's ``train_targets()``).
+
 ``MahalanobisLoss`` is TaskMet's prediction loss ``(y_hat - y)^T Lambda (y_hat - y)`` with a
 (per-example) positive-definite metric ``Lambda``.
 
