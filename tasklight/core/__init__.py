@@ -1,9 +1,9 @@
 """The functional core: inner loops on parameter dictionaries vmapped over tasks, and implicit
 differentiation (conjugate gradient on Hessian-vector products). Every learner runs on it."""
-from tasklight.core.functional import (AdaptResult, FunctionalLearner, check_finite_inner, merge_task_buffers,
-                                       split_state)
+from tasklight.core.functional import (AdaptResult, FunctionalLearner, check_finite_inner, match_names,
+                                       merge_task_buffers, split_state)
 from tasklight.core.implicit import (conjugate_gradient, hvp, implicit_gradient, proximal_meta_gradient,
                                      tree_axpy, tree_dot)
 
-__all__ = ["AdaptResult", "FunctionalLearner", "check_finite_inner", "merge_task_buffers", "split_state",
+__all__ = ["AdaptResult", "FunctionalLearner", "check_finite_inner", "match_names", "merge_task_buffers", "split_state",
            "conjugate_gradient", "hvp", "implicit_gradient", "proximal_meta_gradient", "tree_axpy", "tree_dot"]

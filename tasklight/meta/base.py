@@ -71,13 +71,16 @@ class MetaLearner(LightningModule):
         clip_grad_norm: clip the meta-gradient's global norm (None: no clipping).
         nonfinite: ``"raise"`` stops on a non-finite inner/query loss or meta-gradient; ``"skip"``
             skips that meta-step (parameters and optimiser state untouched) and counts it.
+        adapt: which parameters of ``net`` the inner loop adapts: names, module prefixes or globs
+            (``["head"]``: ANIL, ``["features"]``: BOIL, for ``Conv4``); ``None`` adapts all. The
+            others are held fixed in the inner loop and trained by the outer step only.
     """
 
     def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 1,
                  inner_lr: float = 0.01, eval_inner_steps: Optional[int] = None,
                  extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = adam,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
-                 nonfinite: Literal["raise", "skip"] = "raise") -> None:
+                 nonfinite: Literal["raise", "skip"] = "raise", adapt: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
@@ -88,7 +91,7 @@ class MetaLearner(LightningModule):
         self.net = net
         make_vmap_safe(self.net)
         self.loss_fn, self.task_type = resolve_loss(loss)
-        self.core = FunctionalLearner(self.net, self.loss_fn)
+        self.core = FunctionalLearner(self.net, self.loss_fn, adapt=adapt)
         self.inner_steps, self.inner_lr = inner_steps, inner_lr
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.eval_steps = sorted({self.eval_inner_steps, *extra_eval_steps})
