@@ -8,7 +8,8 @@
   class, so ``W_k = 2 c_k`` and ``b_k = -||c_k||^2`` start the head exactly at the ProtoNet
   classifier. The embedding and that head are then adapted by the core's inner loop; the head's
   dependence on the embedding stays in the graph, so the meta-gradient flows through the
-  prototypes too (``first_order`` drops the second-order terms as FOMAML does).
+  prototypes too. ``first_order`` drops the second-order terms of the inner steps as FOMAML does;
+  the path through the prototype initialisation (first derivatives only) is kept.
 """
 from __future__ import annotations
 
@@ -157,8 +158,6 @@ class ProtoMAMLModule(MetaLearner):
         def one_task(bufs, sx, sy, qx, qy):
             bbufs = {f"body.{k}": v for k, v in bufs.items()}
             protos = prototypes(flat(self.core.forward(params, bufs, sx)), sy, n_way)
-            if first_order:
-                protos = protos.detach()
             start = {**body, "head_weight": 2 * protos, "head_bias": -(protos ** 2).sum(-1)}
             res = core.adapt(start, bbufs, sx, sy, steps=steps, lr=self.inner_lr, first_order=first_order)
             out = core.forward(res.params, res.buffers, qx)
