@@ -38,6 +38,8 @@ def test_method_config_runs_fit_then_test(name, tmp_path, monkeypatch):
                   "--data.init_args.split_fractions", "[0.7, 0.1, 0.2]"]  # 100 of 1,623 is too few val chars here
         if name.startswith("protonet"):
             extra += ["--data.init_args.n_way", "20"]  # fewer than the paper's 60 training classes: small sets
+    if name.startswith("reptile"):
+        extra += ["--model.init_args.eval_inner_steps", "2"]  # the configs test after 10 or 50 steps
     cli = run_cli(["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), *TINY, *extra])
     assert cli.trainer.global_step == 2
     metrics = cli.trainer.callback_metrics
