@@ -27,8 +27,8 @@ import _bench  # noqa: E402
 from bench_mtl_omniglot import OUT, write_section  # noqa: E402
 
 from tasklight.data.multitask import OmniglotAlphabetsDataModule  # noqa: E402
-from tasklight.lightning_modules import weighting as W  # noqa: E402
-from tasklight.multitask.module import MultiTaskModule  # noqa: E402
+from tasklight.multitask import weighting as W  # noqa: E402
+from tasklight.multitask import HardSharing, MultiTaskModule  # noqa: E402
 from tasklight.nn.nets import Conv4  # noqa: E402
 
 METHODS = {
@@ -59,7 +59,7 @@ class StepTimer(Callback):
 
 def burst(make, dm, hidden: int, steps: int) -> list[float]:
     seed_everything(0)
-    model = MultiTaskModule(Conv4(out_features=0, hidden=hidden), weighting=make())
+    model = MultiTaskModule(Conv4(out_features=0, hidden=hidden), architecture=HardSharing(), weighting=make())
     timer = StepTimer()
     trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])

@@ -31,8 +31,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch import LightningDataModule, seed_everything
 from torch import nn
 
-from tasklight.task2vec.embedding import (DEFAULT_ALPHA, Task2Vec, datamodule_tasks, load_expert,
-                                                  save_embeddings)
+from tasklight.task2vec import (DEFAULT_ALPHA, Task2Vec, datamodule_tasks, load_expert, save_embeddings)
 
 
 def build_parser() -> ArgumentParser:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from tasklight.core.seeding import seeded_generator
 from tasklight.data.batch import MetaBatch, collate_tasks
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -26,8 +26,7 @@ STREAMS = {"train": 0, "val": 1, "test": 2, "predict": 3}
 
 def episode_generator(seed: int, stream: int, rank: int, index: int) -> torch.Generator:
     """A torch generator seeded from the tuple (seed, stream, rank, index)."""
-    state = np.random.SeedSequence([seed, stream, rank, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return seeded_generator(seed, stream, rank, index)
 
 
 class NWayKShot:
@@ -185,6 +184,23 @@ class EpisodicDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test", self.test_episodes)
+
+    def train_targets(self, episodes: int = 1000) -> Tensor:
+        """The targets (support and query) of the first ``episodes`` training tasks, flattened.
+
+        Regression learners fit a loss's support to them (``HistogramLoss(support="auto")``). They
+        are the tasks of rank 0's training stream, so every DDP rank gets the same values.
+        """
+        if episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {episodes}")
+        stream = EpisodeStream(self.task_fn("train"), self.meta_batch_size, 1, self.seed, rank=0)
+        ys, n, index = [], 0, 0
+        while n < episodes:
+            batch = stream.meta_batch(index)
+            take = min(episodes - n, batch.num_tasks)
+            ys += [batch.support_y[:take].flatten(), batch.query_y[:take].flatten()]
+            n, index = n + take, index + 1
+        return torch.cat(ys)
 
     # resumption --------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

@@ -24,20 +24,40 @@ PathLike = Union[str, os.PathLike]
 _DRAWER = re.compile(r"_(\d+)\.png$", re.IGNORECASE)
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+ASSETS = Path(__file__).resolve().parent / "assets" / "omniglot"
+
+#: The official Omniglot zips (Lake et al. 2015, MIT licence) and their MD5 checksums.
+OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+OMNIGLOT_FILES = {"images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
+                  "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811"}
 
 
 def default_omniglot_root() -> Path:
-    """``$TASKLIGHT_OMNIGLOT`` if set, else ``../shared/data/omniglot`` beside the repository."""
+    """``$TASKLIGHT_OMNIGLOT`` if set, else the two small background sets shipped with tasklight.
+
+    ``tasklight/data/assets/omniglot`` holds ``images_background_small1.zip`` and
+    ``images_background_small2.zip`` (the Omniglot "minimal" sets: 5 alphabets each, 3 MB, MIT
+    licence). The full background and evaluation sets: ``OmniglotDataModule(download=True)``.
+    """
     env = os.environ.get("TASKLIGHT_OMNIGLOT")
-    if env:
-        return Path(env)
-    for base in (repo_root(), Path.cwd()):
-        cand = (base / ".." / "shared" / "data" / "omniglot").resolve()
-        if cand.exists():
-            return cand
-    return (repo_root() / ".." / "shared" / "data" / "omniglot").resolve()
+    return Path(env) if env else ASSETS
+
+
+def default_download_root() -> Path:
+    """Where ``download=True`` puts the full Omniglot zips: ``<cache>/omniglot``."""
+    return default_cache_dir() / "omniglot"
+
+
+def download_omniglot(root: Optional[PathLike] = None, base_url: str = OMNIGLOT_URL,
+                      files: Optional[dict[str, str]] = None) -> Path:
+    """Fetch the official background and evaluation zips into ``root`` (checksums verified,
+    atomic, resumable; files already there and intact are kept). Returns ``root``."""
+    from tasklight.data.download import download
+
+    root = Path(root) if root is not None else default_download_root()
+    for name, md5 in (OMNIGLOT_FILES if files is None else files).items():
+        download(f"{base_url.rstrip('/')}/{name}", root / name, md5)
+    return root
 
 
 def default_cache_dir() -> Path:
@@ -76,8 +96,8 @@ def _sources(root: Path) -> list[tuple[str, object]]:
     if not root.exists():
         raise FileNotFoundError(
             f"Omniglot data not found at {root}. Pass `root` (a folder in the layout alphabet/character/*.png, "
-            f"a folder of Omniglot zip files, or one zip file), or set TASKLIGHT_OMNIGLOT. The tests and default "
-            f"configs read ../shared/data/omniglot beside the repository.")
+            f"a folder of Omniglot zip files, or one zip file), set TASKLIGHT_OMNIGLOT, or pass download=True "
+            f"to fetch the official background and evaluation sets.")
     if root.is_file():
         if root.suffix != ".zip":
             raise ValueError(f"{root} is a file but not a .zip; give a folder or an Omniglot zip file")
@@ -242,7 +262,12 @@ class OmniglotDataModule(EpisodicDataModule):
 
     Args:
         root: a folder in the layout ``alphabet/character/*.png``, a folder of Omniglot zip files,
-            or one zip; default ``../shared/data/omniglot`` (``$TASKLIGHT_OMNIGLOT`` overrides).
+            or one zip; default: the two small background sets shipped with tasklight
+            (``$TASKLIGHT_OMNIGLOT`` overrides), or with ``download=True`` ``<cache>/omniglot``.
+        download: fetch the official ``images_background.zip`` and ``images_evaluation.zip`` (964 +
+            659 characters) into ``root`` if they are not there yet, verifying their MD5 checksums;
+            the writes are atomic and an interrupted download resumes.
+        download_url: where the zips are fetched from (a mirror holding the same files).
         n_way, k_shot, q_queries: classes per episode, support and query images per class.
         image_size: images are resized to this square size (28 as in the literature).
         rotations: add the 90/180/270-degree rotations of each training character as new classes.
@@ -254,7 +279,8 @@ class OmniglotDataModule(EpisodicDataModule):
             train with more classes per episode than they are tested with (60-way for 5-way).
     """
 
-    def __init__(self, root: Optional[str] = None, n_way: int = 5, k_shot: int = 1, q_queries: int = 15,
+    def __init__(self, root: Optional[str] = None, download: bool = False, download_url: str = OMNIGLOT_URL,
+                 n_way: int = 5, k_shot: int = 1, q_queries: int = 15,
                  meta_batch_size: int = 16, batches_per_epoch: int = 200, val_episodes: int = 200,
                  test_episodes: int = 600, eval_batch_size: Optional[int] = None, image_size: int = 28,
                  rotations: bool = True, split: Literal["character", "alphabet"] = "character",
@@ -265,9 +291,13 @@ class OmniglotDataModule(EpisodicDataModule):
         super().__init__(meta_batch_size, batches_per_epoch, val_episodes, test_episodes, eval_batch_size, seed,
                          num_workers)
         self.save_hyperparameters()
-        self.root = Path(root) if root else default_omniglot_root()
-        if not self.root.exists():
-            _sources(self.root)  # raises the clear missing-data error now, not at fit time
+        self.download, self.download_url = download, download_url
+        if download:
+            self.root = Path(root) if root else default_download_root()
+        else:
+            self.root = Path(root) if root else default_omniglot_root()
+            if not self.root.exists():
+                _sources(self.root)  # raises the clear missing-data error now, not at fit time
         self.n_way, self.k_shot, self.q_queries = n_way, k_shot, q_queries
         if eval_n_way is not None and eval_n_way < 2:
             raise ValueError(f"eval_n_way must be >= 2 (or null for n_way), got {eval_n_way}")
@@ -285,11 +315,15 @@ class OmniglotDataModule(EpisodicDataModule):
         self._samplers: dict[str, NWayKShot] = {}
 
     def prepare_data(self) -> None:
+        if self.download:
+            download_omniglot(self.root, self.download_url)
         load_omniglot(self.root, self.image_size, self.cache_dir)  # builds the cache once
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.data is not None:
             return
+        if self.download:
+            download_omniglot(self.root, self.download_url)  # no-op when prepare_data already ran
         self.data = load_omniglot(self.root, self.image_size, self.cache_dir)
         self.splits = split_characters(self.data, self.split, self.split_fractions, self.split_seed,
                                        self.alphabet_split)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tasklight.data.batch import MetaBatch, check_episode_shapes
 from tasklight.metrics import MeanCI
 from tasklight.core.functional import FunctionalLearner, check_finite_inner
+from tasklight.nn.losses import fit_auto_support
 from tasklight.nn.nets import make_vmap_safe
 
 
@@ -102,6 +103,11 @@ class MetaLearner(LightningModule):
                                            for k in self.eval_steps})
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.input_ndim: Optional[int] = len(net.input_shape) if hasattr(net, "input_shape") else None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Fit a ``HistogramLoss(support="auto")`` to the DataModule's training targets (once)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        fit_auto_support(self.loss_fn, getattr(dm, "train_targets", None), f"the DataModule {type(dm).__name__}")
 
     # ----------------------------------------------------------------- to implement
     def meta_objective(self, batch: MetaBatch) -> MetaOutput:  # pragma: no cover - abstract

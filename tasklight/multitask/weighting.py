@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tasklight.core.seeding import seeded_generator
+
 GradSource = Literal["representation", "parameters"]
 GRAD_SOURCES = ("representation", "parameters")
 
@@ -429,8 +431,7 @@ class PCGrad(Weighting):
 
     def orders(self, step: int, tasks: Sequence[int]) -> list[list[int]]:
         """The visiting order of ``tasks`` for each task at ``step`` (positions into ``tasks``)."""
-        state = np.random.SeedSequence([self.seed, int(step)]).generate_state(2, dtype=np.uint32)
-        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        gen = seeded_generator(self.seed, int(step))
         return [torch.randperm(len(tasks), generator=gen).tolist() for _ in tasks]
 
     def compute_weights(self, stats: TaskStats) -> Tensor:

@@ -34,7 +34,8 @@ def test_method_config_runs_fit_then_test(name, tmp_path, monkeypatch):
     if "omniglot" in name:
         extra = ["--data.init_args.num_workers", "0", "--model.init_args.net.init_args.hidden", "8"]
     if name.endswith("_gpu"):  # the GPU-scale settings, on this machine's CPU and the small Omniglot sets
-        extra += ["--trainer.accelerator", "cpu", "--data.init_args.root", str(default_omniglot_root()),
+        extra += ["--trainer.accelerator", "cpu", "--data.init_args.download", "false",
+                  "--data.init_args.root", str(default_omniglot_root()),
                   "--data.init_args.split_fractions", "[0.7, 0.1, 0.2]"]  # 100 of 1,623 is too few val chars here
         if name.startswith("protonet"):
             extra += ["--data.init_args.n_way", "20"]  # fewer than the paper's 60 training classes: small sets

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasklight.nn.nets import MLP, Conv4
-from tasklight.task2vec.embedding import (
+from tasklight.task2vec import (
     Task2Vec, TaskEmbedding, asymmetric_distance, distance_matrix, fisher_diagonal, load_embeddings, per_filter,
     rank_experts, save_embeddings, set_batchnorm_stats, symmetric_distance, task_descriptors, train_classifier,
     transfer_error, trivial_embedding)
@@ -248,6 +248,7 @@ def omniglot():
     return load_omniglot(default_omniglot_root())
 
 
+@pytest.mark.slow
 def test_same_alphabet_tasks_are_closer_on_a_probe_trained_on_other_alphabets(omniglot):
     data = omniglot
     held = ["Japanese_(katakana)", "Sanskrit"]
@@ -277,6 +278,7 @@ def test_same_alphabet_tasks_are_closer_on_a_probe_trained_on_other_alphabets(om
         assert within < between, (name, float(within), float(between), d)
 
 
+@pytest.mark.slow
 def test_callback_in_a_meta_learning_run_logs_heatmap_and_table_to_wandb(tmp_path):
     from tasklight.callbacks.task2vec import Task2VecCallback
     from tasklight.cli import run_cli
@@ -364,7 +366,7 @@ def test_multitask_module_probe_uses_its_trunk():
 
 
 def test_evaluate_expert_selection_scores_task2vec_oracle_random_and_generic(tmp_path):
-    from tasklight.task2vec.embedding import evaluate_expert_selection, load_expert
+    from tasklight.task2vec import evaluate_expert_selection, load_expert
 
     g = torch.Generator().manual_seed(0)
     centers = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0]])

@@ -41,6 +41,7 @@ def closed_form_theta(module, phi, x, y):
     return {"net.0.weight": theta[:1].view(1, 1), "net.0.bias": theta[1:]}
 
 
+@pytest.mark.slow
 def test_implicit_metric_gradient_matches_unrolled_loop_and_finite_differences():
     problem, x, y = small_problem()
     implicit = make_taskmet(problem)
@@ -125,6 +126,7 @@ def fit_and_test(module, dm, steps):
     return trainer.test(module, dm, verbose=False)[0]
 
 
+@pytest.mark.slow
 def test_cubic_topk_mse_is_poor_and_taskmet_clearly_better():
     L.seed_everything(0)
     dm = DecisionDataModule(CubicTopK(), num_train=100, num_val=10, num_test=200, steps_per_epoch=10)
@@ -159,6 +161,7 @@ def test_config_parses(config, capsys):
     assert "class_path" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_taskmet_cubic_config_runs_end_to_end(tmp_path):
     cli = run_cli(["fit", "--config", str(ROOT / "configs/taskmet_cubic.yaml"), "--trainer.max_steps", "3",
                     "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing",
