@@ -32,7 +32,8 @@ from torch.func import vmap
 
 from tasklight.core.functional import _batched_buffers, match_names, merge_task_buffers, split_state
 from tasklight.data.batch import MetaBatch
-from tasklight.meta.base import MetaLearner, MetaOutput, adam
+from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS, default_optimizer
+from tasklight.meta.base import MetaLearner, MetaOutput
 
 
 def msl_weights(steps: int, epoch: int, msl_epochs: int) -> Tensor:
@@ -82,11 +83,13 @@ class MAMLPlusPlusModule(MetaLearner):
                  inner_lr: float = 0.1, multi_step_loss: bool = True, msl_epochs: int = 10,
                  per_step_bn: bool = True, learn_inner_lr: bool = True, first_order_epochs: int = 0,
                  cosine_lr: bool = True, min_outer_lr: float = 1e-5, eval_inner_steps: Optional[int] = None,
-                 extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = adam,
+                 extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
-                 nonfinite: Literal["raise", "skip"] = "raise", adapt: Optional[Sequence[str]] = None) -> None:
+                 nonfinite: Literal["raise", "skip"] = "raise",
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+                 adapt: Optional[Sequence[str]] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
-                         lr_scheduler, clip_grad_norm, nonfinite)
+                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         if inner_steps < 1:
             raise ValueError(f"MAML++ needs inner_steps >= 1 (per-step parameters), got {inner_steps}")
@@ -162,7 +165,7 @@ class MAMLPlusPlusModule(MetaLearner):
         buffers = {k: v for k, v in buffers.items() if k not in step_stats}
         lrs = [self._lr(self._step(i), not outer_graph) for i in range(max(steps, 1))]
         bns = [self._bn(self._step(i), not outer_graph) for i in range(max(steps, 1))]
-        core, loss_fn, with_loss = self.core, self.loss_fn, qy is not None
+        core, loss_fn, with_loss = self.core, self.checked_loss, qy is not None
 
         def one_task(bufs, stats, sx, sy, qx, qy):
             stats = {n: list(v.unbind(0)) for n, v in stats.items()}  # per step, updated in place below

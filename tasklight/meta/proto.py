@@ -24,7 +24,8 @@ from torch.func import vmap
 from tasklight.core.functional import (FunctionalLearner, _batched_buffers, match_names, merge_task_buffers,
                                        split_state)
 from tasklight.data.batch import MetaBatch
-from tasklight.meta.base import MetaLearner, MetaOutput, adam
+from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS, default_optimizer
+from tasklight.meta.base import MetaLearner, MetaOutput
 
 
 def prototypes(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
@@ -68,10 +69,14 @@ class ProtoNetModule(MetaLearner):
     as ``@0``.
     """
 
-    def __init__(self, net: nn.Module, optimizer: OptimizerCallable = adam,
+    net_is_classifier = False  # ``net`` is an embedding: any number of classes per episode
+
+    def __init__(self, net: nn.Module, optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
-                 nonfinite: Literal["raise", "skip"] = "raise") -> None:
-        super().__init__(net, "cross_entropy", 0, 0.0, 0, (0,), optimizer, lr_scheduler, clip_grad_norm, nonfinite)
+                 nonfinite: Literal["raise", "skip"] = "raise",
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
+        super().__init__(net, "cross_entropy", 0, 0.0, 0, (0,), optimizer, lr_scheduler, clip_grad_norm, nonfinite,
+                         max_consecutive_skips)
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
 
     def logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
@@ -125,17 +130,20 @@ class ProtoMAMLModule(MetaLearner):
             ``["head"]`` the head alone.
     """
 
+    net_is_classifier = False  # ``net`` is an embedding; the head is built from the prototypes
+
     def __init__(self, net: nn.Module, inner_steps: int = 1, inner_lr: float = 0.1, first_order: bool = False,
                  eval_inner_steps: Optional[int] = None, extra_eval_steps: Sequence[int] = (0,),
-                 optimizer: OptimizerCallable = adam, lr_scheduler: Optional[LRSchedulerCallable] = None,
+                 optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[LRSchedulerCallable] = None,
                  clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise",
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
                  adapt: Optional[Sequence[str]] = None) -> None:
         super().__init__(net, "cross_entropy", inner_steps, inner_lr, eval_inner_steps, extra_eval_steps,
-                         optimizer, lr_scheduler, clip_grad_norm, nonfinite)
+                         optimizer, lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.first_order = first_order
         # the core runs on body + prototype head; it is kept off the module tree (the body is self.net)
-        self.head_core = FunctionalLearner(_ProtoHead(self.net), self.loss_fn)
+        self.head_core = FunctionalLearner(_ProtoHead(self.net), self.checked_loss)
         if adapt is not None:
             if isinstance(adapt, str):
                 adapt = [adapt]
@@ -161,7 +169,7 @@ class ProtoMAMLModule(MetaLearner):
             start = {**body, "head_weight": 2 * protos, "head_bias": -(protos ** 2).sum(-1)}
             res = core.adapt(start, bbufs, sx, sy, steps=steps, lr=self.inner_lr, first_order=first_order)
             out = core.forward(res.params, res.buffers, qx)
-            loss = self.loss_fn(out, qy) if with_loss else out.new_zeros(())
+            loss = self.checked_loss(out, qy) if with_loss else out.new_zeros(())
             return out, loss, res.inner_losses, {k[len("body."):]: v for k, v in res.buffers.items()}
 
         out, loss, inner, new_bufs = vmap(one_task, randomness="different")(

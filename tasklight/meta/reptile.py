@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from tasklight.core.functional import merge_task_buffers, split_state
 from tasklight.data.batch import MetaBatch
+from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS
 from tasklight.meta.base import MetaLearner, MetaOutput
 
 
@@ -41,9 +42,11 @@ class ReptileModule(MetaLearner):
                  inner_lr: float = 0.01, train_on_query: bool = True, eval_inner_steps: Optional[int] = None,
                  extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = reptile_sgd,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
-                 nonfinite: Literal["raise", "skip"] = "raise", adapt: Optional[Sequence[str]] = None) -> None:
+                 nonfinite: Literal["raise", "skip"] = "raise",
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+                 adapt: Optional[Sequence[str]] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
-                         lr_scheduler, clip_grad_norm, nonfinite, adapt=adapt)
+                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips, adapt=adapt)
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         if inner_steps < 1:
             raise ValueError(f"Reptile needs inner_steps >= 1 (its meta-gradient is theta - phi), got {inner_steps}")

@@ -30,11 +30,15 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
+from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, configure_outer_optimizers, default_optimizer,
+                                  outer_step, setup_outer_step)
 from tasklight.core.seeding import seeded_generator
 from tasklight.data.multitask import MultiTaskBatch, TaskSpec, default_loss
+from tasklight.metrics import unshare_state
 from tasklight.multitask.architectures import Architecture, HardSharing, HeadFactory
 from tasklight.multitask.weighting import EqualWeighting, GRAD_SOURCES, TaskStats, Weighting
-from tasklight.nn.losses import fit_auto_support
+from tasklight.nn.losses import align_target, fit_auto_support
 
 SAMPLINGS = ("all", "uniform", "proportional")
 
@@ -74,9 +78,12 @@ class MultiTaskModule(LightningModule):
             a regression task; a loss with ``num_bins``/``out_features`` sets the head's size).
         tasks: the task specs when no DataModule supplies them (building the network right away).
         descriptor_dim: the size of z when building without a DataModule (default: one-hot, T).
-        optimizer, lr_scheduler: optimiser and scheduler factories (``lr_scheduler_interval``: step the
-            scheduler every ``epoch`` or every ``step``).
-        gradient_clip_val: clip the global gradient norm (``self.clip_gradients``).
+        optimizer, lr_scheduler: optimiser (default Adam, lr 1e-3) and scheduler factories; the
+            scheduler is stepped after every optimiser step.
+        clip_grad_norm: clip the global gradient norm (``self.clip_gradients``).
+        nonfinite, max_consecutive_skips: the non-finite policy of the shared outer step
+            (:mod:`tasklight.core.outer`): ``"raise"`` or ``"skip"`` a step whose loss or gradient is
+            not finite, raising after ``max_consecutive_skips`` skips in a row.
     """
 
     def __init__(
@@ -94,10 +101,11 @@ class MultiTaskModule(LightningModule):
         task_losses: Optional[list[nn.Module]] = None,
         tasks: Optional[list[TaskSpec]] = None,
         descriptor_dim: Optional[int] = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
-        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
-        gradient_clip_val: Optional[float] = None,
+        clip_grad_norm: Optional[float] = None,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -116,7 +124,7 @@ class MultiTaskModule(LightningModule):
                              "MultiTaskModule its own (a fresh HardSharing(), ...)")
         _check_choice("task_sampling", task_sampling, SAMPLINGS)
         _check_choice("head_type", head_type, ("linear", "identity"))
-        _check_choice("lr_scheduler_interval", lr_scheduler_interval, ("epoch", "step"))
+        setup_outer_step(self, clip_grad_norm, nonfinite, max_consecutive_skips)
         if task_sampling != "all" and (tasks_per_step is None or tasks_per_step < 1):
             raise ValueError(f"task_sampling={task_sampling!r} needs tasks_per_step >= 1 (how many tasks each step "
                              f"trains on), got {tasks_per_step}")
@@ -141,7 +149,6 @@ class MultiTaskModule(LightningModule):
         self.task_sampling, self.tasks_per_step = task_sampling, tasks_per_step
         self.sampling_temperature, self.sampling_seed = float(sampling_temperature), int(sampling_seed)
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.lr_scheduler_interval, self.gradient_clip_val = lr_scheduler_interval, gradient_clip_val
         self.__dict__["_trunk_template"] = trunk  # not registered here: the architecture uses or copies it
         self._given_heads = heads
         self._given_losses = task_losses
@@ -184,6 +191,7 @@ class MultiTaskModule(LightningModule):
         return [t.kind for t in self.task_specs]
 
     def setup(self, stage: Optional[str] = None) -> None:
+        unshare_state(self)
         dm = self.trainer.datamodule if self._trainer is not None else None
         specs = getattr(dm, "task_specs", None) if dm is not None else None
         z = getattr(dm, "task_descriptors", None) if dm is not None else None
@@ -284,6 +292,9 @@ class MultiTaskModule(LightningModule):
                     per.append(torch.zeros((), device=dev))
                     continue
                 y = batch.y[r]
+                if self.task_specs[t].kind != "objective":
+                    y = align_target(outputs[t], y, self.task_losses[t], f"the head of task {t} "
+                                     f"({self.task_specs[t].name!r})")
                 per.append(self.task_losses[t](outputs[t], y).reshape(()).float())
                 counts[t] = r.numel()
                 metric_sums[t] = self._metric_sum(t, outputs[t].detach(), y)
@@ -381,22 +392,21 @@ class MultiTaskModule(LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return opt
-        return [opt], [self.scheduler_factory(opt)]
+        return configure_outer_optimizers(self.optimizer_factory, self.scheduler_factory, self.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["multitask"] = {"tasks": [(t.name, t.out_features, t.kind, t.size, t.lower_bound)
                                              for t in self.task_specs],
                                    "descriptor_dim": self.descriptor_dim,
                                    "architecture": type(self.architecture).__name__}
+        stamp_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Build the network from the checkpoint's task list when it is not built yet (e.g. in
         ``MultiTaskModule.load_from_checkpoint(path, trunk=..., architecture=...)``; the architecture is
         the default HardSharing when not given). Task losses default by kind; give
         ``task_losses`` for custom ones."""
+        verify_checkpoint(self, checkpoint)
         saved = checkpoint.get("multitask")
         if saved is None:
             return
@@ -424,7 +434,6 @@ class MultiTaskModule(LightningModule):
         return [TaskLossLogger()]
 
     def training_step(self, batch: MultiTaskBatch, batch_idx: int):
-        opt = self.optimizers()
         step = int(self.global_step)
         active = self.sample_tasks(step).to(batch.task.device)
         if not bool(active.all()):
@@ -455,12 +464,13 @@ class MultiTaskModule(LightningModule):
         weights = weighting.compute_weights(stats).to(fw.losses)
         scaled = scale * fw.losses
         if direction:
-            # heads: the plain gradient of their own loss; trunk: sum_t w_t grad L_t (via d L / d rep)
-            total = scaled.sum()
+            # heads: their own loss (weighted by task_weights); trunk: sum_t w_t grad L_t (via d L / d rep)
+            head_w = weighting.task_weights(weights).to(fw.losses)
+            total = weighting.loss(scaled, head_w)
             row_coef = torch.zeros(len(batch), device=fw.losses.device)
             for t, r in enumerate(fw.rows):
                 if r is not None:
-                    row_coef[r] = scale[t] * (weights[t] - 1.0)
+                    row_coef[r] = scale[t] * (weights[t] - head_w[t])
             rep = fw.rep.reshape(fw.rep.shape[0], -1)
             total = total + (row_coef[:, None] * row_grads.reshape(rep.shape).detach() * rep).sum()
         else:
@@ -471,25 +481,23 @@ class MultiTaskModule(LightningModule):
         idle = [p for t in range(self.num_tasks) if not bool(present[t]) for p in self._task_specific_parameters(t)]
         if idle:  # keep every parameter in the graph (DDP), then drop their zero gradients below
             total = total + 0.0 * sum(p.sum() for p in idle)
-        opt.zero_grad()
-        self.manual_backward(total)
-        for p in idle:
-            p.grad = None
-        if self.gradient_clip_val:
-            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-        opt.step()
-        if self.scheduler_factory is not None and self.lr_scheduler_interval == "step":
-            self.lr_schedulers().step()
+        problem = None
+        finite = torch.isfinite(fw.losses.detach())
+        if not bool(finite.all()):
+            t = int((~finite).nonzero()[0, 0])
+            problem = f"non-finite loss of task {t} ({self.task_specs[t].name!r})"
+
+        def drop_idle_grads() -> None:
+            for p in idle:
+                p.grad = None
+
+        outer_step(self, total, problem=problem, after_backward=drop_idle_grads)
         if self._grad_request is not None:
             self.last_task_gradients = (grads[self._grad_request].detach(), present.detach())
             self._grad_request = None
         self.log("train/objective", total.detach(), prog_bar=True, batch_size=len(batch))
         return {"loss": total.detach(), "task_loss_sum": (fw.counts * fw.losses).detach(), "task_count": fw.counts,
                 "task_metric_sum": fw.metric_sums, "weights": weights.detach(), "active": present}
-
-    def on_train_epoch_end(self) -> None:
-        if self.scheduler_factory is not None and self.lr_scheduler_interval == "epoch":
-            self.lr_schedulers().step()
 
     def _eval_step(self, batch: MultiTaskBatch) -> dict:
         fw = self._forward(batch)

@@ -161,7 +161,8 @@ class HistogramLoss(nn.Module):
                                "v_min and v_max.")
 
     def extra_repr(self) -> str:
-        rng = f"v_min={self.v_min:.4g}, v_max={self.v_max:.4g}" if not self.needs_support else "support='auto' (not fitted)"
+        rng = ("support='auto' (not fitted)" if self.needs_support
+               else f"v_min={self.v_min:.4g}, v_max={self.v_max:.4g}")
         return f"kind={self.kind!r}, num_bins={self.num_bins}, {rng}, sigma={self.sigma:.4g}"
 
     # ---------------------------------------------------------------- targets
@@ -265,3 +266,45 @@ class MahalanobisLoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor, metric: Tensor) -> Tensor:
         return mahalanobis_loss(pred, target, metric, diagonal=self.diagonal)
+
+
+# ====================================================================== target shapes
+def align_target(output: Tensor, target: Tensor, loss: object = None, what: str = "the network") -> Tensor:
+    """``target`` checked against ``output`` (shapes are static, so this also works under ``vmap``).
+
+    * classification (``CrossEntropyLoss``/``NLLLoss``) and histogram losses (a ``predict`` method):
+      one output row per target, ``output [..., C]`` with ``target [...]``;
+    * plain regression: the same shape; a single-output head ``[..., 1]`` with targets ``[...]`` (the
+      documented sinusoid layout) gets its targets viewed as ``[..., 1]``.
+
+    Anything else raises one ``ValueError`` that names both shapes: a loss would otherwise broadcast
+    (``[S, 1]`` against ``[S]`` gives ``[S, S]``) and train on the wrong objective.
+    """
+    out_shape, y_shape = tuple(output.shape), tuple(target.shape)
+    per_row = isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss)) or hasattr(loss, "predict")
+    if per_row:
+        if out_shape[:-1] == y_shape:
+            return target
+        if y_shape == out_shape[:-1] + (1,) and hasattr(loss, "predict"):
+            return target.reshape(out_shape[:-1])
+        raise ValueError(f"{what} gives outputs of shape {out_shape} (one row of {out_shape[-1] if out_shape else 0} "
+                         f"scores per example) but the targets have shape {y_shape}: the targets must have the "
+                         f"outputs' shape without the last dimension, {out_shape[:-1]}.")
+    if out_shape == y_shape:
+        return target
+    if out_shape == y_shape + (1,):
+        return target.unsqueeze(-1)
+    raise ValueError(f"{what} gives outputs of shape {out_shape} but the regression targets have shape {y_shape}: "
+                     f"they must be equal (or targets {out_shape[:-1]} for a single-output head). Set the "
+                     f"network's out_features to the target size, or use a loss made for this head "
+                     f"(e.g. HistogramLoss for one logit per bin).")
+
+
+class TargetChecked:
+    """``loss(output, target)`` after :func:`align_target` (a plain callable, not a module)."""
+
+    def __init__(self, loss, what: str = "the network") -> None:
+        self.loss, self.what = loss, what
+
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
+        return self.loss(output, align_target(output, target, self.loss, self.what))

@@ -239,7 +239,7 @@ def test_multitask_module_fits_a_shared_auto_support_to_all_its_tasks():
     loss = HistogramLoss(num_bins=32)
     dm = SinusoidTasksDataModule(num_tasks=3, n_train=50, n_val=10, n_test=10, loss=loss, batch_size_per_task=8,
                                  steps_per_epoch=2)
-    module = MultiTaskModule(MLP(1, [16], 16), architecture="hard")
+    module = MultiTaskModule(MLP(1, [16], 16))  # hard sharing
     L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0).fit(module, dm)
     y = torch.cat([dm.train_targets(t).flatten() for t in range(3)])
@@ -297,3 +297,5 @@ def test_hlgauss_sinusoid_config_runs_end_to_end(config, tmp_path):
     assert pred.shape == batch.query_y.shape
     loss = cli.model.loss_fn
     assert isinstance(loss, HistogramLoss) and pred.min() >= loss.v_min and pred.max() <= loss.v_max
+    # the config's support: auto was fitted to the training targets (amplitudes up to 5, a 10 % margin)
+    assert loss.support_mode == "auto" and -6.0 < loss.v_min < -5.8 and 5.8 < loss.v_max < 6.0
