@@ -73,16 +73,24 @@ class MetaLearner(SelfDescribing, LightningModule):
         nonfinite: ``"raise"`` stops on a non-finite inner/query loss or meta-gradient; ``"skip"``
             skips that meta-step (parameters and optimiser state untouched) and counts it.
         max_consecutive_skips: with ``nonfinite="skip"``, raise after this many skipped steps in a row.
+        adapt: which parameters of ``net`` the inner loop adapts: names, module prefixes or globs
+            (``["head"]``: ANIL, ``["features"]``: BOIL, for ``Conv4``); ``None`` adapts all. The
+            others are held fixed in the inner loop and trained by the outer step only.
 
     The outer step itself is :func:`tasklight.core.outer.outer_step`, shared by every learner.
     """
+
+    #: whether ``net``'s outputs are one logit per class (checked against ``n_way`` and the labels);
+    #: learners whose ``net`` is an embedding (prototype learners) set it to False
+    net_is_classifier: bool = True
 
     def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 1,
                  inner_lr: float = 0.01, eval_inner_steps: Optional[int] = None,
                  extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
                  nonfinite: Literal["raise", "skip"] = "raise",
-                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+                 adapt: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
@@ -98,7 +106,7 @@ class MetaLearner(SelfDescribing, LightningModule):
         self.loss_fn, self.task_type = resolve_loss(loss)
         # the loss the learner trains with: targets checked against outputs (no silent broadcasting)
         self.checked_loss = TargetChecked(self.loss_fn, f"the network {type(net).__name__}")
-        self.core = FunctionalLearner(self.net, self.checked_loss)
+        self.core = FunctionalLearner(self.net, self.checked_loss, adapt=adapt)
         self.inner_steps, self.inner_lr = inner_steps, inner_lr
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.eval_steps = sorted({self.eval_inner_steps, *extra_eval_steps})
@@ -136,7 +144,8 @@ class MetaLearner(SelfDescribing, LightningModule):
         fit_auto_support(self.loss_fn, getattr(dm, "train_targets", None), f"the DataModule {type(dm).__name__}")
         n_way = getattr(dm, "n_way", None)
         out = getattr(self.net, "out_features", None)
-        if self.task_type == "classification" and isinstance(n_way, int) and isinstance(out, int) and out != n_way:
+        if (self.task_type == "classification" and self.net_is_classifier and isinstance(n_way, int)
+                and isinstance(out, int) and out != n_way):
             raise ValueError(f"the network's head has out_features={out} but the episodes are n_way={n_way}-way: "
                              f"set the net's out_features to {n_way} (one logit per class of an episode).")
         bins = getattr(self.loss_fn, "num_bins", None)
@@ -152,7 +161,8 @@ class MetaLearner(SelfDescribing, LightningModule):
                              f"{type(self.net).__name__} was built for input_shape {tuple(shape)}: make the data's "
                              f"image_size (or feature size) and the net's agree.")
         out = getattr(self.net, "out_features", None)
-        if self.task_type == "classification" and isinstance(out, int) and support_y.numel():
+        if (self.task_type == "classification" and self.net_is_classifier and isinstance(out, int)
+                and support_y.numel()):
             top = int(support_y.max())
             if top >= out or int(support_y.min()) < 0:
                 raise ValueError(f"the episodes have class label {top} but the network's head has {out} outputs: "
