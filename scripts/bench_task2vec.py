@@ -1,25 +1,35 @@
-"""Task2Vec benchmark on Omniglot: expert selection and embedding time.
+"""Task2Vec on Omniglot: the paper's three qualitative results at CPU scale, and both Fisher estimates.
 
-    python scripts/bench_task2vec.py --quick      # under 5 minutes on 2 CPU cores
-    python scripts/bench_task2vec.py              # larger experts and embeddings
+    python scripts/bench_task2vec.py --quick      # one fold, a few minutes on 1 thread
+    python scripts/bench_task2vec.py              # both folds, more seeds
 
-Expert selection (Achille et al. 2019, Sect. 4, on the Omniglot alphabets available here):
+Set-up (Achille et al. 2019, Sects. 4-5, on the Omniglot alphabets shipped here):
 
-* the alphabets are split into two halves; in each fold one half provides the *experts* (one
-  Conv4 classifier per alphabet, plus a *generic* expert trained on the whole half, which is also
-  the Task2Vec probe) and the other half provides the *new tasks*;
-* each new-task alphabet is cut into two tasks (disjoint halves of its characters); a new task's
-  training split is ``--shots`` drawers per character, its test split the other drawers;
-* the experts are ranked by ``d_asym(expert's training task -> new task)`` on Task2Vec embeddings
-  of the probe; every expert (and the generic one) is scored by the test error of a linear head
-  fitted on its frozen features with the new task's training split;
-* reported: the test error of the Task2Vec choice, of the oracle (the expert best on the test
-  split), of a random choice (expected error of a uniformly chosen expert), and of the generic
-  expert, averaged over the new tasks.
+* the alphabets are cut into two halves; in a fold one half is *seen* (the probe and the experts are
+  trained on it) and the other *unseen* (the new tasks come from it);
+* **domains** built from the same images: ``upright``, ``rotated`` (90 degrees), ``negative``
+  (1 - x) and ``small`` (half size, centred). The **model zoo**: one Conv4 *expert* per domain,
+  trained on the seen alphabets in that domain, and a *generic* expert trained on all domains mixed;
+* the **probe** (:func:`tasklight.task2vec.omniglot_probe`): a Conv4 trained on the seen alphabets,
+  upright, each character in four rotations as four classes; it is none of the experts;
+* **new tasks**: each unseen alphabet, in each domain, cut into two tasks (halves of its
+  characters); training split ``--shots`` drawers per character, test split the other drawers.
 
-Then the time to embed one task against its number of examples. Results go to
-``docs/bench_task2vec.md``; the last line printed is
-``SUMMARY task2vec_err=<x> oracle_err=<y> random_err=<z>``.
+Measured (both estimators, ``montecarlo`` and ``variational``, on the same probe and data):
+
+(a) taxonomy: 5-way upright tasks of the unseen alphabets; Spearman rank correlation between
+    ``d_sym`` and "different alphabet" (0/1) over all task pairs, with a 95 % bootstrap CI over
+    tasks, for several embedding seeds;
+(b) transfer: Spearman correlation between ``d_asym(expert task -> new task)`` and the fine-tuning
+    gain (error from scratch minus error of the fine-tuned expert) over all (expert, new task)
+    pairs; the paper reports that nearer experts transfer better, i.e. a negative correlation
+    with the distance, a positive one with ``-d_asym``, which is what is reported;
+(c) expert selection: mean test error (linear head on the expert's frozen features) of the expert
+    Task2Vec picks (``d_asym``, alpha = 0.15), of the oracle (best expert on the test split), of a
+    random expert (expected) and of the generic expert.
+
+The last line printed (and of the results file) is
+``SUMMARY task2vec_err=<t> oracle_err=<o> random_err=<r>`` for the variational estimate.
 """
 from __future__ import annotations
 
@@ -32,47 +42,92 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from tasklight.data.omniglot import load_omniglot
 from tasklight.nn.nets import Conv4
-from tasklight.task2vec.embedding import Task2Vec, evaluate_expert_selection, rank_experts, train_classifier
+from tasklight.task2vec import (Task2Vec, distance_matrix, finetune_error, omniglot_probe, rank_experts,
+                                train_classifier, transfer_error)
 
 REPO = Path(__file__).resolve().parents[1]
+METHODS = ("variational", "montecarlo")
+BETA = 1e-4  # the variational KL weight for this probe: its Fisher per weight is ~1e4 x a ResNet-34's
 
 
 @dataclass
 class Settings:
+    folds: int
     hidden: int
+    probe_epochs: int
     expert_epochs: int
-    generic_epochs: int
     max_examples: int
     mc_samples: int
-    shots: int
-    timing_sizes: tuple[int, ...]
+    variational_steps: int
+    finetune_steps: int
+    taxonomy_seeds: int
+    shots: int = 5
+    bootstrap: int = 1000
 
 
-QUICK = Settings(hidden=32, expert_epochs=4, generic_epochs=3, max_examples=300, mc_samples=1, shots=5,
-                 timing_sizes=(25, 50, 100, 200, 400))
-FULL = Settings(hidden=64, expert_epochs=15, generic_epochs=10, max_examples=800, mc_samples=2, shots=5,
-                timing_sizes=(25, 50, 100, 200, 400, 800))
+QUICK = Settings(folds=1, hidden=32, probe_epochs=2, expert_epochs=3, max_examples=200, mc_samples=1,
+                 variational_steps=150, finetune_steps=20, taxonomy_seeds=2)
+FULL = Settings(folds=2, hidden=32, probe_epochs=4, expert_epochs=6, max_examples=400, mc_samples=2,
+                variational_steps=200, finetune_steps=40, taxonomy_seeds=5)
 
 
-def expert(x: torch.Tensor, y: torch.Tensor, hidden: int, epochs: int, seed: int) -> Conv4:
-    """A Conv4 classifier over the classes of ``y``, trained from scratch."""
-    torch.manual_seed(seed)
-    net = Conv4(out_features=len(torch.unique(y)), hidden=hidden)
-    return train_classifier(net, x, y, epochs, seed=seed)
+# ------------------------------------------------------------------------------------- domains
+def small(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1]
+    out = torch.zeros_like(x)
+    lo = h // 4
+    out[..., lo: lo + h // 2, lo: lo + h // 2] = F.interpolate(x, size=(h // 2, h // 2), mode="area")
+    return out
 
 
-def folds(alphabets: list[str], sizes: list[int]) -> list[tuple[list[str], list[str]]]:
-    """Two halves with similar numbers of characters (greedy), each in turn the experts' half."""
-    order = sorted(range(len(alphabets)), key=lambda i: -sizes[i])
-    halves: list[list[int]] = [[], []]
-    for i in order:
-        target = min((0, 1), key=lambda h: (sum(sizes[j] for j in halves[h]), len(halves[h])))
-        halves[target].append(i)
-    a, b = ([alphabets[i] for i in sorted(h)] for h in halves)
-    return [(a, b), (b, a)]
+DOMAINS = {
+    "upright": lambda x: x,
+    "rotated": lambda x: torch.rot90(x, 1, dims=(2, 3)),
+    "negative": lambda x: 1.0 - x,
+    "small": small,
+}
+
+
+# ------------------------------------------------------------------------------------- statistics
+def rankdata(v: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n with ties averaged (as scipy.stats.rankdata)."""
+    v = v.double()
+    order = torch.argsort(v, stable=True)
+    ranks = torch.empty_like(v)
+    ranks[order] = torch.arange(1, len(v) + 1, dtype=v.dtype)
+    for val in torch.unique(v):
+        m = v == val
+        if m.sum() > 1:
+            ranks[m] = ranks[m].mean()
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = rankdata(a), rankdata(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb) / den) if den > 0 else 0.0
+
+
+def pair_spearman(d: torch.Tensor, other: torch.Tensor, idx: torch.Tensor) -> float:
+    """Spearman over the pairs i < j of the tasks ``idx`` (a bootstrap resample may repeat a task:
+    pairs of a task with itself are left out)."""
+    sub_d, sub_o = d[idx][:, idx], other[idx][:, idx]
+    iu = torch.triu_indices(len(idx), len(idx), 1)
+    keep = idx[iu[0]] != idx[iu[1]]
+    return spearman(sub_d[iu[0], iu[1]][keep], sub_o[iu[0], iu[1]][keep])
+
+
+def bootstrap_ci(stat, n: int, reps: int, seed: int) -> tuple[float, float]:
+    """95 % percentile interval of ``stat(idx)`` over resamples of the ``n`` tasks (tasks, not pairs,
+    are the independent units)."""
+    gen = torch.Generator().manual_seed(seed)
+    vals = torch.tensor([stat(torch.randint(n, (n,), generator=gen)) for _ in range(reps)])
+    return float(vals.quantile(0.025)), float(vals.quantile(0.975))
 
 
 def fmt(v: float) -> str:
@@ -85,11 +140,22 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def halves(alphabets: list[str], sizes: list[int]) -> list[tuple[list[str], list[str]]]:
+    """Two halves with similar numbers of characters (greedy), each in turn the seen half."""
+    order = sorted(range(len(alphabets)), key=lambda i: -sizes[i])
+    parts: list[list[int]] = [[], []]
+    for i in order:
+        target = min((0, 1), key=lambda h: (sum(sizes[j] for j in parts[h]), len(parts[h])))
+        parts[target].append(i)
+    a, b = ([alphabets[i] for i in sorted(h)] for h in parts)
+    return [(a, b), (b, a)]
+
+
+# ------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small experts and embeddings (< 5 min, 2 CPU cores)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 is fastest for these small workloads on shared cores)")
+    parser.add_argument("--quick", action="store_true", help="one fold, fewer steps (a few minutes on 1 thread)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
     parser.add_argument("--alpha", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(REPO / "docs" / "bench_task2vec.md"))
@@ -102,121 +168,199 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_omniglot()
     x_all = data.images.float().div(255.0).unsqueeze(1)
     per_alpha = torch.bincount(data.character_alphabet, minlength=len(data.alphabets)).tolist()
-    embed_opts = dict(max_examples=s.max_examples, mc_samples=s.mc_samples, seed=args.seed)
+    alpha_ids = lambda names: torch.tensor([data.alphabets.index(a) for a in names])  # noqa: E731
 
-    rows, summary = [], {"task2vec": [], "task2vec_sym": [], "oracle": [], "random": [], "generic": []}
-    picks_oracle = generic_wins = 0
-    probe_for_timing = None
-    timing_task = None
-    for fold, (expert_alphabets, new_alphabets) in enumerate(folds(data.alphabets, per_alpha)):
+    def embedder(probe, method, seed):
+        opts = dict(max_examples=s.max_examples, seed=seed)
+        if method == "variational":
+            return Task2Vec(probe, method="variational", beta=BETA, variational_steps=s.variational_steps, **opts)
+        return Task2Vec(probe, method="montecarlo", mc_samples=s.mc_samples, **opts)
+
+    sel = {m: {"task2vec": [], "task2vec_sym": []} for m in METHODS}
+    sel_common = {"oracle": [], "random": [], "generic": []}
+    picks_oracle = {m: 0 for m in METHODS}
+    transfer_pairs = {m: [] for m in METHODS}  # (task index, d_asym, gain)
+    taxonomy = {m: [] for m in METHODS}
+    agreement, embed_time = [], {m: [] for m in METHODS}
+    rows, task_index = [], 0
+    fold_notes = []
+    for fold, (seen, unseen) in enumerate(halves(data.alphabets, per_alpha)[: s.folds]):
         t0 = time.perf_counter()
+        m_seen = torch.isin(data.image_alphabet, alpha_ids(seen))
+        xs, ys = x_all[m_seen], data.image_character[m_seen]
+        probe = omniglot_probe(xs, ys, hidden=s.hidden, epochs=s.probe_epochs, rotations=4,
+                               seed=args.seed + 10 * fold)
         experts, expert_tasks = {}, {}
-        for k, name in enumerate(expert_alphabets):
-            m = data.image_alphabet == data.alphabets.index(name)
-            expert_tasks[name] = (x_all[m], data.image_character[m])
-            experts[name] = expert(x_all[m], data.image_character[m], s.hidden, s.expert_epochs,
-                                             args.seed + 100 * fold + k)
-        m_gen = torch.isin(data.image_alphabet, torch.tensor([data.alphabets.index(a) for a in expert_alphabets]))
-        generic = expert(x_all[m_gen], data.image_character[m_gen], s.hidden, s.generic_epochs,
-                                   args.seed + 100 * fold + 99)
-        print(f"fold {fold}: trained {len(experts)} experts + generic in {time.perf_counter() - t0:.0f}s "
-              f"(experts: {', '.join(expert_alphabets)})", flush=True)
-        embedder = Task2Vec(generic, **embed_opts)  # the probe: trained on the experts' alphabets only
-        expert_emb = {n: embedder.embed(t, n) for n, t in expert_tasks.items()}
+        for k, (dname, dom) in enumerate(DOMAINS.items()):
+            torch.manual_seed(args.seed + 100 * fold + k)
+            net = Conv4(out_features=len(torch.unique(ys)), hidden=s.hidden)
+            experts[dname] = train_classifier(net, dom(xs), ys, s.expert_epochs, seed=args.seed + 100 * fold + k)
+            expert_tasks[dname] = (dom(xs), ys)
+        mixed_x = torch.cat([dom(xs) for dom in DOMAINS.values()])
+        mixed_y = torch.cat([ys for _ in DOMAINS])
+        torch.manual_seed(args.seed + 100 * fold + 99)
+        generic = train_classifier(Conv4(out_features=len(torch.unique(ys)), hidden=s.hidden), mixed_x, mixed_y,
+                                   max(1, s.expert_epochs // 2), seed=args.seed + 100 * fold + 99)
+        fold_notes.append(f"fold {fold}: seen {', '.join(seen)}; unseen {', '.join(unseen)}")
+        print(f"fold {fold}: probe, {len(experts)} experts and the generic expert trained in "
+              f"{time.perf_counter() - t0:.0f}s (seen: {', '.join(seen)})", flush=True)
+
+        embedders = {m: embedder(probe, m, args.seed) for m in METHODS}
+        expert_emb = {m: {n: e.embed(t, n) for n, t in expert_tasks.items()} for m, e in embedders.items()}
+
+        # ---------------------------------------------------------------- (a) taxonomy
+        tax_tasks, tax_alpha = {}, []
+        gen = torch.Generator().manual_seed(args.seed + 7 + fold)
+        for a in unseen:
+            chars = (data.character_alphabet == data.alphabets.index(a)).nonzero().flatten()
+            chars = chars[torch.randperm(len(chars), generator=gen)]
+            for k in range(len(chars) // 5):
+                mk = torch.isin(data.image_character, chars[5 * k: 5 * (k + 1)])
+                tax_tasks[f"{a}/{k}"] = (x_all[mk], data.image_character[mk])
+                tax_alpha.append(a)
+        different = torch.tensor([[float(a != b) for b in tax_alpha] for a in tax_alpha])
+        for method in METHODS:
+            for seed in range(s.taxonomy_seeds):
+                e = embedder(probe, method, args.seed + 1000 * seed)
+                t1 = time.perf_counter()
+                embs = e.embed_tasks(tax_tasks)
+                embed_time[method].append((time.perf_counter() - t1) / len(tax_tasks))
+                d = distance_matrix(embs)
+                n = len(tax_tasks)
+                rho = pair_spearman(d, different, torch.arange(n))
+                lo, hi = bootstrap_ci(lambda idx: pair_spearman(d, different, idx), n, s.bootstrap, seed)
+                taxonomy[method].append((fold, seed, n, rho, lo, hi))
+                if method == "variational" and seed == 0:
+                    d_var = d
+                if method == "montecarlo" and seed == 0:
+                    iu = torch.triu_indices(n, n, 1)
+                    agreement.append(spearman(d_var[iu[0], iu[1]], d[iu[0], iu[1]]))
+            print(f"  (a) {method:<11} rho(d_sym, different alphabet) over {len(tax_tasks)} tasks: "
+                  + ", ".join(f"{r:.3f} [{lo:.3f}, {hi:.3f}]" for *_, r, lo, hi in taxonomy[method][-s.taxonomy_seeds:]),
+                  flush=True)
+
+        # ---------------------------------------------------------------- (b), (c) new tasks
         gen = torch.Generator().manual_seed(args.seed + fold)
-        for name in new_alphabets:
-            chars = (data.character_alphabet == data.alphabets.index(name)).nonzero().flatten()
+        for a in unseen:
+            chars = (data.character_alphabet == data.alphabets.index(a)).nonzero().flatten()
             chars = chars[torch.randperm(len(chars), generator=gen)]
             for part, subset in enumerate((chars[: len(chars) // 2], chars[len(chars) // 2:])):
-                m = torch.isin(data.image_character, subset)
-                train = m & (data.image_drawer < s.shots)
-                test = m & (data.image_drawer >= s.shots)
-                task = f"{name}/{part}"
-                tr = (x_all[train], data.image_character[train])
-                te = (x_all[test], data.image_character[test])
-                sel = evaluate_expert_selection(embedder, experts, expert_emb, tr, te, name=task, generic=generic,
-                                                alpha=args.alpha)
-                ranking, errors, generic_err = sel.ranking, sel.errors, sel.generic_error
-                ranking_sym = rank_experts(sel.embedding, expert_emb, alpha=0.0)
-                oracle, random_err = sel.oracle, sel.random_error
-                picks_oracle += errors[ranking.chosen] == errors[oracle]
-                generic_wins += generic_err < errors[oracle]
-                for key, v in (("task2vec", errors[ranking.chosen]), ("task2vec_sym", errors[ranking_sym.chosen]),
-                               ("oracle", errors[oracle]), ("random", random_err), ("generic", generic_err)):
-                    summary[key].append(v)
-                true_rank = sorted(errors.values()).index(errors[ranking.chosen]) + 1
-                rows.append([task, str(len(subset)), ranking.chosen, f"{true_rank}/{len(errors)}", oracle,
-                             fmt(errors[ranking.chosen]), fmt(errors[oracle]), fmt(random_err), fmt(generic_err)])
-                print(f"  {task:<28} {len(subset):>2}-way  task2vec={ranking.chosen:<22} err={errors[ranking.chosen]:.3f}"
-                      f"  oracle={oracle:<22} err={errors[oracle]:.3f}  random={random_err:.3f}  "
-                      f"generic={generic_err:.3f}", flush=True)
-                if timing_task is None:
-                    timing_task = name
-        if probe_for_timing is None:
-            probe_for_timing = (generic, timing_task)
+                mk = torch.isin(data.image_character, subset)
+                tr_m, te_m = mk & (data.image_drawer < s.shots), mk & (data.image_drawer >= s.shots)
+                for dname, dom in DOMAINS.items():
+                    task = f"{a}/{part}/{dname}"
+                    tr = (dom(x_all[tr_m]), data.image_character[tr_m])
+                    te = (dom(x_all[te_m]), data.image_character[te_m])
+                    errors = {n: transfer_error(ex, tr, te) for n, ex in experts.items()}
+                    generic_err = transfer_error(generic, tr, te)
+                    oracle = min(errors, key=errors.__getitem__)
+                    random_err = sum(errors.values()) / len(errors)
+                    scratch = finetune_error(None, tr, te, steps=s.finetune_steps, seed=args.seed,
+                                             init=lambda: Conv4(out_features=len(subset), hidden=s.hidden))
+                    gains = {n: scratch - finetune_error(ex, tr, te, steps=s.finetune_steps, seed=args.seed)
+                             for n, ex in experts.items()}
+                    sel_common["oracle"].append(errors[oracle])
+                    sel_common["random"].append(random_err)
+                    sel_common["generic"].append(generic_err)
+                    row = [task, str(len(subset)), oracle, fmt(errors[oracle]), fmt(random_err), fmt(generic_err)]
+                    for method in METHODS:
+                        emb = embedders[method].embed(tr, task)
+                        ranking = rank_experts(emb, expert_emb[method], alpha=args.alpha)
+                        ranking_sym = rank_experts(emb, expert_emb[method], alpha=0.0)
+                        sel[method]["task2vec"].append(errors[ranking.chosen])
+                        sel[method]["task2vec_sym"].append(errors[ranking_sym.chosen])
+                        picks_oracle[method] += errors[ranking.chosen] == errors[oracle]
+                        for n, dist in zip(ranking.experts, ranking.distances):
+                            transfer_pairs[method].append((task_index, dist, gains[n]))
+                        row += [ranking.chosen, fmt(errors[ranking.chosen])]
+                    rows.append(row)
+                    task_index += 1
+                    print(f"  {task:<34} oracle={oracle:<9} {errors[oracle]:.3f} random={random_err:.3f} "
+                          f"generic={generic_err:.3f} | " + " ".join(f"{row[6 + 2 * i]}:{row[7 + 2 * i]}"
+                                                                    for i in range(len(METHODS))), flush=True)
 
-    # ------------------------------------------------------------------ time to embed one task
-    probe, alpha_name = probe_for_timing
-    m = data.image_alphabet == data.alphabets.index(alpha_name)
-    x_t, y_t = x_all[m], data.image_character[m]
-    perm = torch.randperm(len(x_t), generator=torch.Generator().manual_seed(args.seed))
-    timing_rows = []
-    for n in s.timing_sizes:
-        if n > len(x_t):
-            continue
-        idx = perm[:n]
-        embedder = Task2Vec(probe, mc_samples=1, seed=args.seed)
-        t0 = time.perf_counter()
-        embedder.embed((x_t[idx], y_t[idx]))
-        dt = time.perf_counter() - t0
-        timing_rows.append([str(n), f"{dt:.2f}", f"{1000 * dt / n:.1f}"])
-        print(f"  embed {n:>4} examples: {dt:.2f}s ({1000 * dt / n:.1f} ms/example)", flush=True)
-
-    mean = {k: sum(v) / len(v) for k, v in summary.items()}
+    # ------------------------------------------------------------------ summaries
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
     n_tasks = len(rows)
+    transfer_rows = []
+    for method in METHODS:
+        pairs = transfer_pairs[method]
+        tidx = torch.tensor([p[0] for p in pairs])
+        neg_d = -torch.tensor([p[1] for p in pairs])
+        gain = torch.tensor([p[2] for p in pairs])
+        rho = spearman(neg_d, gain)
+
+        def stat(idx, neg_d=neg_d, gain=gain, tidx=tidx):
+            sel_pairs = torch.cat([(tidx == i).nonzero().flatten() for i in idx.tolist()])
+            return spearman(neg_d[sel_pairs], gain[sel_pairs])
+
+        lo, hi = bootstrap_ci(stat, n_tasks, s.bootstrap, 1)
+        transfer_rows.append([method, str(len(pairs)), fmt(rho), f"[{lo:.3f}, {hi:.3f}]"])
+    sel_rows = []
+    for method in METHODS:
+        sel_rows.append([f"Task2Vec {method} (d_asym, alpha={args.alpha:.2f})", fmt(mean(sel[method]["task2vec"])),
+                         f"{picks_oracle[method]}/{n_tasks}"])
+        sel_rows.append([f"Task2Vec {method} (d_sym)", fmt(mean(sel[method]["task2vec_sym"])), ""])
+    sel_rows += [["oracle (best expert on the test split)", fmt(mean(sel_common["oracle"])), ""],
+                 ["random expert (expected)", fmt(mean(sel_common["random"])), ""],
+                 ["generic expert (all domains mixed)", fmt(mean(sel_common["generic"])), ""]]
+    tax_rows = [[m, str(f), str(seed), str(n), fmt(r), f"[{lo:.3f}, {hi:.3f}]"]
+                for m in METHODS for f, seed, n, r, lo, hi in taxonomy[m]]
+    t2v, orc, rnd = mean(sel["variational"]["task2vec"]), mean(sel_common["oracle"]), mean(sel_common["random"])
+    summary_line = f"SUMMARY task2vec_err={t2v:.4f} oracle_err={orc:.4f} random_err={rnd:.4f}"
     total = time.perf_counter() - t_start
-    sel_header = ["new task", "classes", "Task2Vec choice", "its true rank", "oracle expert", "Task2Vec err",
-                  "oracle err", "random err", "generic err"]
-    summary_rows = [["Task2Vec (d_asym, alpha=%.2f)" % args.alpha, fmt(mean["task2vec"])],
-                    ["Task2Vec (d_sym)", fmt(mean["task2vec_sym"])],
-                    ["oracle (best expert on test)", fmt(mean["oracle"])],
-                    ["random expert (expected)", fmt(mean["random"])],
-                    ["generic expert (all expert alphabets)", fmt(mean["generic"])]]
     command = "python scripts/bench_task2vec.py" + (" --quick" if args.quick else "")
-    summary_line = (f"SUMMARY task2vec_err={mean['task2vec']:.4f} oracle_err={mean['oracle']:.4f} "
-                    f"random_err={mean['random']:.4f}")
+    per_task_header = ["new task", "classes", "oracle expert", "oracle err", "random err", "generic err"]
+    for m in METHODS:
+        per_task_header += [f"{m} choice", f"{m} err"]
     doc = f"""# Task2Vec benchmark
 
 Command: `{command}`
 Date: {datetime.date.today().isoformat()}
-Machine: CPU, 2 cores ({args.threads} torch thread{'s' if args.threads > 1 else ''}); total time {total:.0f} s
-(load average {load_at_start:.1f} at the start: the cores are shared, so times vary with other jobs;
-the errors do not depend on the load).
+Machine: CPU, 2 shared cores, {args.threads} torch thread(s); total time {total:.0f} s (load average
+{load_at_start:.1f} at the start: the cores are shared, so times vary with other jobs; the errors and
+correlations do not depend on the load).
 
-Settings: Conv4 experts with {s.hidden} filters, {s.expert_epochs} epochs per single-alphabet expert,
-{s.generic_epochs} epochs for the generic expert (the probe); Task2Vec with at most {s.max_examples}
-examples per task, {s.mc_samples} sampled label(s) per example, alpha={args.alpha}; new tasks are
-half an alphabet each, {s.shots} training images per character, the other drawers for testing;
-heads fitted by L-BFGS on frozen features. Omniglot "minimal" background sets
-({len(data.alphabets)} alphabets, two folds: each half of the alphabets in turn gives the experts).
+Settings: {s.folds} fold(s) ({'; '.join(fold_notes)}). Probe: Conv4 with {s.hidden} filters trained
+{s.probe_epochs} epochs on the seen alphabets, upright, four rotations as four classes per character.
+Zoo: one Conv4 expert per domain ({', '.join(DOMAINS)}), {s.expert_epochs} epochs on the seen alphabets in
+that domain, and a generic expert on all domains mixed. Task2Vec with at most {s.max_examples}
+examples per task; variational: beta = {BETA:g}, {s.variational_steps} Adam steps (lr 0.1 on the log-variances,
+batches of 32, the last half averaged);
+Monte-Carlo: {s.mc_samples} sampled label(s) per example. New tasks: half an unseen alphabet each, in
+each domain, {s.shots} training drawers per character, the other 15 for testing. Errors: a linear head
+(L-BFGS) on the expert's frozen features; fine-tuning: that head, then {s.finetune_steps} full-batch Adam
+steps on every weight (lr 1e-3).
 
-## Expert selection: mean test error over {n_tasks} new tasks
+## (a) Task distances track the taxonomy
 
-{table(["selection", "test error"], summary_rows)}
+Spearman correlation between `d_sym` and "different alphabet" over all pairs of 5-way upright tasks
+of the unseen alphabets (positive: tasks of the same alphabet are closer); 95 % bootstrap interval
+over tasks; one row per embedding seed.
 
-Task2Vec picked the oracle expert on {picks_oracle}/{n_tasks} tasks (ties count as the oracle); the generic
-expert beat the oracle single-alphabet expert on {generic_wins}/{n_tasks} tasks. The random row is the expected
-error of a uniformly chosen expert.
+{table(["estimator", "fold", "seed", "tasks", "Spearman", "95 % CI"], tax_rows)}
+
+Agreement of the two estimators: Spearman correlation between their `d_sym` over the same task
+pairs (seed 0): {', '.join(fmt(a) for a in agreement)}. Time to embed one 100-example task:
+variational {mean(embed_time['variational']):.2f} s, Monte-Carlo {mean(embed_time['montecarlo']):.2f} s.
+
+## (b) Distance predicts transfer
+
+Spearman correlation between `-d_asym(expert task -> new task)` and the fine-tuning gain (error
+from scratch minus error of the fine-tuned expert), over all (expert, new task) pairs; 95 % bootstrap
+interval over new tasks.
+
+{table(["estimator", "pairs", "Spearman", "95 % CI"], transfer_rows)}
+
+## (c) Expert selection: mean test error over {n_tasks} new tasks
+
+{table(["selection", "test error", "picked the oracle"], sel_rows)}
+
+Relative gap to the oracle (variational, d_asym): {(t2v - orc) / orc:+.1%}; the paper reports about 10 %.
 
 ## Per task
 
-{table(sel_header, rows)}
-
-## Time to embed one task ({s.hidden}-filter Conv4 probe, 1 sampled label per example)
-
-Head fit and Fisher included; {args.threads} torch thread(s).
-
-{table(["examples", "seconds", "ms / example"], timing_rows)}
+{table(per_task_header, rows)}
 
 ```
 {summary_line}
@@ -225,10 +369,11 @@ Head fit and Fisher included; {args.threads} torch thread(s).
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc)
-    print(table(["selection", "test error"], summary_rows))
+    print(table(["selection", "test error", "picked the oracle"], sel_rows))
+    print(table(["estimator", "pairs", "Spearman", "95 % CI"], transfer_rows))
     print(f"wrote {out} ({total:.0f} s)")
     print(summary_line)
-    return mean
+    return dict(task2vec=t2v, oracle=orc, random=rnd, taxonomy=taxonomy, transfer=transfer_rows)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python scripts/embed_tasks.py --config configs/task2vec_embed_omniglot.yaml
     python scripts/embed_tasks.py --data.class_path tasklight.data.omniglot.OmniglotDataModule \\
-        --probe_ckpt runs/checkpoints/maml_omniglot/last.ckpt --output_dir runs/task2vec
+        --probe_ckpt runs/maml_omniglot/latest/checkpoints/last.ckpt --output_dir runs/task2vec
 
 The ``data`` section is the same as in a ``tasklight fit`` config. The probe is a checkpoint
 (``--probe_ckpt``: a Lightning ``.ckpt`` that loads on its own, or a ``.pt`` holding a pickled
@@ -31,8 +31,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch import LightningDataModule, seed_everything
 from torch import nn
 
-from tasklight.task2vec.embedding import (DEFAULT_ALPHA, Task2Vec, datamodule_tasks, load_expert,
-                                                  save_embeddings)
+from tasklight.task2vec import (DEFAULT_ALPHA, Task2Vec, datamodule_tasks, load_expert, save_embeddings)
 
 
 def build_parser() -> ArgumentParser:
@@ -68,7 +67,8 @@ def load_probe(cfg, init) -> nn.Module:
     if probe is None:
         raise ValueError("no probe: pass --probe_ckpt (a checkpoint) or --probe.class_path (a network)")
     if cfg.probe_state:
-        state = torch.load(cfg.probe_state, map_location="cpu", weights_only=False)
+        # weights only: a state file holds tensors, never code (a full pickled object is refused)
+        state = torch.load(cfg.probe_state, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]  # a Lightning checkpoint
         if cfg.probe_state_prefix:

@@ -2,7 +2,7 @@
 
 The probe is the model being trained (a copy of it; training is not disturbed and the global RNG is
 not touched). The tasks come from the DataModule (see
-:func:`tasklight.task2vec.embedding.datamodule_tasks`): a ``task2vec_tasks(split)`` hook,
+:func:`tasklight.task2vec.data.datamodule_tasks`): a ``task2vec_tasks(split)`` hook,
 the per-task data of a multi-task DataModule, or the fixed evaluation episodes of an episodic
 (meta-learning) DataModule.
 
@@ -21,8 +21,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from tasklight.task2vec.embedding import (DEFAULT_ALPHA, Task2Vec, TaskEmbedding, datamodule_tasks, distance_matrix,
-                                          save_embeddings)
+from tasklight.task2vec import (DEFAULT_ALPHA, Task2Vec, TaskEmbedding, datamodule_tasks, distance_matrix,
+                                save_embeddings)
 
 
 def heatmap_image(matrix: Tensor, names: Sequence[str], title: str = "Task2Vec distance") -> np.ndarray:

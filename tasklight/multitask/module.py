@@ -30,10 +30,16 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
+from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, configure_outer_optimizers, default_optimizer,
+                                  outer_step, setup_outer_step)
 from tasklight.core.seeding import seeded_generator
 from tasklight.data.multitask import MultiTaskBatch, TaskSpec, default_loss
+from tasklight.metrics import unshare_state
 from tasklight.multitask.architectures import Architecture, HardSharing, HeadFactory
 from tasklight.multitask.weighting import EqualWeighting, GRAD_SOURCES, TaskStats, Weighting
+from tasklight.config import NotConfigurable, SelfDescribing, from_config, to_config
+from tasklight.nn.losses import align_target, fit_auto_support
 
 SAMPLINGS = ("all", "uniform", "proportional")
 
@@ -49,7 +55,7 @@ class _Forward:
     rep: Optional[Tensor]  # [N, d] the shared representation (hard / conditioned)
 
 
-class MultiTaskModule(LightningModule):
+class MultiTaskModule(SelfDescribing, LightningModule):
     """Multi-task learning with an architecture object and pluggable loss weighting.
 
     Args:
@@ -73,9 +79,12 @@ class MultiTaskModule(LightningModule):
             a regression task; a loss with ``num_bins``/``out_features`` sets the head's size).
         tasks: the task specs when no DataModule supplies them (building the network right away).
         descriptor_dim: the size of z when building without a DataModule (default: one-hot, T).
-        optimizer, lr_scheduler: optimiser and scheduler factories (``lr_scheduler_interval``: step the
-            scheduler every ``epoch`` or every ``step``).
-        gradient_clip_val: clip the global gradient norm (``self.clip_gradients``).
+        optimizer, lr_scheduler: optimiser (default Adam, lr 1e-3) and scheduler factories; the
+            scheduler is stepped after every optimiser step.
+        clip_grad_norm: clip the global gradient norm (``self.clip_gradients``).
+        nonfinite, max_consecutive_skips: the non-finite policy of the shared outer step
+            (:mod:`tasklight.core.outer`): ``"raise"`` or ``"skip"`` a step whose loss or gradient is
+            not finite, raising after ``max_consecutive_skips`` skips in a row.
     """
 
     def __init__(
@@ -93,15 +102,14 @@ class MultiTaskModule(LightningModule):
         task_losses: Optional[list[nn.Module]] = None,
         tasks: Optional[list[TaskSpec]] = None,
         descriptor_dim: Optional[int] = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
-        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
-        gradient_clip_val: Optional[float] = None,
+        clip_grad_norm: Optional[float] = None,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.save_hyperparameters(ignore=["trunk", "architecture", "heads", "weighting", "task_losses", "tasks",
-                                          "optimizer", "lr_scheduler"])
         if architecture is None:
             architecture = HardSharing()
         if not isinstance(architecture, Architecture):
@@ -115,7 +123,7 @@ class MultiTaskModule(LightningModule):
                              "MultiTaskModule its own (a fresh HardSharing(), ...)")
         _check_choice("task_sampling", task_sampling, SAMPLINGS)
         _check_choice("head_type", head_type, ("linear", "identity"))
-        _check_choice("lr_scheduler_interval", lr_scheduler_interval, ("epoch", "step"))
+        setup_outer_step(self, clip_grad_norm, nonfinite, max_consecutive_skips)
         if task_sampling != "all" and (tasks_per_step is None or tasks_per_step < 1):
             raise ValueError(f"task_sampling={task_sampling!r} needs tasks_per_step >= 1 (how many tasks each step "
                              f"trains on), got {tasks_per_step}")
@@ -140,7 +148,6 @@ class MultiTaskModule(LightningModule):
         self.task_sampling, self.tasks_per_step = task_sampling, tasks_per_step
         self.sampling_temperature, self.sampling_seed = float(sampling_temperature), int(sampling_seed)
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.lr_scheduler_interval, self.gradient_clip_val = lr_scheduler_interval, gradient_clip_val
         self.__dict__["_trunk_template"] = trunk  # not registered here: the architecture uses or copies it
         self._given_heads = heads
         self._given_losses = task_losses
@@ -183,6 +190,7 @@ class MultiTaskModule(LightningModule):
         return [t.kind for t in self.task_specs]
 
     def setup(self, stage: Optional[str] = None) -> None:
+        unshare_state(self)
         dm = self.trainer.datamodule if self._trainer is not None else None
         specs = getattr(dm, "task_specs", None) if dm is not None else None
         z = getattr(dm, "task_descriptors", None) if dm is not None else None
@@ -195,6 +203,18 @@ class MultiTaskModule(LightningModule):
                 self.build(specs, z.shape[1] if z is not None else None, example=_first_input(dm))
         elif specs is not None:
             self._check_against(specs, z)
+        self._fit_auto_supports(dm)
+
+    def _fit_auto_supports(self, dm) -> None:
+        """Fit each ``HistogramLoss(support="auto")`` to the training targets of the tasks that use it."""
+        users: dict[int, list[int]] = {}
+        for t, loss in enumerate(self.task_losses):
+            if getattr(loss, "needs_support", False):
+                users.setdefault(id(loss), []).append(t)
+        get = getattr(dm, "train_targets", None)
+        for tasks in users.values():
+            targets = None if get is None else (lambda ts=tuple(tasks): torch.cat([get(t).flatten() for t in ts]))
+            fit_auto_support(self.task_losses[tasks[0]], targets, f"the DataModule {type(dm).__name__}")
 
     def _check_against(self, specs: list[TaskSpec], z: Optional[Tensor]) -> None:
         if len(specs) != self.num_tasks:
@@ -271,6 +291,9 @@ class MultiTaskModule(LightningModule):
                     per.append(torch.zeros((), device=dev))
                     continue
                 y = batch.y[r]
+                if self.task_specs[t].kind != "objective":
+                    y = align_target(outputs[t], y, self.task_losses[t], f"the head of task {t} "
+                                     f"({self.task_specs[t].name!r})")
                 per.append(self.task_losses[t](outputs[t], y).reshape(()).float())
                 counts[t] = r.numel()
                 metric_sums[t] = self._metric_sum(t, outputs[t].detach(), y)
@@ -368,22 +391,27 @@ class MultiTaskModule(LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return opt
-        return [opt], [self.scheduler_factory(opt)]
+        return configure_outer_optimizers(self.optimizer_factory, self.scheduler_factory, self.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        losses = []
+        for t in self.task_specs:
+            try:
+                losses.append(to_config(t.loss))
+            except NotConfigurable:
+                losses.append(None)
         checkpoint["multitask"] = {"tasks": [(t.name, t.out_features, t.kind, t.size, t.lower_bound)
                                              for t in self.task_specs],
-                                   "descriptor_dim": self.descriptor_dim,
+                                   "losses": losses, "descriptor_dim": self.descriptor_dim,
                                    "architecture": type(self.architecture).__name__}
+        stamp_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Build the network from the checkpoint's task list when it is not built yet (e.g. in
         ``MultiTaskModule.load_from_checkpoint(path, trunk=..., architecture=...)``; the architecture is
         the default HardSharing when not given). Task losses default by kind; give
         ``task_losses`` for custom ones."""
+        verify_checkpoint(self, checkpoint)
         saved = checkpoint.get("multitask")
         if saved is None:
             return
@@ -397,6 +425,9 @@ class MultiTaskModule(LightningModule):
         tasks = []
         for i, (name, out, kind, size, bound) in enumerate(saved["tasks"]):
             loss = self._given_losses[i] if self._given_losses else None
+            stored = (saved.get("losses") or [None] * len(saved["tasks"]))[i]
+            if loss is None and stored is not None:
+                loss = from_config(stored)  # the task's own loss, rebuilt from its config
             if kind == "objective" and loss is None:
                 raise ValueError(f"task {name!r} of the checkpoint is an 'objective' task whose loss is not stored; "
                                  f"pass task_losses=[...] to load_from_checkpoint")
@@ -411,7 +442,6 @@ class MultiTaskModule(LightningModule):
         return [TaskLossLogger()]
 
     def training_step(self, batch: MultiTaskBatch, batch_idx: int):
-        opt = self.optimizers()
         step = int(self.global_step)
         active = self.sample_tasks(step).to(batch.task.device)
         if not bool(active.all()):
@@ -442,12 +472,13 @@ class MultiTaskModule(LightningModule):
         weights = weighting.compute_weights(stats).to(fw.losses)
         scaled = scale * fw.losses
         if direction:
-            # heads: the plain gradient of their own loss; trunk: sum_t w_t grad L_t (via d L / d rep)
-            total = scaled.sum()
+            # heads: their own loss (weighted by task_weights); trunk: sum_t w_t grad L_t (via d L / d rep)
+            head_w = weighting.task_weights(weights).to(fw.losses)
+            total = weighting.loss(scaled, head_w)
             row_coef = torch.zeros(len(batch), device=fw.losses.device)
             for t, r in enumerate(fw.rows):
                 if r is not None:
-                    row_coef[r] = scale[t] * (weights[t] - 1.0)
+                    row_coef[r] = scale[t] * (weights[t] - head_w[t])
             rep = fw.rep.reshape(fw.rep.shape[0], -1)
             total = total + (row_coef[:, None] * row_grads.reshape(rep.shape).detach() * rep).sum()
         else:
@@ -458,25 +489,23 @@ class MultiTaskModule(LightningModule):
         idle = [p for t in range(self.num_tasks) if not bool(present[t]) for p in self._task_specific_parameters(t)]
         if idle:  # keep every parameter in the graph (DDP), then drop their zero gradients below
             total = total + 0.0 * sum(p.sum() for p in idle)
-        opt.zero_grad()
-        self.manual_backward(total)
-        for p in idle:
-            p.grad = None
-        if self.gradient_clip_val:
-            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-        opt.step()
-        if self.scheduler_factory is not None and self.lr_scheduler_interval == "step":
-            self.lr_schedulers().step()
+        problem = None
+        finite = torch.isfinite(fw.losses.detach())
+        if not bool(finite.all()):
+            t = int((~finite).nonzero()[0, 0])
+            problem = f"non-finite loss of task {t} ({self.task_specs[t].name!r})"
+
+        def drop_idle_grads() -> None:
+            for p in idle:
+                p.grad = None
+
+        outer_step(self, total, problem=problem, after_backward=drop_idle_grads)
         if self._grad_request is not None:
             self.last_task_gradients = (grads[self._grad_request].detach(), present.detach())
             self._grad_request = None
         self.log("train/objective", total.detach(), prog_bar=True, batch_size=len(batch))
         return {"loss": total.detach(), "task_loss_sum": (fw.counts * fw.losses).detach(), "task_count": fw.counts,
                 "task_metric_sum": fw.metric_sums, "weights": weights.detach(), "active": present}
-
-    def on_train_epoch_end(self) -> None:
-        if self.scheduler_factory is not None and self.lr_scheduler_interval == "epoch":
-            self.lr_schedulers().step()
 
     def _eval_step(self, batch: MultiTaskBatch) -> dict:
         fw = self._forward(batch)
@@ -488,6 +517,24 @@ class MultiTaskModule(LightningModule):
 
     def test_step(self, batch: MultiTaskBatch, batch_idx: int) -> dict:
         return self._eval_step(batch)
+
+    def predict_step(self, batch: MultiTaskBatch, batch_idx: int) -> dict:
+        """``tasklight predict``: each example's output from its own task's head.
+
+        Returns ``predictions`` (a list with one ``[n_t, ...]`` tensor per task present, values through
+        the task loss's ``predict`` where it has one), ``task`` (the task id of each entry) and ``rows``
+        (each entry's rows in the batch).
+        """
+        fw = self._forward(batch, with_losses=False)
+        preds, tasks, rows = [], [], []
+        for t, out in enumerate(fw.outputs):
+            if out is None:
+                continue
+            predict = getattr(self.task_losses[t], "predict", None) if self.task_losses is not None else None
+            preds.append((predict(out) if predict is not None else out).detach())
+            tasks.append(t)
+            rows.append((batch.task == t).nonzero().flatten())
+        return {"predictions": preds, "task": tasks, "rows": rows}
 
 
 # ----------------------------------------------------------------------------- helpers

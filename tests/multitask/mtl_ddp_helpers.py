@@ -20,7 +20,8 @@ from tasklight.multitask.architectures import MMoE, MTAN, CrossStitch, FiLM, Sof
 from tasklight.multitask.module import MultiTaskModule
 from tasklight.nn.nets import MLP
 from tasklight.multitask.weighting import (
-    DROWeighting, DWA, EqualWeighting, GradNorm, MGDA, PCGrad, UncertaintyWeighting,
+    CAGrad, DROWeighting, DWA, EqualWeighting, FAMO, GradNorm, IMTL, MGDA, NashMTL, PCGrad, RLW, UncertaintyWeighting,
+    UPGrad,
 )
 
 T, B, STEPS, STEPS_PER_EPOCH, LR = 3, 4, 6, 2, 0.1
@@ -40,6 +41,13 @@ CASES = {
     "cross_stitch_pcgrad": ({"architecture": CrossStitch}, PCGrad),
     "mmoe_gradnorm": ({"architecture": lambda: MMoE(num_experts=2)}, lambda: GradNorm(alpha=1.5, lr=0.05)),
     "sampled_pcgrad": ({"task_sampling": "uniform", "tasks_per_step": 2}, PCGrad),
+    "rlw": ({}, lambda: RLW(seed=3)),
+    "famo": ({}, lambda: FAMO(lr=0.2)),
+    "cagrad": ({}, lambda: CAGrad(c=0.5)),
+    "nashmtl_params": ({}, lambda: NashMTL(grad_source="parameters", update_every=2)),
+    "imtl": ({}, IMTL),
+    "upgrad": ({}, UPGrad),
+    "sampled_imtl": ({"task_sampling": "uniform", "tasks_per_step": 2}, IMTL),
 }
 MONITORED = "mgda"
 

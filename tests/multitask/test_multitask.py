@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -154,7 +155,8 @@ def test_hard_sharing_shares_exactly_the_trunk_one_step_equals_manual_sgd():
         trunk_grad = [a + b for a, b in zip(trunk_grad, g[:4])]
         head_grads.append(g[4:])
     fit(model, dm, 1)
-    assert dm.state_dict() == {"consumed": 1, "seed": 0}  # a resumed run continues the stream at batch 1
+    state = dm.state_dict()  # a resumed run continues the stream at batch 1
+    assert (state["consumed"], state["seed"]) == (1, 0)
     for p0, p1, g in zip(before.trunk.parameters(), model.trunk.parameters(), trunk_grad):
         torch.testing.assert_close(p1, p0 - 0.1 * g)
     for t in range(3):
@@ -469,12 +471,26 @@ def test_toy_through_the_module_matches_the_plain_descent():
     start, steps = TOY_STARTS["nashmtl"][2], 30
     model = MultiTaskModule(ToyPoint(start), head_type="identity", weighting=MGDA(),
                             optimizer=lambda p: torch.optim.Adam(p, lr=0.05),
-                            lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, steps),
-                            lr_scheduler_interval="step")
+                            lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, steps))
     fit(model, TwoObjectiveToyDataModule("nashmtl"), steps)
     x, f = toy_descent(MGDA, [start], TOY_SCALES["nashmtl"], steps=steps, lr=0.05)
     torch.testing.assert_close(model.trunk.point.detach().double(), x[0], atol=2e-4, rtol=0)
     torch.testing.assert_close(toy_objectives(x, TOY_SCALES["nashmtl"]), f)
+
+
+def test_toy_gradient_on_the_kink_x2_0_is_the_published_one_on_every_torch_version():
+    """At x2 = 0 both losses switch between valley and bowl through max(tanh(+-x2/2), 0). The published
+    code (torch <= 2.13) differentiates both gates there (slopes +0.5 and -0.5), so the gradient at
+    (0, 0) is (0, (f_log - f_sq) / 2) per loss; torch 2.14's clamp gives 0 at the kink instead."""
+    x = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    f = toy_objectives(x, (0.1, 1.0))
+    f_log = math.log(3.5) + 6  # both valleys at (0, 0): log|0.5 * (-7)| + 6 and log|0.5 * 3 + 2| + 6
+    f_sq = (49 + 0.1 * 64) / 10 - 20  # both bowls at (0, 0)
+    for i, scale in enumerate((0.1, 1.0)):
+        (g,) = torch.autograd.grad(f[:, i].sum(), x, retain_graph=True)
+        torch.testing.assert_close(g[0], torch.tensor([0.0, scale * 0.5 * (f_log - f_sq)], dtype=torch.float64))
+    x, f = toy_descent(MGDA, [(0.0, 0.0)], TOY_SCALES["nashmtl"], steps=50, lr=0.2)
+    assert float(x[0, 1]) < -1.0  # MGDA leaves the kink into the bowls
 
 
 @pytest.mark.slow
@@ -508,12 +524,16 @@ def test_every_mtl_config_parses_and_builds_its_classes():
 
     from tasklight.cli import TasklightCLI
 
-    assert len(CONFIGS) >= 20
+    assert len(CONFIGS) >= 32
     cli = TasklightCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                        run=False, args=["--config", str(CONFIGS[0]), "--trainer.logger", "false"],
                        auto_configure_optimizers=False, trainer_defaults={"inference_mode": False})
     weighting_of = {"equal": "EqualWeighting", "uncertainty": "UncertaintyWeighting", "gradnorm": "GradNorm",
-                    "dwa": "DWA", "mgda": "MGDA", "pcgrad": "PCGrad", "dro": "DROWeighting"}
+                    "dwa": "DWA", "mgda": "MGDA", "pcgrad": "PCGrad", "dro": "DROWeighting", "rlw": "RLW", "famo": "FAMO",
+                    "cagrad": "CAGrad", "nashmtl": "NashMTL", "imtl": "IMTL", "upgrad": "UPGrad"}
+    stems = {p.stem for p in CONFIGS}
+    for key in weighting_of:  # every method has a toy config and a hard-sharing Omniglot config
+        assert f"mtl_toy_{key}" in stems and (key == "equal" or f"mtl_omniglot_hard_{key}" in stems), key
     for path in CONFIGS:
         init = cli.parser.instantiate_classes(cli.parser.parse_args(["--config", str(path)]))
         model, name = init.model, path.stem

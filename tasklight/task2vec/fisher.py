@@ -1,0 +1,241 @@
+"""The diagonal Fisher information of a probe with a task's head: the Monte-Carlo (or exact)
+estimate from per-example gradients, and the variational estimate of Achille et al. (2019), a learned
+per-filter posterior variance; and the per-filter averaging that makes the embedding."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from tasklight.task2vec.data import _batches
+
+
+@dataclass
+class HeadFit:
+    head: nn.Linear
+    loss: float  # final regularised training loss
+    error: float  # training error of the fitted head
+
+
+def fit_linear_head(features: Tensor, labels: Tensor, num_classes: int, steps: int = 100,
+                    weight_decay: float = 1e-2) -> HeadFit:
+    """Multinomial logistic regression on fixed features (full-batch L-BFGS, zero init, L2 penalty).
+
+    ``weight_decay`` multiplies ``0.5 * ||W||^2`` and keeps the fitted head from becoming
+    arbitrarily confident on separable data (which would drive the Fisher to zero).
+    """
+    head = nn.Linear(features.shape[1], num_classes).to(features.device, features.dtype)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max(1, steps), history_size=20,
+                            line_search_fn="strong_wolfe")
+    feats, labels = features.detach(), labels.to(features.device)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(head(feats), labels) + 0.5 * weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        if steps > 0:
+            opt.step(closure)
+        with torch.no_grad():
+            logits = head(feats)
+            loss = F.cross_entropy(logits, labels) + 0.5 * weight_decay * head.weight.pow(2).sum()
+            error = (logits.argmax(-1) != labels).float().mean()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return HeadFit(head, float(loss), float(error))
+
+
+def fisher_diagonal(model: nn.Module, x: Tensor, param_names: Sequence[str], *, mc_samples: int = 1,
+                    exact: bool = False, batch_size: int = 64,
+                    generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+    """Diagonal Fisher information of ``log p(y|x)`` (softmax of ``model(x)``) w.r.t. the named parameters.
+
+    ``F = mean_i E_{y ~ p(.|x_i)} [g_i(y)^2]`` with ``g_i(y) = d/dw log p(y|x_i)`` the gradient of ONE
+    example (``torch.func.grad`` vmapped over examples). Labels are sampled from the model
+    (``mc_samples`` per example; sampling uses ``generator``), or, with ``exact=True``, the
+    expectation over all classes is computed exactly. ``model`` must treat examples independently
+    (eval mode; see :func:`set_batchnorm_stats`).
+    """
+    if mc_samples < 1:
+        raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    all_params = dict(model.named_parameters())
+    missing = [n for n in param_names if n not in all_params]
+    if missing:
+        raise ValueError(f"the model has no parameters {missing}; it has {list(all_params)}")
+    params = {n: all_params[n].detach() for n in param_names}
+
+    def log_prob(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        logits = functional_call(model, p, (xi.unsqueeze(0),))
+        return -F.cross_entropy(logits, yi.unsqueeze(0))
+
+    per_example = vmap(grad(log_prob), in_dims=(None, 0, 0))
+    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def add(xb: Tensor, yb: Tensor, weight: Optional[Tensor] = None) -> None:
+        for s in _batches(len(xb), batch_size):
+            grads = per_example(params, xb[s], yb[s])
+            for n, g in grads.items():
+                sq = g.pow(2)
+                if weight is not None:
+                    sq = sq * weight[s].view(-1, *([1] * (sq.dim() - 1)))
+                acc[n] += sq.sum(0)
+
+    with torch.enable_grad():
+        for s in _batches(len(x), batch_size):
+            xb = x[s]
+            with torch.no_grad():
+                probs = F.softmax(model(xb).float(), dim=-1)
+            if exact:
+                for c in range(probs.shape[1]):
+                    add(xb, torch.full((len(xb),), c, dtype=torch.long, device=xb.device), probs[:, c].to(xb.dtype))
+            else:
+                ys = torch.multinomial(probs.cpu(), mc_samples, replacement=True, generator=generator).to(xb.device)
+                add(xb.repeat_interleave(mc_samples, 0), ys.reshape(-1))
+    count = len(x) * (1 if exact else mc_samples)
+    return {n: a / count for n, a in acc.items()}
+
+
+def per_filter(fisher: Tensor) -> Tensor:
+    """Average a weight's Fisher over each filter / unit (all dims but the first)."""
+    return fisher.reshape(fisher.shape[0], -1).mean(1) if fisher.dim() > 1 else fisher
+
+
+@dataclass
+class VariationalFisher:
+    """The result of :func:`variational_fisher` for each named weight.
+
+    ``precision[name]``: one entry per filter (conv) or unit (linear), ``1 / sigma_f^2`` with
+    ``sigma_f^2`` the learned posterior variance shared by the weights of filter ``f``;
+    ``prior_precision[name]``: ``1 / lambda^2``, the learned prior precision of the layer (a scalar);
+    ``losses``: the objective at each step (cross-entropy under weight noise + beta x KL);
+    ``drift``: mean absolute change of ``log sigma_f^2`` between the two halves of the averaging
+    window (near 0 once converged; large when the variances were still moving).
+    """
+
+    precision: dict[str, Tensor]
+    prior_precision: dict[str, Tensor]
+    losses: list[float]
+    drift: float = 0.0
+
+
+def _noise_hook(logvar: Tensor, gen: Optional[torch.Generator], eps: float):
+    """Forward hook of a conv/linear layer: local reparametrisation (Kingma et al. 2015) of the
+    weight noise ``w + sigma_f * n`` with ``n ~ N(0, I)``, a variance ``sigma_f^2 = exp(logvar[f])``
+    per output filter: the output gains Gaussian noise of variance ``layer(input^2, sigma^2)``."""
+
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        x = inputs[0]
+        shape = (-1,) + (1,) * (module.weight.dim() - 1)
+        var_w = logvar.exp().view(shape).expand_as(module.weight)
+        if isinstance(module, nn.Linear):
+            var_out = F.linear(x.pow(2), var_w)
+        else:
+            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[module.weight.dim() - 2]
+            var_out = conv(x.pow(2), var_w, None, module.stride, module.padding, module.dilation, module.groups)
+        noise = torch.randn(output.shape, generator=gen, device="cpu").to(output)
+        return output + (var_out + eps).sqrt() * noise
+
+    return hook
+
+
+def variational_fisher(model: nn.Module, x: Tensor, y: Tensor, layer_names: Sequence[str], *, beta: float = 1e-7,
+                       steps: int = 200, lr: float = 1e-2, batch_size: int = 100, average_last: float = 0.5,
+                       noise_eps: float = 1e-8, generator: Optional[torch.Generator] = None) -> VariationalFisher:
+    """The variational Fisher of Achille et al. (2019, Sect. 2), as in the authors' public code.
+
+    Each chosen conv/linear layer's weights get a Gaussian posterior ``N(w, diag(sigma^2))`` with
+    one variance per filter and a prior ``N(0, lambda^2 I)`` with one variance per layer; the
+    variances (``log sigma_f^2`` and ``log lambda^2``, the only trained quantities: the probe and
+    the task's head stay fixed) minimise, by Adam on minibatches of the task's data with its true
+    labels,
+
+        ``E_{w ~ N(w, sigma^2)} [cross-entropy] + beta * sum_i (w_i^2 / lambda^2 + sigma_i^2 / lambda^2
+        + log lambda^2 - log sigma_i^2 - 1)``
+
+    (``beta`` times twice the KL divergence, the normalisation of the authors' code, whose default
+    is ``beta = 1e-7``). Near the optimum the expected loss grows by ``0.5 sum_i H_ii sigma_i^2``,
+    so the stationary point is ``1 / sigma_f^2 = mean_{i in f} H_ii / (2 beta) + 1 / lambda^2``:
+    the per-filter mean of the loss curvature (the Fisher, for a well-fitted head), plus the prior
+    precision. Initialisation as the authors': ``sigma_f^2 = 0.05 x`` the variance of filter ``f``'s
+    weights, ``lambda^2`` = the mean squared weight of the layer.
+
+    ``model`` maps inputs to logits and must treat examples independently (eval mode, fixed
+    BatchNorm statistics). ``layer_names`` name ``nn.Conv*d``/``nn.Linear`` submodules.
+
+    The objective's gradient is noisy (one weight-noise draw per example and step), so the returned
+    log-variances are averaged over the last ``average_last`` fraction of the steps (iterate
+    averaging; 0 takes the last iterate, as the authors' code does).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0 (the paper's code uses 1e-7), got {beta}")
+    if steps < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"steps and batch_size must be >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
+    if not 0.0 <= average_last < 1.0:
+        raise ValueError(f"average_last must be in [0, 1), got {average_last}")
+    modules = {}
+    for name in layer_names:
+        m = model.get_submodule(name)
+        if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            raise ValueError(f"variational Fisher: layer {name!r} is a {type(m).__name__}; it needs nn.Conv1d/2d/3d "
+                             f"or nn.Linear layers (choose them with `layers`)")
+        modules[name] = m
+    device = next(iter(modules.values())).weight.device
+    logvar, loglambda2 = {}, {}
+    for name, m in modules.items():
+        w = m.weight.detach()
+        filt_var = w.reshape(w.shape[0], -1).var(1, unbiased=True) if w[0].numel() > 1 else w.pow(2).reshape(-1)
+        logvar[name] = (filt_var * 0.05 + 1e-8).log().clone().requires_grad_(True)
+        loglambda2[name] = (w.pow(2).mean() + 1e-8).log().clone().requires_grad_(True)
+    opt = torch.optim.Adam(list(logvar.values()) + list(loglambda2.values()), lr=lr, betas=(0.9, 0.999))
+    hooks = [m.register_forward_hook(_noise_hook(logvar[n], generator, noise_eps)) for n, m in modules.items()]
+    labels = y.to(x.device)
+    losses = []
+    first_avg = steps - max(1, int(round(average_last * steps)))
+    sums = {n: torch.zeros_like(v) for n, v in logvar.items()}
+    mid = {n: torch.zeros_like(v) for n, v in logvar.items()}
+    half = first_avg + (steps - first_avg) // 2
+    sums_lam = {n: torch.zeros_like(v) for n, v in loglambda2.items()}
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator).to(x.device)
+                ce = F.cross_entropy(model(x[idx]), labels[idx])
+                kl = torch.zeros((), device=device)
+                for name, m in modules.items():
+                    w2 = m.weight.detach().pow(2)
+                    per_filter_n = w2[0].numel()
+                    lam2 = loglambda2[name].exp()
+                    kl = kl + (w2.sum() / lam2 + per_filter_n * logvar[name].exp().sum() / lam2
+                               + w2.numel() * loglambda2[name] - per_filter_n * logvar[name].sum() - w2.numel())
+                loss = ce + beta * kl
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                if _ == half:
+                    mid = {n: v.clone() for n, v in sums.items()}
+                if _ >= first_avg:
+                    for n in logvar:
+                        sums[n] += logvar[n].detach()
+                        sums_lam[n] += loglambda2[n].detach()
+    finally:
+        for h in hooks:
+            h.remove()
+    count = steps - first_avg
+    n_first, n_second = half - first_avg, steps - half
+    drift = 0.0
+    if n_first > 0 and n_second > 0:
+        diffs = torch.cat([((sums[n] - mid[n]) / n_second - mid[n] / n_first).abs() for n in sums])
+        drift = float(diffs.mean())
+    return VariationalFisher({n: (-v / count).exp() for n, v in sums.items()},
+                             {n: (-v / count).exp() for n, v in sums_lam.items()}, losses, drift)
