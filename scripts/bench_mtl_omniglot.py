@@ -14,8 +14,8 @@ LibMTL's average relative gain over STL, ``mean_t (acc_t - acc_t^STL) / acc_t^ST
 The trunk normalises with running BatchNorm statistics at test time (``track_running_stats=True``),
 so a test prediction does not depend on which other examples share its evaluation batch.
 
-    python scripts/bench_mtl_omniglot.py --quick     # every architecture but cross-stitch with equal weights,
-                                                     # hard sharing with 3 weightings; 3 seeds x 200 steps
+    python scripts/bench_mtl_omniglot.py --quick     # STL, hard sharing (whole trunk / first 3 blocks),
+                                                     # concat (shared / disjoint outputs); 3 seeds x 200 steps
     python scripts/bench_mtl_omniglot.py             # every architecture x every weighting, 3 seeds
 
 Writes its section of docs/bench_multitask.md and ends with
@@ -23,6 +23,8 @@ Writes its section of docs/bench_multitask.md and ends with
 """
 from __future__ import annotations
 
+import copy
+import json
 import math
 import re
 import statistics
@@ -41,6 +43,7 @@ from tasklight.multitask import architectures as A  # noqa: E402
 from tasklight.multitask import weighting as W  # noqa: E402
 from tasklight.multitask.module import MultiTaskModule  # noqa: E402
 from tasklight.nn.nets import Conv4  # noqa: E402
+from torch import nn  # noqa: E402
 
 OUT = "docs/bench_multitask.md"
 WEIGHTINGS = {
@@ -56,12 +59,11 @@ for _name, _cls in (("cagrad", "CAGrad"), ("nashmtl", "NashMTL"), ("famo", "FAMO
                     ("rlw", "RLW"), ("upgrad", "UPGrad")):
     if hasattr(W, _cls):  # the methods this version of tasklight has
         WEIGHTINGS[_name] = getattr(W, _cls)
-QUICK_WEIGHTINGS = ("equal", "uncertainty", "pcgrad")
-# cross-stitch runs every tower on the whole batch (T times the cost of hard sharing): full grid only
-QUICK_SKIP = ("cross_stitch",)
 # name -> a factory of the architecture object
 ARCHITECTURES = {
     "hard": A.HardSharing,
+    # hard sharing of the first three conv blocks; each task has its own fourth block and linear head
+    "hard_3_blocks": A.HardSharing,
     "soft": lambda: A.SoftSharing(penalty=1e-3),
     "concat_shared_outputs": lambda: A.Concat(condition_layer=0, outputs="shared"),
     "concat": lambda: A.Concat(condition_layer=0, outputs="disjoint"),
@@ -86,16 +88,21 @@ def ci95(values: list[float]) -> float:
     return _T975.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n)
 
 
+QUICK = (("hard", "equal"), ("hard_3_blocks", "equal"), ("hard_3_blocks", "pcgrad"),
+         ("concat_shared_outputs", "equal"), ("concat", "equal"))
+
+
 def runs(quick: bool) -> list[tuple[str, str]]:
-    """(architecture, weighting) pairs, STL first."""
+    """(architecture, weighting) pairs, STL first. Quick: hard sharing of the whole trunk and of the first
+    three blocks, and concatenation with shared and with disjoint outputs (the label-collision control)."""
     out = [("stl", "equal")]
+    if quick:
+        return out + list(QUICK)
     for arch in ARCHITECTURES:
         for w, cls in WEIGHTINGS.items():
             if arch == "soft" and cls.needs_grads:
                 continue  # soft sharing has no shared parameters for gradient-based methods
-            if quick and (arch in QUICK_SKIP or not (w == "equal" or (arch == "hard" and w in QUICK_WEIGHTINGS))):
-                continue
-            if not quick and "shared_outputs" in arch and w != "equal":
+            if "shared_outputs" in arch and w != "equal":
                 continue  # the label-collision controls need one weighting only
             out.append((arch, w))
     return out
@@ -113,10 +120,21 @@ def write_section(out: str, key: str, lines: list[str], title: str = "Multi-task
     path.write_text(text)
 
 
-def make_model(arch: str, w: str, hidden: int, size: int, lr: float) -> MultiTaskModule:
+def make_model(arch: str, w: str, hidden: int, size: int, lr: float, dm) -> MultiTaskModule:
     architecture = A.SoftSharing(penalty=0.0) if arch == "stl" else ARCHITECTURES[arch]()
     trunk = Conv4(out_features=0, hidden=hidden, image_size=size, track_running_stats=True)
-    return MultiTaskModule(trunk, architecture=architecture, weighting=WEIGHTINGS[w](),
+    heads = None
+    if arch == "hard_3_blocks":
+        top = trunk.features[3]
+        feat = trunk.feature_dim
+        trunk = nn.Sequential(*trunk.features[:3])
+        heads = [nn.Sequential(copy.deepcopy(top), nn.Flatten(), nn.Linear(feat, spec.out_features))
+                 for spec in dm.task_specs]
+        for h in heads[1:]:
+            for m in h.modules():
+                if m is not h and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+    return MultiTaskModule(trunk, architecture=architecture, weighting=WEIGHTINGS[w](), heads=heads,
                            optimizer=lambda ps: torch.optim.Adam(ps, lr=lr))
 
 
@@ -128,12 +146,16 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=int, default=16, help="square image size (at least 16)")
     p.add_argument("--batch-size-per-task", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument("--save", default=None, help="also write the accuracies to this JSON file")
+    p.add_argument("--merge", default=None,
+                   help="comma-separated JSON files of --save runs (e.g. one process per seed): tabulate them")
     p.add_argument("--only", default=None,
                    help="comma-separated runs to keep, e.g. 'hard/equal,mtan/equal' (STL always runs)")
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = 3
-    seeds = _bench.setup(args)
+    seeds = [args.first_seed + s for s in _bench.setup(args)]
     steps = args.steps or (200 if args.quick else 600)
     hidden, size = args.hidden, args.image_size
     plan = runs(args.quick) if not args.only else [
@@ -142,20 +164,33 @@ def main(argv=None) -> None:
     acc: dict[str, list[list[float]]] = {}
     names: list[str] = []
     per_epoch = max(steps // 10, 1)
-    for seed in seeds:
+    merged_s = 0.0
+    if args.merge:
+        seeds = []
+        for f in args.merge.split(","):
+            saved = json.loads(Path(f).read_text())
+            names, seeds, merged_s = saved["names"], seeds + saved["seeds"], merged_s + saved["seconds"]
+            for label, rows in saved["acc"].items():
+                acc.setdefault(label, []).extend(rows)
+        plan = []
+    for seed in seeds if not args.merge else []:
         for arch, w in plan:
             label = STL if arch == "stl" else f"{arch} / {w}"
             seed_everything(seed)
             dm = OmniglotAlphabetsDataModule(image_size=size, batch_size_per_task=args.batch_size_per_task,
                                              train_drawers=args.train_drawers, steps_per_epoch=per_epoch,
                                              eval_batch_size=512, seed=seed)
-            model = make_model(arch, w, hidden, size, args.lr)
+            dm.setup()
+            model = make_model(arch, w, hidden, size, args.lr, dm)
             metrics, fit_s = _bench.fit_and_test(model, dm, steps)
             names = model.task_names
             row = [float(metrics[f"test/tasks/{n}/acc"]) for n in names]
             acc.setdefault(label, []).append(row)
             print(f"seed {seed} {label:36s} mean acc {statistics.fmean(row):.3f}  ({fit_s:.0f} s)", flush=True)
-    total = time.perf_counter() - start
+    if args.save:
+        Path(args.save).write_text(json.dumps({"names": names, "seeds": seeds, "acc": acc,
+                                               "seconds": time.perf_counter() - start}))
+    total = time.perf_counter() - start + merged_s
     stl = torch.tensor(acc[STL])  # [seeds, T]
 
     def delta_m(rows) -> list[float]:
