@@ -517,12 +517,6 @@ class GradNorm(Weighting):
 
 
 # ------------------------------------------------------------------------------- newer methods
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """A torch generator seeded from ``(seed, step)``: the same draw on every DDP rank at a step."""
-    state = np.random.SeedSequence([int(seed), int(step)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
 class RLW(Weighting):
     """Random loss weighting (Lin et al., 2022): ``w = softmax(z)`` with a fresh ``z ~ N(0, I)`` every
     step, over the tasks of the step; the weights sum to 1. ``z`` is drawn from a generator seeded by
@@ -535,7 +529,7 @@ class RLW(Weighting):
 
     def logits(self, step: int, num: int) -> Tensor:
         """The normal draws ``z`` of ``step`` for ``num`` active tasks (float64)."""
-        return torch.randn(num, generator=step_generator(self.seed, step), dtype=torch.float64)
+        return torch.randn(num, generator=seeded_generator(self.seed, int(step)), dtype=torch.float64)
 
     def compute_weights(self, stats: TaskStats) -> Tensor:
         self._check(stats)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from tasklight.core.seeding import seeded_generator
 from tasklight.multitask.weighting import (
     CAGrad, DROWeighting, DWA, EqualWeighting, FAMO, GradNorm, IMTL, MGDA, NashMTL, PCGrad, RLW, StaticWeighting,
     TaskStats, UncertaintyWeighting, UPGrad, min_norm_weights, nash_bargaining_weights, pcgrad_coefficients,
-    step_generator,
 )
 
 
@@ -237,7 +237,7 @@ def test_loss_ratio_methods_measure_from_the_lower_bound_and_reject_losses_below
 def test_rlw_is_a_softmax_of_seeded_normal_draws_per_step():
     r = ready(RLW(seed=3), 4)
     w = r.compute_weights(stats(torch.ones(4), step=5))
-    gen = step_generator(3, 5)
+    gen = seeded_generator(3, 5)
     torch.testing.assert_close(w, torch.softmax(torch.randn(4, generator=gen, dtype=torch.float64), 0).float())
     assert float(w.sum()) == pytest.approx(1.0) and w.min() > 0
     assert torch.equal(w, r.compute_weights(stats(torch.ones(4), step=5)))  # every rank draws the same
