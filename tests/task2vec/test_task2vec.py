@@ -252,39 +252,46 @@ UNSEEN = ["Greek", "Korean", "Sanskrit", "Tagalog"]  # the benchmark's unseen ha
 
 
 @pytest.fixture(scope="module")
-def probe_and_unseen_tasks(omniglot):
-    """A rotation-augmented Conv4 probe trained on the other four alphabets, and 5-way tasks (all 20
-    drawers) of the unseen alphabets, at most four per alphabet, on disjoint characters."""
+def unseen_probe(omniglot):
+    """A rotation-augmented Conv4 probe trained (one epoch) on the four alphabets not in UNSEEN."""
     from tasklight.task2vec import omniglot_probe
 
     data = omniglot
     x_all = data.images.float().div(255).unsqueeze(1)
     seen = ~torch.isin(data.image_alphabet, torch.tensor([data.alphabets.index(a) for a in UNSEEN]))
-    probe = omniglot_probe(x_all[seen], data.image_character[seen], hidden=32, epochs=1, seed=0)
+    return omniglot_probe(x_all[seen], data.image_character[seen], hidden=32, epochs=1, seed=0)
+
+
+def unseen_tasks(data, seed: int) -> tuple[dict, list[str]]:
+    """Every 5-way task (all 20 drawers) of the unseen alphabets, on disjoint random characters: 23 tasks."""
+    x_all = data.images.float().div(255).unsqueeze(1)
     tasks, alphabet_of = {}, []
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     for a in UNSEEN:
         chars = (data.character_alphabet == data.alphabets.index(a)).nonzero().flatten()
         chars = chars[torch.randperm(len(chars), generator=gen)]
-        for k in range(min(4, len(chars) // 5)):
+        for k in range(len(chars) // 5):
             m = torch.isin(data.image_character, chars[5 * k: 5 * (k + 1)])
             tasks[f"{a}/{k}"] = (x_all[m], data.image_character[m])
             alphabet_of.append(a)
-    return probe, tasks, alphabet_of
+    return tasks, alphabet_of
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_same_alphabet_tasks_are_closer_on_a_probe_trained_on_other_alphabets(probe_and_unseen_tasks, seed):
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_same_alphabet_tasks_are_closer_on_a_probe_trained_on_other_alphabets(omniglot, unseen_probe, seed):
     """Achille et al. (2019), Fig. 2: distances follow the taxonomy. The Spearman correlation between
-    d_sym and "different alphabet" over the 105 pairs of 15 tasks is positive, with the whole 95 %
-    bootstrap interval (over tasks) above zero, for two seeds of the Monte-Carlo labels."""
+    d_sym and "different alphabet" over the 253 pairs of 23 tasks is positive, with the whole 95 %
+    bootstrap interval (over tasks) above zero, for two random cuts of the alphabets into tasks.
+    The exact Fisher (expectation over the labels) leaves out the Monte-Carlo noise (measured on
+    this probe: 0.41 [0.22, 0.58] exact, 0.27-0.29 [0.01-0.04, 0.49-0.51] with two sampled labels)."""
     from tasklight.task2vec import taxonomy_correlation
 
-    probe, tasks, alphabet_of = probe_and_unseen_tasks
-    embeddings = Task2Vec(probe, mc_samples=2, seed=seed).embed_tasks(tasks)
-    d = distance_matrix(embeddings)
+    tasks, alphabet_of = unseen_tasks(omniglot, seed)
+    assert len(tasks) == 23
+    d = distance_matrix(Task2Vec(unseen_probe, exact=True).embed_tasks(tasks))
     rho, low, high = taxonomy_correlation(d, alphabet_of, reps=500, seed=seed)
-    assert low > 0.0 and rho > 0.2, (rho, low, high)
+    assert low > 0.05 and rho > 0.25, (rho, low, high)
     # the same statistic on a shuffled taxonomy is not positive: the test can fail
     shuffled = [alphabet_of[i] for i in torch.randperm(len(alphabet_of), generator=torch.Generator().manual_seed(5))]
     assert taxonomy_correlation(d, shuffled, reps=100)[1] < 0.0
