@@ -27,8 +27,8 @@ import _bench  # noqa: E402
 from bench_mtl_omniglot import OUT, write_section  # noqa: E402
 
 from tasklight.data.multitask import OmniglotAlphabetsDataModule  # noqa: E402
-from tasklight.lightning_modules import weighting as W  # noqa: E402
-from tasklight.multitask.module import MultiTaskModule  # noqa: E402
+from tasklight.multitask import weighting as W  # noqa: E402
+from tasklight.multitask import HardSharing, MultiTaskModule  # noqa: E402
 from tasklight.nn.nets import Conv4  # noqa: E402
 
 METHODS = {
@@ -42,6 +42,16 @@ METHODS = {
     "gradnorm (parameters)": lambda: W.GradNorm(grad_source="parameters"),
     "mgda (parameters)": lambda: W.MGDA(grad_source="parameters"),
     "pcgrad (parameters)": lambda: W.PCGrad(grad_source="parameters"),
+    "rlw": W.RLW,
+    "famo": W.FAMO,
+    "cagrad (representation)": lambda: W.CAGrad(grad_source="representation"),
+    "nashmtl (representation)": lambda: W.NashMTL(grad_source="representation"),
+    "imtl (representation)": lambda: W.IMTL(grad_source="representation"),
+    "upgrad (representation)": lambda: W.UPGrad(grad_source="representation"),
+    "cagrad (parameters)": lambda: W.CAGrad(grad_source="parameters"),
+    "nashmtl (parameters)": lambda: W.NashMTL(grad_source="parameters"),
+    "imtl (parameters)": lambda: W.IMTL(grad_source="parameters"),
+    "upgrad (parameters)": lambda: W.UPGrad(grad_source="parameters"),
 }
 
 
@@ -59,7 +69,7 @@ class StepTimer(Callback):
 
 def burst(make, dm, hidden: int, steps: int) -> list[float]:
     seed_everything(0)
-    model = MultiTaskModule(Conv4(out_features=0, hidden=hidden), weighting=make())
+    model = MultiTaskModule(Conv4(out_features=0, hidden=hidden), architecture=HardSharing(), weighting=make())
     timer = StepTimer()
     trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
@@ -69,13 +79,13 @@ def burst(make, dm, hidden: int, steps: int) -> list[float]:
 
 def main(argv=None) -> None:
     p = _bench.parser(__doc__, OUT)
-    p.add_argument("--rounds", type=int, default=None, help="turns per method (default 5 quick, 8 full)")
-    p.add_argument("--steps", type=int, default=None, help="steps per turn (default 8 quick, 12 full)")
+    p.add_argument("--rounds", type=int, default=None, help="turns per method (default 3 quick, 8 full)")
+    p.add_argument("--steps", type=int, default=None, help="steps per turn (default 6 quick, 12 full)")
     p.add_argument("--hidden", type=int, default=32, help="Conv4 width")
     args = p.parse_args(argv)
     _bench.setup(args)
-    rounds = args.rounds or (5 if args.quick else 8)
-    steps = args.steps or (8 if args.quick else 12)
+    rounds = args.rounds or (3 if args.quick else 8)
+    steps = args.steps or (6 if args.quick else 12)
     dm = OmniglotAlphabetsDataModule(batch_size_per_task=8, steps_per_epoch=10_000)
     start = time.perf_counter()
     times: dict[str, list[float]] = {m: [] for m in METHODS}

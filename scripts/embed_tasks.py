@@ -67,7 +67,8 @@ def load_probe(cfg, init) -> nn.Module:
     if probe is None:
         raise ValueError("no probe: pass --probe_ckpt (a checkpoint) or --probe.class_path (a network)")
     if cfg.probe_state:
-        state = torch.load(cfg.probe_state, map_location="cpu", weights_only=False)
+        # weights only: a state file holds tensors, never code (a full pickled object is refused)
+        state = torch.load(cfg.probe_state, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]  # a Lightning checkpoint
         if cfg.probe_state_prefix:

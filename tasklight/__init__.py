@@ -19,10 +19,11 @@ from tasklight.meta import IMAMLModule, MAMLModule, MetaLearner  # noqa: E402
 from tasklight.multitask import MultiTaskModule, TwoObjectiveToyDataModule  # noqa: E402
 from tasklight.nn import MLP, Conv4, HistogramLoss, MahalanobisLoss  # noqa: E402
 from tasklight.task2vec import Task2Vec  # noqa: E402
+from tasklight.strategies import TimedDDPStrategy  # noqa: E402
 from tasklight.taskmet import DecisionDataModule, DFLModule, MSEModule, TaskMetModule  # noqa: E402
 
 __all__ = ["__version__", "MetaLearner", "MAMLModule", "IMAMLModule", "MultiTaskModule", "TaskMetModule",
            "MSEModule", "DFLModule", "Task2Vec", "MLP", "Conv4", "HistogramLoss", "MahalanobisLoss", "MetaBatch",
            "MultiTaskBatch", "TaskSpec", "SinusoidDataModule", "OmniglotDataModule", "MultiTaskDataModule",
            "OmniglotAlphabetsDataModule", "SinusoidTasksDataModule", "TwoObjectiveToyDataModule",
-           "DecisionDataModule", "GradientConflictMonitor", "TaskLossLogger", "Task2VecCallback"]
+           "DecisionDataModule", "GradientConflictMonitor", "TaskLossLogger", "Task2VecCallback", "TimedDDPStrategy"]

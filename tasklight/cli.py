@@ -15,6 +15,9 @@ from typing import Optional
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from tasklight.core.checkpoint import check_checkpoint_file
+from tasklight.strategies import DEFAULT_PROCESS_GROUP_TIMEOUT, timed_strategy
+
 
 class TasklightCLI(LightningCLI):
     """LightningCLI with tasklight's defaults.
@@ -28,6 +31,31 @@ class TasklightCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after `fit`, run `test` with the fitted weights and print the metrics")
+        parser.add_argument("--process_group_timeout", type=float, default=DEFAULT_PROCESS_GROUP_TIMEOUT,
+                            help="seconds a DDP collective waits for the other ranks before the run fails "
+                                 "(a dead rank then ends the run instead of hanging it)")
+
+    def instantiate_trainer(self, **kwargs):
+        timeout = self._get(self.config_init, "process_group_timeout", default=DEFAULT_PROCESS_GROUP_TIMEOUT)
+        strategy = (self._get(self.config_init, "trainer", default={}) or {}).get("strategy")
+        if isinstance(strategy, str) and "strategy" not in kwargs:
+            kwargs["strategy"] = timed_strategy(strategy, timeout)
+        return super().instantiate_trainer(**kwargs)
+
+    def _check_ckpt_path(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        path = cfg.get("ckpt_path")
+        if path:
+            check_checkpoint_file(path)  # names a truncated / corrupted file before Lightning reads it
+
+    def before_fit(self) -> None:
+        self._check_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+
+    def before_test(self) -> None:
+        self._check_ckpt_path()
 
     def after_fit(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config

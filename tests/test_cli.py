@@ -30,6 +30,7 @@ def test_every_config_parses(name, capsys):
     assert "class_path" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", META_CONFIGS)
 def test_meta_config_runs_fit_then_test(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -42,6 +43,7 @@ def test_meta_config_runs_fit_then_test(name, tmp_path, monkeypatch):
     assert key in metrics and f"{key}@0" in metrics  # fit ended with a test on the fitted weights
 
 
+@pytest.mark.slow
 def test_console_entry_point_fit_and_test_from_checkpoint(tmp_path):
     env_cmd = [sys.executable, "-m", "tasklight.cli"]
     args = ["--config", str(ROOT / "configs" / "maml_sinusoid.yaml"), *TINY, "--test_after_fit", "false",

@@ -24,6 +24,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torchmetrics import Metric
 
+from tasklight.core.outer import check_finite_metrics
+
 FIELDS = ("loss_sum", "count", "metric_sum", "weight_sum", "steps")
 METRIC_NAMES = {"classification": "acc", "regression": "mse"}
 
@@ -42,7 +44,7 @@ class TaskMeans(Metric):
         if values.shape != (self.num_fields, self.num_tasks):
             raise ValueError(f"TaskMeans expects values of shape {(self.num_fields, self.num_tasks)}, got "
                              f"{tuple(values.shape)}")
-        self.totals += values.detach().to(self.totals)
+        self.totals = self.totals + values.detach().to(self.totals)  # out of place (ddp_spawn shares states)
 
     def compute(self) -> Tensor:
         return self.totals
@@ -138,6 +140,8 @@ class TaskLossLogger(Callback):
             sel = torch.tensor([k == kind for k in kinds]) & has
             if bool(sel.any()):
                 logs[f"{stage}/{mname}"] = float(res["metric"][sel].mean())
+        if stage in ("val", "test"):
+            check_finite_metrics(logs, where=stage)  # a NaN evaluation loss is an error, not a logged number
         if logs:
             pl_module.log_dict(logs, sync_dist=False, rank_zero_only=False)
         if stage == "val":

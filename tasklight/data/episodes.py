@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from tasklight.core.seeding import seeded_generator
 from tasklight.data.batch import MetaBatch, collate_tasks
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -26,8 +26,7 @@ STREAMS = {"train": 0, "val": 1, "test": 2, "predict": 3}
 
 def episode_generator(seed: int, stream: int, rank: int, index: int) -> torch.Generator:
     """A torch generator seeded from the tuple (seed, stream, rank, index)."""
-    state = np.random.SeedSequence([seed, stream, rank, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return seeded_generator(seed, stream, rank, index)
 
 
 class NWayKShot:
@@ -154,6 +153,12 @@ class EpisodicDataModule(LightningDataModule):
                  test_episodes: int = 600, eval_batch_size: Optional[int] = None, seed: int = 0,
                  num_workers: int = 0) -> None:
         super().__init__()
+        for name, value, low in (("meta_batch_size", meta_batch_size, 1), ("batches_per_epoch", batches_per_epoch, 1),
+                                 ("val_episodes", val_episodes, 1), ("test_episodes", test_episodes, 1),
+                                 ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size, 1),
+                                 ("num_workers", num_workers, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be >= {low} (an integer), got {value!r}")
         self.meta_batch_size, self.batches_per_epoch = meta_batch_size, batches_per_epoch
         self.val_episodes, self.test_episodes = val_episodes, test_episodes
         self.eval_batch_size = eval_batch_size or meta_batch_size
@@ -186,6 +191,23 @@ class EpisodicDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test", self.test_episodes)
 
+    def train_targets(self, episodes: int = 1000) -> Tensor:
+        """The targets (support and query) of the first ``episodes`` training tasks, flattened.
+
+        Regression learners fit a loss's support to them (``HistogramLoss(support="auto")``). They
+        are the tasks of rank 0's training stream, so every DDP rank gets the same values.
+        """
+        if episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {episodes}")
+        stream = EpisodeStream(self.task_fn("train"), self.meta_batch_size, 1, self.seed, rank=0)
+        ys, n, index = [], 0, 0
+        while n < episodes:
+            batch = stream.meta_batch(index)
+            take = min(episodes - n, batch.num_tasks)
+            ys += [batch.support_y[:take].flatten(), batch.query_y[:take].flatten()]
+            n, index = n + take, index + 1
+        return torch.cat(ys)
+
     # resumption --------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         trainer = self.trainer
@@ -195,11 +217,38 @@ class EpisodicDataModule(LightningDataModule):
                 self._train_stream.start = self.consumed  # the next epoch's iterator starts here
         return batch
 
+    def episode_settings(self) -> dict:
+        """The settings that give the learner's state its meaning (``n_way``, ``k_shot``, ...)."""
+        return episode_settings(self)
+
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed}
+        return {"consumed": self.consumed, "seed": self.seed, "settings": episode_settings(self)}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("settings")
+        if saved is not None:
+            mine = episode_settings(self)
+            diff = {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
+            if diff:
+                text = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                raise ValueError(f"the checkpoint was trained on other episodes ({text}): resume with the checkpoint's "
+                                 f"data settings, or start a new run (load the weights only) for the new ones.")
         self.consumed = int(state_dict.get("consumed", 0))
         if int(state_dict.get("seed", self.seed)) != self.seed:
             raise ValueError(f"the checkpoint's episode seed {state_dict['seed']} differs from the DataModule's "
                              f"seed {self.seed}; resume with the same `seed` to continue the same task stream.")
+
+
+# settings that do not change what a checkpoint's state means (a resumed run may change them)
+RESUMABLE_SETTINGS = frozenset({"root", "cache_dir", "num_workers", "batches_per_epoch", "steps_per_epoch",
+                                "val_episodes", "test_episodes", "eval_batch_size", "seed", "download"})
+
+
+def episode_settings(dm) -> dict:
+    """A DataModule's saved hyperparameters that change what a learner's state means (all plain-valued
+    ones but :data:`RESUMABLE_SETTINGS`), plus ``meta_batch_size``."""
+    hp = dict(getattr(dm, "hparams", {}) or {})
+    if hasattr(dm, "meta_batch_size"):
+        hp.setdefault("meta_batch_size", dm.meta_batch_size)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(hp.items())
+            if k not in RESUMABLE_SETTINGS and isinstance(v, (int, float, str, bool, tuple, list, type(None)))}

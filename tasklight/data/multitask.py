@@ -243,6 +243,14 @@ class MultiTaskDataModule(LightningDataModule):
         self.test_sets = test or [None] * num
         self.descriptors = load_descriptors(self._descriptor_source, num, [t.name for t in tasks])
 
+    def train_targets(self, task: int) -> Tensor:
+        """All training targets of task ``task`` (e.g. to fit a ``HistogramLoss(support="auto")``)."""
+        self.setup()
+        if not 0 <= task < len(self.train_sets):
+            raise IndexError(f"task {task} out of range: there are {len(self.train_sets)} tasks")
+        ds = self.train_sets[task]
+        return _fetch(ds, torch.arange(len(ds)))[1]
+
     @property
     def num_tasks(self) -> int:
         self.setup()

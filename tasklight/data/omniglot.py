@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +25,40 @@ PathLike = Union[str, os.PathLike]
 _DRAWER = re.compile(r"_(\d+)\.png$", re.IGNORECASE)
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+ASSETS = Path(__file__).resolve().parent / "assets" / "omniglot"
+
+#: The official Omniglot zips (Lake et al. 2015, MIT licence) and their MD5 checksums.
+OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+OMNIGLOT_FILES = {"images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
+                  "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811"}
 
 
 def default_omniglot_root() -> Path:
-    """``$TASKLIGHT_OMNIGLOT`` if set, else ``../shared/data/omniglot`` beside the repository."""
+    """``$TASKLIGHT_OMNIGLOT`` if set, else the two small background sets shipped with tasklight.
+
+    ``tasklight/data/assets/omniglot`` holds ``images_background_small1.zip`` and
+    ``images_background_small2.zip`` (the Omniglot "minimal" sets: 5 alphabets each, 3 MB, MIT
+    licence). The full background and evaluation sets: ``OmniglotDataModule(download=True)``.
+    """
     env = os.environ.get("TASKLIGHT_OMNIGLOT")
-    if env:
-        return Path(env)
-    for base in (repo_root(), Path.cwd()):
-        cand = (base / ".." / "shared" / "data" / "omniglot").resolve()
-        if cand.exists():
-            return cand
-    return (repo_root() / ".." / "shared" / "data" / "omniglot").resolve()
+    return Path(env) if env else ASSETS
+
+
+def default_download_root() -> Path:
+    """Where ``download=True`` puts the full Omniglot zips: ``<cache>/omniglot``."""
+    return default_cache_dir() / "omniglot"
+
+
+def download_omniglot(root: Optional[PathLike] = None, base_url: str = OMNIGLOT_URL,
+                      files: Optional[dict[str, str]] = None) -> Path:
+    """Fetch the official background and evaluation zips into ``root`` (checksums verified,
+    atomic, resumable; files already there and intact are kept). Returns ``root``."""
+    from tasklight.data.download import download
+
+    root = Path(root) if root is not None else default_download_root()
+    for name, md5 in (OMNIGLOT_FILES if files is None else files).items():
+        download(f"{base_url.rstrip('/')}/{name}", root / name, md5)
+    return root
 
 
 def default_cache_dir() -> Path:
@@ -76,16 +97,57 @@ def _sources(root: Path) -> list[tuple[str, object]]:
     if not root.exists():
         raise FileNotFoundError(
             f"Omniglot data not found at {root}. Pass `root` (a folder in the layout alphabet/character/*.png, "
-            f"a folder of Omniglot zip files, or one zip file), or set TASKLIGHT_OMNIGLOT. The tests and default "
-            f"configs read ../shared/data/omniglot beside the repository.")
+            f"a folder of Omniglot zip files, or one zip file), set TASKLIGHT_OMNIGLOT, or pass download=True "
+            f"to fetch the official background and evaluation sets.")
     if root.is_file():
         if root.suffix != ".zip":
             raise ValueError(f"{root} is a file but not a .zip; give a folder or an Omniglot zip file")
-        return [(root.name, zipfile.ZipFile(root))]
-    zips = sorted(root.glob("*.zip"))
-    if zips:
-        return [(z.name, zipfile.ZipFile(z)) for z in zips]
-    return [(root.name, root)]
+        return [(root.name, _open_zip(root))]
+    # the folder's own alphabet/character/*.png tree first, then every zip in it: a zip beside an
+    # extracted tree adds alphabets, it does not hide the tree
+    return [(root.name, root)] + [(z.name, _open_zip(z)) for z in sorted(root.glob("*.zip"))]
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path} is not a readable zip file ({e}); remove it from the Omniglot folder or "
+                         f"download it again") from e
+
+
+def _fingerprint(src, members: Iterable[str]) -> list:
+    """What the cache key knows of each image file: the zip's CRC-32 and size of every member
+    (a content checksum), or a loose file's size and modification time (ns)."""
+    if isinstance(src, zipfile.ZipFile):
+        return [(m, src.getinfo(m).CRC, src.getinfo(m).file_size) for m in members]
+    out = []
+    for m in members:
+        st = (src / m).stat()
+        out.append((m, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _decode_png(data: bytes, where: str, image_size: int) -> np.ndarray:
+    """One Omniglot image as uint8 ``[image_size, image_size]``, white strokes on black.
+
+    Transparent pixels (RGBA, LA, or a palette/grey image with a transparency key) are composited
+    over the white paper before conversion to grey, so a transparent background stays background.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                rgba = im.convert("RGBA")
+                paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(paper, rgba)
+            grey = im.convert("L").resize((image_size, image_size), Image.LANCZOS)
+            return 255 - np.asarray(grey, dtype=np.uint8)
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
+        raise ValueError(f"cannot read the Omniglot image {where}: {type(e).__name__}: {e}. Replace or delete "
+                         f"this file (or download the dataset again).") from e
 
 
 def _list_pngs(src) -> list[tuple[str, str, str]]:
@@ -116,8 +178,6 @@ def load_omniglot(root: Optional[PathLike] = None, image_size: int = 28, cache_d
     Alphabets that occur in several sources (Greek and Latin are in both "small" background sets)
     are taken once, from the first source. ``alphabets`` restricts the set by name.
     """
-    from PIL import Image
-
     root = Path(root) if root is not None else default_omniglot_root()
     sources = _sources(root)
     entries: dict[str, dict[str, list[tuple[int, str]]]] = {}
@@ -137,42 +197,77 @@ def load_omniglot(root: Optional[PathLike] = None, image_size: int = 28, cache_d
     if not entries:
         raise FileNotFoundError(f"no images in the layout alphabet/character/*.png under {root}")
 
-    key = hashlib.sha1(repr((str(root.resolve()), image_size, sorted((a, sorted((c, len(v)) for c, v in chars.items()))
-                                                                     for a, chars in entries.items()))).encode())
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_file = cache / f"omniglot_{key.hexdigest()[:16]}.pt"
-    if cache_file.exists():
-        try:
-            return OmniglotImages(**torch.load(cache_file, weights_only=False))
-        except Exception:  # a corrupt cache is rebuilt
-            pass
-
     alpha_names = sorted(entries)
-    images, img_a, img_c, img_d, char_names, char_a = [], [], [], [], [], []
     src_of = {a: sources[owner[a]][1] for a in alpha_names}
+    # the key covers every image file's contents (zip CRC) or size and mtime (loose files), so an
+    # image edited in place is never served from a stale cache
+    files = [(a, c, _fingerprint(src_of[a], [m for _, m in sorted(entries[a][c])]))
+             for a in alpha_names for c in sorted(entries[a])]
+    key = hashlib.sha256(repr((CACHE_VERSION, str(root.resolve()), image_size, files)).encode())
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache / f"omniglot_{key.hexdigest()[:24]}.npz"
+    if cache_file.exists():
+        cached = _read_cache(cache_file)
+        if cached is not None:
+            return cached
+
+    images, img_a, img_c, img_d, char_names, char_a = [], [], [], [], [], []
     for ai, a in enumerate(alpha_names):
         for c in sorted(entries[a]):
             ci = len(char_names)
             char_names.append(f"{a}/{c}")
             char_a.append(ai)
             for drawer, member in sorted(entries[a][c]):
-                with Image.open(io.BytesIO(_read(src_of[a], member))) as im:
-                    im = im.convert("L").resize((image_size, image_size), Image.LANCZOS)
-                    images.append(255 - np.asarray(im, dtype=np.uint8))
+                label = f"{sources[owner[a]][0]}:{member}"
+                images.append(_decode_png(_read(src_of[a], member), label, image_size))
                 img_a.append(ai)
                 img_c.append(ci)
                 img_d.append(drawer)
     data = dict(images=torch.from_numpy(np.stack(images)), image_alphabet=torch.tensor(img_a),
                 image_character=torch.tensor(img_c), image_drawer=torch.tensor(img_d), alphabets=alpha_names,
                 characters=char_names, character_alphabet=torch.tensor(char_a))
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save(data, tmp)
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass  # read-only home: work from memory
+    _write_cache(cache_file, data)
     return OmniglotImages(**data)
+
+
+CACHE_VERSION = 2
+_CACHE_TENSORS = ("images", "image_alphabet", "image_character", "image_drawer", "character_alphabet")
+
+
+def _write_cache(cache_file: Path, data: dict) -> None:
+    """Plain arrays in an ``.npz`` (no pickle), written atomically."""
+    arrays = {k: data[k].numpy() for k in _CACHE_TENSORS}
+    arrays["alphabets"] = np.asarray(data["alphabets"], dtype=str)
+    arrays["characters"] = np.asarray(data["characters"], dtype=str)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f"{cache_file.stem}.tmp{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, cache_file)
+    except OSError as e:  # a read-only cache folder: work from memory, and say so
+        warnings.warn(f"could not write the Omniglot cache {cache_file} ({e}); images are decoded again next "
+                      f"time. Set TASKLIGHT_CACHE or cache_dir to a writable folder.", RuntimeWarning)
+
+
+def _read_cache(cache_file: Path) -> Optional[OmniglotImages]:
+    """The cached images, or None (with a warning naming the file) if it is not a valid cache.
+
+    ``allow_pickle=False``: a cache file can hold arrays only, never code.
+    """
+    try:
+        with np.load(cache_file, allow_pickle=False) as z:
+            fields = {k: torch.from_numpy(z[k].copy()) for k in _CACHE_TENSORS}
+            fields["alphabets"] = [str(a) for a in z["alphabets"]]
+            fields["characters"] = [str(c) for c in z["characters"]]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        warnings.warn(f"ignoring the invalid Omniglot cache file {cache_file} ({type(e).__name__}: {e}); it is "
+                      f"rebuilt from the images.", RuntimeWarning)
+        return None
+    n = fields["images"].shape[0]
+    if fields["images"].dtype != torch.uint8 or any(fields[k].shape != (n,) for k in _CACHE_TENSORS[1:4]):
+        warnings.warn(f"ignoring the inconsistent Omniglot cache file {cache_file}; it is rebuilt.", RuntimeWarning)
+        return None
+    return OmniglotImages(**fields)
 
 
 # --------------------------------------------------------------------------------- DataModule
@@ -242,7 +337,12 @@ class OmniglotDataModule(EpisodicDataModule):
 
     Args:
         root: a folder in the layout ``alphabet/character/*.png``, a folder of Omniglot zip files,
-            or one zip; default ``../shared/data/omniglot`` (``$TASKLIGHT_OMNIGLOT`` overrides).
+            or one zip; default: the two small background sets shipped with tasklight
+            (``$TASKLIGHT_OMNIGLOT`` overrides), or with ``download=True`` ``<cache>/omniglot``.
+        download: fetch the official ``images_background.zip`` and ``images_evaluation.zip`` (964 +
+            659 characters) into ``root`` if they are not there yet, verifying their MD5 checksums;
+            the writes are atomic and an interrupted download resumes.
+        download_url: where the zips are fetched from (a mirror holding the same files).
         n_way, k_shot, q_queries: classes per episode, support and query images per class.
         image_size: images are resized to this square size (28 as in the literature).
         rotations: add the 90/180/270-degree rotations of each training character as new classes.
@@ -252,7 +352,8 @@ class OmniglotDataModule(EpisodicDataModule):
         split_seed: seed of the split (independent of the episode ``seed``).
     """
 
-    def __init__(self, root: Optional[str] = None, n_way: int = 5, k_shot: int = 1, q_queries: int = 15,
+    def __init__(self, root: Optional[str] = None, download: bool = False, download_url: str = OMNIGLOT_URL,
+                 n_way: int = 5, k_shot: int = 1, q_queries: int = 15,
                  meta_batch_size: int = 16, batches_per_epoch: int = 200, val_episodes: int = 200,
                  test_episodes: int = 600, eval_batch_size: Optional[int] = None, image_size: int = 28,
                  rotations: bool = True, split: Literal["character", "alphabet"] = "character",
@@ -262,9 +363,13 @@ class OmniglotDataModule(EpisodicDataModule):
         super().__init__(meta_batch_size, batches_per_epoch, val_episodes, test_episodes, eval_batch_size, seed,
                          num_workers)
         self.save_hyperparameters()
-        self.root = Path(root) if root else default_omniglot_root()
-        if not self.root.exists():
-            _sources(self.root)  # raises the clear missing-data error now, not at fit time
+        self.download, self.download_url = download, download_url
+        if download:
+            self.root = Path(root) if root else default_download_root()
+        else:
+            self.root = Path(root) if root else default_omniglot_root()
+            if not self.root.exists():
+                _sources(self.root)  # raises the clear missing-data error now, not at fit time
         self.n_way, self.k_shot, self.q_queries = n_way, k_shot, q_queries
         self.image_size, self.rotations = image_size, rotations
         self.split, self.split_fractions, self.split_seed = split, tuple(split_fractions), split_seed
@@ -279,11 +384,15 @@ class OmniglotDataModule(EpisodicDataModule):
         self._samplers: dict[str, NWayKShot] = {}
 
     def prepare_data(self) -> None:
+        if self.download:
+            download_omniglot(self.root, self.download_url)
         load_omniglot(self.root, self.image_size, self.cache_dir)  # builds the cache once
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.data is not None:
             return
+        if self.download:
+            download_omniglot(self.root, self.download_url)  # no-op when prepare_data already ran
         self.data = load_omniglot(self.root, self.image_size, self.cache_dir)
         self.splits = split_characters(self.data, self.split, self.split_fractions, self.split_seed,
                                        self.alphabet_split)

@@ -13,6 +13,7 @@ schedulers stepped by hand), non-finite handling, evaluation with gradients enab
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Union
 
@@ -23,8 +24,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from tasklight.data.batch import MetaBatch, check_episode_shapes
-from tasklight.metrics import MeanCI
+from tasklight.metrics import MeanCI, unshare_state
+from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
 from tasklight.core.functional import FunctionalLearner, check_finite_inner
+from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_metrics, configure_outer_optimizers,
+                                  default_optimizer, outer_step, setup_outer_step)
+from tasklight.nn.losses import TargetChecked, align_target, fit_auto_support
 from tasklight.nn.nets import make_vmap_safe
 
 
@@ -33,11 +38,6 @@ class MetaOutput:
     objective: Tensor  # scalar to backward (its gradient is the meta-gradient)
     query_losses: Tensor  # [T]
     inner_losses: Tensor  # [T, steps]
-
-
-def adam(params) -> torch.optim.Optimizer:
-    """The default outer optimiser: Adam with lr 1e-3."""
-    return torch.optim.Adam(params, lr=1e-3)
 
 
 def resolve_loss(loss: Union[str, nn.Module]) -> tuple[nn.Module, str]:
@@ -71,33 +71,40 @@ class MetaLearner(LightningModule):
         clip_grad_norm: clip the meta-gradient's global norm (None: no clipping).
         nonfinite: ``"raise"`` stops on a non-finite inner/query loss or meta-gradient; ``"skip"``
             skips that meta-step (parameters and optimiser state untouched) and counts it.
+        max_consecutive_skips: with ``nonfinite="skip"``, raise after this many skipped steps in a row.
+
+    The outer step itself is :func:`tasklight.core.outer.outer_step`, shared by every learner.
     """
 
     def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 1,
                  inner_lr: float = 0.01, eval_inner_steps: Optional[int] = None,
-                 extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = adam,
+                 extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
-                 nonfinite: Literal["raise", "skip"] = "raise") -> None:
+                 nonfinite: Literal["raise", "skip"] = "raise",
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
         super().__init__()
         self.automatic_optimization = False
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner steps must be >= 0, got inner_steps={inner_steps}, "
                              f"eval_inner_steps={eval_inner_steps}")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if any(int(k) != k or k < 0 for k in extra_eval_steps):
+            raise ValueError(f"extra_eval_steps must be inner step counts >= 0, got {list(extra_eval_steps)}")
+        if isinstance(inner_lr, (int, float)) and not (inner_lr >= 0 and math.isfinite(inner_lr)):
+            raise ValueError(f"inner_lr must be a finite number >= 0 (the inner loop's step size), got {inner_lr}")
+        setup_outer_step(self, clip_grad_norm, nonfinite, max_consecutive_skips)
         self.net = net
         make_vmap_safe(self.net)
         self.loss_fn, self.task_type = resolve_loss(loss)
-        self.core = FunctionalLearner(self.net, self.loss_fn)
+        # the loss the learner trains with: targets checked against outputs (no silent broadcasting)
+        self.checked_loss = TargetChecked(self.loss_fn, f"the network {type(net).__name__}")
+        self.core = FunctionalLearner(self.net, self.checked_loss)
         self.inner_steps, self.inner_lr = inner_steps, inner_lr
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.eval_steps = sorted({self.eval_inner_steps, *extra_eval_steps})
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.clip_grad_norm, self.nonfinite = clip_grad_norm, nonfinite
         self.metric_name = "acc" if self.task_type == "classification" else "mse"
         self.eval_metrics = nn.ModuleDict({f"{stage}_{k}": MeanCI() for stage in ("val", "test")
                                            for k in self.eval_steps})
-        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.input_ndim: Optional[int] = len(net.input_shape) if hasattr(net, "input_shape") else None
 
     # ----------------------------------------------------------------- to implement
@@ -110,41 +117,69 @@ class MetaLearner(LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+        return configure_outer_optimizers(self.optimizer_factory, self.scheduler_factory, self.parameters())
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        stamp_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        verify_checkpoint(self, checkpoint)
+
+    # ----------------------------------------------------------------- checks
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Per-process state (ddp_spawn), a ``HistogramLoss(support="auto")`` fitted to the DataModule's
+        training targets (once), and the head checked against the episodes."""
+        unshare_state(self)
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        fit_auto_support(self.loss_fn, getattr(dm, "train_targets", None), f"the DataModule {type(dm).__name__}")
+        n_way = getattr(dm, "n_way", None)
+        out = getattr(self.net, "out_features", None)
+        if self.task_type == "classification" and isinstance(n_way, int) and isinstance(out, int) and out != n_way:
+            raise ValueError(f"the network's head has out_features={out} but the episodes are n_way={n_way}-way: "
+                             f"set the net's out_features to {n_way} (one logit per class of an episode).")
+        bins = getattr(self.loss_fn, "num_bins", None)
+        if isinstance(bins, int) and isinstance(out, int) and out != bins:
+            raise ValueError(f"the network's head has out_features={out} but the loss "
+                             f"{type(self.loss_fn).__name__} has num_bins={bins}: set out_features to {bins}.")
+
+    def check_inputs(self, support_x: Tensor, support_y: Tensor) -> None:
+        """Examples against the net's ``input_shape`` and class labels against its outputs."""
+        shape = getattr(self.net, "input_shape", None)
+        if shape is not None and tuple(support_x.shape[2:]) != tuple(shape):
+            raise ValueError(f"the episodes have examples of shape {tuple(support_x.shape[2:])} but the network "
+                             f"{type(self.net).__name__} was built for input_shape {tuple(shape)}: make the data's "
+                             f"image_size (or feature size) and the net's agree.")
+        out = getattr(self.net, "out_features", None)
+        if self.task_type == "classification" and isinstance(out, int) and support_y.numel():
+            top = int(support_y.max())
+            if top >= out or int(support_y.min()) < 0:
+                raise ValueError(f"the episodes have class label {top} but the network's head has {out} outputs: "
+                                 f"labels must be 0..{out - 1}; set the net's out_features to the episodes' n_way.")
+
+    def _memory_error(self, err: BaseException, batch: MetaBatch, stage: str) -> MemoryError:
+        T, S, Q = batch.support_x.shape[0], batch.support_x.shape[1], batch.query_x.shape[1]
+        return MemoryError(
+            f"the {stage} meta-batch does not fit in memory ({T} tasks x {S} support + {Q} query examples, "
+            f"inner_steps={self.inner_steps}): lower meta_batch_size (or eval_batch_size), inner_steps or the "
+            f"shots, use first_order=True, or IMAMLModule, whose memory does not grow with inner_steps. "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
 
     def training_step(self, batch: MetaBatch, batch_idx: int) -> Tensor:
-        opt = self.optimizers()
-        opt.zero_grad(set_to_none=False)
         if self.input_ndim is None:
             self.input_ndim = batch.support_x.dim() - 2
-        out = self.meta_objective(batch)
+        self.check_inputs(batch.support_x, batch.support_y)
+        try:
+            out = self.meta_objective(batch)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err):
+                raise
+            raise self._memory_error(err, batch, "training") from err
         problem = check_finite_inner(out.inner_losses, out.query_losses)
-        if problem and self.nonfinite == "raise":
-            raise FloatingPointError(
-                f"{problem} at step {self.global_step}: lower inner_lr or the outer learning rate, set "
-                f"clip_grad_norm, or pass nonfinite='skip' to skip such meta-steps.")
-        # one backward = one gradient all-reduce under DDP (every rank takes part, even a bad one,
-        # so that a non-finite gradient reaches all ranks and they all skip together)
-        self.manual_backward(out.objective)
-        grads_ok = all(torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None)
-        if not grads_ok or problem:
-            if self.nonfinite == "raise":
-                raise FloatingPointError(
-                    f"non-finite meta-gradient at step {self.global_step}: lower the learning rates, set "
-                    f"clip_grad_norm, or pass nonfinite='skip'.")
-            opt.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self.log("train/skipped_steps", self.skipped_steps.float(), prog_bar=True)
+        # one backward = one gradient all-reduce under DDP; the shared outer step applies the
+        # non-finite policy, clipping, the optimiser and the scheduler
+        if not outer_step(self, out.objective, problem=problem, what="meta-gradient"):
             return out.objective.detach()
-        if self.clip_grad_norm:
-            self.clip_gradients(opt, gradient_clip_val=self.clip_grad_norm, gradient_clip_algorithm="norm")
-        opt.step()
-        sch = self.lr_schedulers()
-        if sch is not None:
-            sch.step()
         qloss = out.query_losses.detach().mean()
         self.log("train/query_loss", qloss, prog_bar=True)
         if out.inner_losses.numel():
@@ -167,14 +202,20 @@ class MetaLearner(LightningModule):
         if self.task_type == "classification":
             return (outputs.argmax(-1) == query_y).float().mean(-1)
         pred = self.predictions(outputs)
-        target = query_y.reshape(pred.shape) if query_y.numel() == pred.numel() else query_y
+        target = align_target(pred, query_y, None, "the predictions")
         return F.mse_loss(pred, target, reduction="none").flatten(1).mean(-1)
 
     def _eval_step(self, batch: MetaBatch, stage: str) -> None:
         self._check_grad_mode()
+        self.check_inputs(batch.support_x, batch.support_y)
         with torch.enable_grad():
             for k in self.eval_steps:
-                outputs, _ = self.adapt_and_predict(batch.support_x, batch.support_y, batch.query_x, k)
+                try:
+                    outputs, _ = self.adapt_and_predict(batch.support_x, batch.support_y, batch.query_x, k)
+                except (torch.OutOfMemoryError, RuntimeError) as err:
+                    if not _is_oom(err):
+                        raise
+                    raise self._memory_error(err, batch, stage) from err
                 self.eval_metrics[f"{stage}_{k}"].update(self.episode_metric(outputs.detach(), batch.query_y))
 
     def _eval_epoch_end(self, stage: str) -> None:
@@ -184,6 +225,8 @@ class MetaLearner(LightningModule):
                 continue
             res = m.compute()
             name = f"{stage}/{self.metric_name}"
+            check_finite_metrics({f"{name}@{k}": res["mean"], f"{name}@{k}_ci95": res["ci95"]},
+                                 where=f"{stage} (episodes: {int(res['count'])})")
             self.log(f"{name}@{k}", res["mean"].float(), sync_dist=False)
             self.log(f"{name}@{k}_ci95", res["ci95"].float(), sync_dist=False)
             if k == self.eval_inner_steps:
@@ -226,6 +269,7 @@ class MetaLearner(LightningModule):
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self._check_grad_mode()
+        self.check_inputs(support_x, support_y)
         dev = next(self.parameters()).device
         with torch.enable_grad():
             out, _ = self.adapt_and_predict(support_x.to(dev), support_y.to(dev), query_x.to(dev), steps)
@@ -233,3 +277,11 @@ class MetaLearner(LightningModule):
         if self.task_type == "regression":
             out = self.predictions(out)
         return out if batched else out[0]
+
+
+def _is_oom(err: BaseException) -> bool:
+    """True for an allocator failure (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return "can't allocate memory" in text or "out of memory" in text.lower()

@@ -17,8 +17,9 @@ from torch.func import grad, vmap
 
 from tasklight.data.batch import MetaBatch
 from tasklight.core.functional import _batched_buffers, merge_task_buffers, split_state
-from tasklight.core.implicit import proximal_meta_gradient
-from tasklight.meta.base import MetaLearner, MetaOutput, adam
+from tasklight.core.implicit import gauss_newton_vp, proximal_meta_gradient
+from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS, default_optimizer
+from tasklight.meta.base import MetaLearner, MetaOutput
 
 
 class IMAMLModule(MetaLearner):
@@ -28,21 +29,44 @@ class IMAMLModule(MetaLearner):
         lam: weight of the proximal term (the paper's lambda); larger keeps phi closer to theta.
         cg_steps: conjugate-gradient iterations for the implicit meta-gradient.
         cg_damping: added to the CG system as ``damping * I`` for stability.
+        cg_tol: the largest acceptable relative residual ``||r|| / ||g||`` of CG (logged as
+            ``train/cg_rel_residual``, the worst task of the meta-batch).
+        cg_check: what a meta-step whose CG did not reach ``cg_tol``, or met an indefinite system,
+            does: ``"warn"`` (once per kind of problem) or ``"raise"``.
+        curvature: the matrix ``H`` of the system ``(1 + cg_damping) I + H / lam``: ``"gauss_newton"``
+            (default; the generalised Gauss-Newton matrix, positive semi-definite for MSE,
+            cross-entropy and histogram losses, so the system is positive definite for every
+            ``lam > 0``) or ``"hessian"`` (the paper's exact Hessian, which for a non-convex network
+            has negative eigenvalues: the system is then indefinite wherever
+            ``lambda_min(H) < -lam * (1 + cg_damping)``; on the sinusoid MLP the Hessian reaches
+            -5.45 and most tasks of a meta-batch are indefinite at ``lam=0.5, cg_damping=0.5``).
     """
 
     def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 10,
                  inner_lr: float = 0.01, lam: float = 1.0, cg_steps: int = 5, cg_damping: float = 0.0,
+                 cg_tol: float = 0.1, cg_check: Literal["warn", "raise"] = "warn",
+                 curvature: Literal["gauss_newton", "hessian"] = "gauss_newton",
                  eval_inner_steps: Optional[int] = None, extra_eval_steps: Sequence[int] = (0,),
-                 optimizer: OptimizerCallable = adam, lr_scheduler: Optional[LRSchedulerCallable] = None,
-                 clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise") -> None:
+                 optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[LRSchedulerCallable] = None,
+                 clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise",
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
-                         lr_scheduler, clip_grad_norm, nonfinite)
+                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         if lam <= 0:
             raise ValueError(f"lam (the proximal weight) must be > 0, got {lam}")
         if cg_steps < 1 or cg_damping < 0:
             raise ValueError(f"need cg_steps >= 1 and cg_damping >= 0, got {cg_steps}, {cg_damping}")
+        if not cg_tol > 0 or cg_check not in ("warn", "raise"):
+            raise ValueError(f"need cg_tol > 0 and cg_check 'warn' or 'raise', got cg_tol={cg_tol}, "
+                             f"cg_check={cg_check!r}")
         self.lam, self.cg_steps, self.cg_damping = lam, cg_steps, cg_damping
+        self.cg_tol, self.cg_check = cg_tol, cg_check
+        if curvature not in ("gauss_newton", "hessian"):
+            raise ValueError(f"curvature must be 'gauss_newton' or 'hessian', got {curvature!r}")
+        self.curvature = curvature
+        self.last_cg: Optional[dict] = None
+        self._cg_warned: set = set()
 
     def _proximal_adapt(self, theta, bufs, sx, sy, steps):
         return self.core.adapt(theta, bufs, sx, sy, steps=steps, lr=self.inner_lr, first_order=True,
@@ -60,16 +84,53 @@ class IMAMLModule(MetaLearner):
             # losses at phi that do not touch the running statistics (buffers cloned inside)
             train_loss = lambda p: core.task_loss(p, _clone(bufs), sx, sy)  # noqa: E731
             g, qloss = grad(lambda p: _with_value(core.task_loss(p, _clone(bufs), qx, qy)), has_aux=True)(phi)
-            v = proximal_meta_gradient(train_loss, phi, g, self.lam, self.cg_steps, self.cg_damping)
-            return v, qloss, res.inner_losses, res.buffers
+            curvature = None
+            if self.curvature == "gauss_newton":
+                frozen = {k: t.detach() for k, t in phi.items()}
+                curvature = lambda v: gauss_newton_vp(  # noqa: E731
+                    lambda p: core.forward(p, _clone(bufs), sx), lambda o: core.loss_fn(o, sy), frozen, v)
+            v, info = proximal_meta_gradient(train_loss, phi, g, self.lam, self.cg_steps, self.cg_damping,
+                                             return_info=True, curvature_vp=curvature)
+            return v, qloss, res.inner_losses, res.buffers, info
 
         task_bufs = _batched_buffers(buffers, batch.num_tasks)
-        v, qloss, inner, new_bufs = vmap(one_task, randomness="different")(
+        v, qloss, inner, new_bufs, info = vmap(one_task, randomness="different")(
             task_bufs, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        self.last_cg = info
         return v, qloss, inner, new_bufs
+
+    def check_cg(self, info: dict) -> None:
+        """Log CG's worst relative residual; warn or raise if it did not converge (see ``cg_check``)."""
+        rel, indefinite = info["rel_residual"], info["indefinite"]
+        worst = rel.max()
+        if self._trainer is not None:
+            self.log("train/cg_rel_residual", worst.float())
+        problems = []
+        if bool(indefinite.any()):
+            problems.append(f"the system (1 + cg_damping) I + H / lam is not positive definite for "
+                            f"{int(indefinite.sum())} of {indefinite.numel()} tasks (a Hessian eigenvalue below "
+                            f"-lam * (1 + cg_damping) = {-self.lam * (1 + self.cg_damping):g}), so CG's answer is "
+                            f"not the implicit meta-gradient: raise lam or cg_damping")
+        if bool(torch.isfinite(worst)) and float(worst) > self.cg_tol:
+            problems.append(f"conjugate gradient stopped at a relative residual {float(worst):.3g} > cg_tol="
+                            f"{self.cg_tol:g} after cg_steps={self.cg_steps}: raise cg_steps, lam or cg_damping")
+        if not problems:
+            return
+        msg = f"iMAML at step {self.global_step}: " + "; ".join(problems) + "."
+        if self.cg_check == "raise":
+            raise FloatingPointError(msg + " (cg_check='warn' only warns)")
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        # one warning per kind of problem (the message without the numbers), not one per step
+        key = tuple(p.split(" ")[1] for p in problems)
+        if key not in self._cg_warned:
+            self._cg_warned.add(key)
+            rank_zero_warn(msg + " Further such warnings are not shown; see train/cg_rel_residual.",
+                           category=RuntimeWarning)
 
     def meta_objective(self, batch: MetaBatch) -> MetaOutput:
         v, qloss, inner, new_bufs = self.task_meta_gradients(batch)
+        self.check_cg(self.last_cg)
         if self.net.training and new_bufs:
             merge_task_buffers(self.net, new_bufs)
         params, _ = split_state(self.net)

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from tasklight.data.batch import MetaBatch
 from tasklight.core.functional import merge_task_buffers, split_state
-from tasklight.meta.base import MetaLearner, MetaOutput, adam
+from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS, default_optimizer
+from tasklight.meta.base import MetaLearner, MetaOutput
 
 
 class MAMLModule(MetaLearner):
@@ -35,11 +36,12 @@ class MAMLModule(MetaLearner):
                  inner_lr_granularity: Literal["element", "tensor"] = "element",
                  backend: Literal["functorch", "higher"] = "functorch",
                  inner_optimizer: Literal["sgd", "adam"] = "sgd", eval_inner_steps: Optional[int] = None,
-                 extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = adam,
+                 extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
-                 nonfinite: Literal["raise", "skip"] = "raise") -> None:
+                 nonfinite: Literal["raise", "skip"] = "raise",
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
-                         lr_scheduler, clip_grad_norm, nonfinite)
+                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         if backend not in ("functorch", "higher"):
             raise ValueError(f"backend must be 'functorch' or 'higher', got {backend!r}")
@@ -115,13 +117,13 @@ class MAMLModule(MetaLearner):
                                       track_higher_grads=track) as (fmodel, diffopt):
                 task_inner = []
                 for _ in range(steps):
-                    loss = self.loss_fn(fmodel(sx[t]), sy[t])
+                    loss = self.checked_loss(fmodel(sx[t]), sy[t])
                     task_inner.append(loss.detach())
                     diffopt.step(loss, override=override)
                 out = fmodel(qx[t])
                 outs.append(out if track else out.detach())
                 if qy is not None:
-                    ql = self.loss_fn(out, qy[t])
+                    ql = self.checked_loss(out, qy[t])
                     if not track:  # first order: the query gradient at the adapted weights
                         fast = list(fmodel.parameters())
                         ql_grads = torch.autograd.grad(ql, fast, allow_unused=True)

@@ -7,7 +7,7 @@ Two conflicting losses of a 2-D point: :class:`ToyPoint` (the point as a "networ
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,20 +27,33 @@ TOY_SCALES = {"cagrad": (1.0, 1.0), "nashmtl": (0.1, 1.0)}
 TOY_LOWER_BOUND = -20.0  # every toy loss is at least -20 (times its scale)
 
 
+def _gate(t: Tensor) -> Tensor:
+    """``max(t, 0)`` whose gradient at ``t = 0`` is 1 on every torch version.
+
+    The published toy code writes ``torch.clamp(t, 0)``; up to torch 2.13 autograd passed the
+    gradient through at ``t == 0``, from torch 2.14 it gives 0 there. At ``x2 = 0`` both gates of
+    both losses sit exactly on that kink, so with the newer rule the start ``(0, 0)`` has zero
+    gradient for both tasks and no method moves from it. Here the kink keeps the convention the
+    published results were computed with.
+    """
+    return torch.where(t >= 0, t, torch.zeros_like(t))
+
+
 def toy_objectives(x: Tensor, scales: Sequence[float] = (1.0, 1.0)) -> Tensor:
     """The two losses ``[..., 2]`` of points ``x [..., 2]`` (CAGrad's toy; Nash-MTL scales the first by 0.1).
 
     Above ``x2 = 0`` each loss has a logarithmic valley; below, a quadratic bowl with minima at
     ``x1 = 7`` (loss 1) and ``x1 = -7`` (loss 2). The Pareto set is ``x1 in [-7, 7]``,
-    ``x2 ~ -8.36``.
+    ``x2 ~ -8.36``. On the line ``x2 = 0`` (a kink of both losses) the gradient is the one of the
+    published code under torch <= 2.13 (see :func:`_gate`), on every torch version.
     """
     x1, x2 = x[..., 0], x[..., 1]
     f1 = torch.clamp((0.5 * (-x1 - 7) - torch.tanh(-x2)).abs(), LOWER).log() + 6
     f2 = torch.clamp((0.5 * (-x1 + 3) + torch.tanh(-x2) + 2).abs(), LOWER).log() + 6
-    c1 = torch.clamp(torch.tanh(x2 * 0.5), 0)
+    c1 = _gate(torch.tanh(x2 * 0.5))
     f1_sq = ((-x1 + 7).pow(2) + 0.1 * (-x2 - 8).pow(2)) / 10 - 20
     f2_sq = ((-x1 - 7).pow(2) + 0.1 * (-x2 - 8).pow(2)) / 10 - 20
-    c2 = torch.clamp(torch.tanh(-x2 * 0.5), 0)
+    c2 = _gate(torch.tanh(-x2 * 0.5))
     return torch.stack([(f1 * c1 + f1_sq * c2) * scales[0], (f2 * c1 + f2_sq * c2) * scales[1]], -1)
 
 

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tasklight.core.seeding import seeded_generator
+
 GradSource = Literal["representation", "parameters"]
 GRAD_SOURCES = ("representation", "parameters")
 
@@ -147,6 +149,14 @@ class Weighting(nn.Module):
     def loss(self, losses: Tensor, weights: Tensor) -> Tensor:
         """The scalar objective from the live per-task losses ``[T]`` and this step's weights."""
         return (weights.to(losses) * losses).sum()
+
+    def task_weights(self, weights: Tensor) -> Tensor:
+        """For ``direction_only`` methods: the weight of each task's loss on its own task-specific
+        parameters (the heads) given this step's ``weights`` on the shared ones; the module then
+        minimises ``loss(losses, task_weights(weights))`` and corrects the shared parameters'
+        gradient to ``sum_t weights_t grad L_t``. Default: all ones (the heads get the plain gradient
+        of their own loss)."""
+        return torch.ones_like(weights)
 
 
 # ------------------------------------------------------------------------------- loss based
@@ -429,8 +439,7 @@ class PCGrad(Weighting):
 
     def orders(self, step: int, tasks: Sequence[int]) -> list[list[int]]:
         """The visiting order of ``tasks`` for each task at ``step`` (positions into ``tasks``)."""
-        state = np.random.SeedSequence([self.seed, int(step)]).generate_state(2, dtype=np.uint32)
-        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        gen = seeded_generator(self.seed, int(step))
         return [torch.randperm(len(tasks), generator=gen).tolist() for _ in tasks]
 
     def compute_weights(self, stats: TaskStats) -> Tensor:
@@ -478,6 +487,11 @@ class GradNorm(Weighting):
         r = ratio / ratio.mean()
         return G.mean() * r.pow(self.alpha)
 
+    @staticmethod
+    def weight_gradient(norms: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+        """``d/dw_t sum_s |w_s ||g_s|| - target_s|`` with the targets held constant."""
+        return torch.sign(weights * norms - target) * norms
+
     def compute_weights(self, stats: TaskStats) -> Tensor:
         self._check(stats)
         dev = self.w.device
@@ -489,7 +503,7 @@ class GradNorm(Weighting):
         norms = stats.grads.detach().double().to(dev)[idx].norm(dim=1)
         w = self.w[idx]
         target = self.targets(norms, losses[idx], self.initial[idx].clamp_min(1e-12), w)
-        grad = torch.sign(w * norms - target) * norms  # d/dw_t sum |w_t ||g_t|| - target_t|
+        grad = self.weight_gradient(norms, target, w)
         self.t += 1
         b1, b2, eps, t = 0.9, 0.999, 1e-8, int(self.t)
         self.m[idx] = b1 * self.m[idx] + (1 - b1) * grad
@@ -501,5 +515,321 @@ class GradNorm(Weighting):
         return current.to(stats.losses)
 
 
+# ------------------------------------------------------------------------------- newer methods
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A torch generator seeded from ``(seed, step)``: the same draw on every DDP rank at a step."""
+    state = np.random.SeedSequence([int(seed), int(step)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class RLW(Weighting):
+    """Random loss weighting (Lin et al., 2022): ``w = softmax(z)`` with a fresh ``z ~ N(0, I)`` every
+    step, over the tasks of the step; the weights sum to 1. ``z`` is drawn from a generator seeded by
+    ``(seed, step)``, so every DDP rank draws the same weights.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = int(seed)
+
+    def logits(self, step: int, num: int) -> Tensor:
+        """The normal draws ``z`` of ``step`` for ``num`` active tasks (float64)."""
+        return torch.randn(num, generator=step_generator(self.seed, step), dtype=torch.float64)
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        idx = stats.active.nonzero().flatten()
+        return _scatter(torch.softmax(self.logits(stats.step, len(idx)), 0), idx, stats)
+
+
+class FAMO(Weighting):
+    """FAMO, fast adaptive multitask optimisation (Liu et al., 2023).
+
+    Keeps logits ``xi`` with ``z = softmax(xi)`` and minimises ``sum_t z_t log(L_t - b_t + eps)``
+    rescaled by ``c = sum_t z_t / (L_t - b_t + eps)``: the weight of task ``t`` is
+    ``z_t / ((L_t - b_t + eps) c)`` (they sum to 1), so the update decreases every log loss at the
+    rate set by ``z``. ``xi`` then follows the observed decrease of the log losses: with
+    ``delta_t = log(L_t(k-1) - b_t + eps) - log(L_t(k) - b_t + eps)`` it takes an Adam step (``lr``,
+    L2 weight decay ``gamma``) along ``J_softmax(xi)^T delta``. ``L(k)`` is the loss of the next
+    training step (the paper recomputes it on the same batch after the update, at the cost of one
+    more forward pass). Losses are measured from their lower bound ``b_t``.
+    """
+
+    needs_bounded_losses = True
+
+    def __init__(self, lr: float = 0.025, gamma: float = 1e-3, eps: float = 1e-8) -> None:
+        super().__init__()
+        if not lr > 0 or gamma < 0 or not eps > 0:
+            raise ValueError(f"FAMO needs lr > 0, gamma >= 0 and eps > 0, got lr={lr}, gamma={gamma}, eps={eps}")
+        self.lr, self.gamma, self.eps = float(lr), float(gamma), float(eps)
+        for name in ("xi", "m", "v", "prev"):
+            self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("t", torch.zeros((), dtype=torch.long))
+
+    def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
+        super().setup(num_tasks, lower_bounds)
+        self.xi = torch.zeros(num_tasks, dtype=torch.float64)
+        self.m = torch.zeros(num_tasks, dtype=torch.float64)
+        self.v = torch.zeros(num_tasks, dtype=torch.float64)
+        self.prev = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
+
+    def _update_logits(self, log_d: Tensor, active: Tensor) -> None:
+        seen = active & ~torch.isnan(self.prev)
+        if not bool(seen.any()):
+            return
+        delta = torch.where(seen, self.prev - log_d, 0.0)
+        z = torch.softmax(self.xi, 0)
+        grad = z * (delta - (z * delta).sum()) + self.gamma * self.xi  # J_softmax^T delta + L2 decay
+        self.t += 1
+        b1, b2, eps, t = 0.9, 0.999, 1e-8, int(self.t)
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        self.xi = self.xi - self.lr * (self.m / (1 - b1 ** t)) / ((self.v / (1 - b2 ** t)).sqrt() + eps)
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        dev = self.xi.device
+        active = stats.active.to(dev)
+        d = self.shifted_losses(stats).to(dev) + self.eps
+        log_d = torch.where(active, d.clamp_min(self.eps).log(), float("nan"))
+        self._update_logits(log_d, active)
+        self.prev = torch.where(active, log_d, self.prev)
+        z = torch.softmax(self.xi, 0)
+        c = torch.where(active, z / d, 0.0)
+        return (c / c.sum()).to(stats.losses)
+
+
+def _active_gram(stats: TaskStats) -> tuple[Tensor, Tensor, Tensor]:
+    """The active task indices, their gradients (float64) and Gram matrix."""
+    idx = stats.active.nonzero().flatten()
+    g = stats.grads[idx].double()
+    return idx, g, g @ g.T
+
+
+class CAGrad(Weighting):
+    """Conflict-averse gradient descent (Liu et al., 2021).
+
+    With ``g_0`` the average task gradient and ``g_w = sum_t w_t g_t``, the weights
+    ``w`` on the simplex minimise ``g_w . g_0 + c ||g_0|| ||g_w||`` and the update is
+    ``d = g_0 + (c ||g_0|| / ||g_w||) g_w`` (``c`` = ``c``; 0 gives the average gradient), divided by
+    ``1`` (``rescale=0``), ``1 + c^2`` (``rescale=1``, the paper's choice) or ``1 + c`` (``rescale=2``).
+    The returned weights are the coefficients of ``d`` on the task gradients,
+    ``(1 / T + lambda w_t) / rescale``. The small problem is solved from the Gram matrix by SLSQP
+    (scipy). Only the shared parameters are steered; heads get their own loss's gradient.
+    """
+
+    needs_grads = True
+    direction_only = True
+
+    def __init__(self, c: float = 0.4, rescale: Literal[0, 1, 2] = 1,
+                 grad_source: GradSource = "representation") -> None:
+        super().__init__(grad_source)
+        if not (c >= 0 and math.isfinite(c)):
+            raise ValueError(f"CAGrad c must be a finite number >= 0, got {c}")
+        if rescale not in (0, 1, 2):
+            raise ValueError(f"CAGrad rescale must be 0, 1 or 2, got {rescale!r}")
+        self.c, self.rescale = float(c), int(rescale)
+
+    def inner_weights(self, gram: Tensor) -> np.ndarray:
+        """``argmin_{w in simplex} w^T G 1/T + c ||g_0|| sqrt(w^T G w)``."""
+        from scipy.optimize import minimize
+
+        G = gram.detach().double().cpu().numpy()
+        T = G.shape[0]
+        b = np.full(T, 1.0 / T)
+        radius = self.c * math.sqrt(max(float(b @ G @ b), 0.0) + 1e-8)
+        Gb = G @ b
+
+        def objective(w):
+            quad = float(w @ G @ w) + 1e-8
+            return float(w @ Gb) + radius * math.sqrt(quad), Gb + radius * (G @ w) / math.sqrt(quad)
+
+        res = minimize(objective, b.copy(), jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * T,
+                       constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones(T)}])
+        w = np.clip(res.x, 0.0, None)
+        return w / w.sum()
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        idx, g, G = _active_gram(stats)
+        T = len(idx)
+        w = torch.from_numpy(self.inner_weights(G))
+        b = torch.full((T,), 1.0 / T, dtype=torch.float64)
+        radius = self.c * math.sqrt(max(float(b @ G @ b), 0.0) + 1e-8)
+        gw_norm = math.sqrt(max(float(w @ G @ w), 0.0))
+        coef = b + radius / (gw_norm + 1e-8) * w
+        coef = coef / (1.0, 1.0 + self.c ** 2, 1.0 + self.c)[self.rescale]
+        return _scatter(coef, idx, stats)
+
+
+def nash_bargaining_weights(gram: Tensor, max_iter: int = 100, tol: float = 1e-10) -> Tensor:
+    """The Nash bargaining solution of Navon et al. (2022): ``alpha > 0`` with ``G alpha = 1 / alpha``.
+
+    It is the unique minimiser of the strictly convex ``0.5 alpha^T G alpha - sum_t log alpha_t``
+    (its gradient is ``G alpha - 1 / alpha``), found by damped Newton steps that keep ``alpha > 0``.
+    Opposed gradients (a singular ``G`` whose null space meets the positive orthant) admit no
+    solution; a ridge ``1e-12 * tr(G) / T`` keeps the problem bounded (the weights are then very large).
+    """
+    G = gram.detach().double().cpu().numpy()
+    T = G.shape[0]
+    G = G + 1e-12 * max(np.trace(G) / T, 1e-30) * np.eye(T)
+    a = 1.0 / np.sqrt(np.maximum(np.diag(G), 1e-30))  # the solution for orthogonal gradients
+
+    def f(x):
+        return 0.5 * x @ G @ x - np.log(x).sum()
+
+    for _ in range(max_iter):
+        grad = G @ a - 1.0 / a
+        if float(np.abs(a * grad).max()) <= tol:  # relative residual of alpha_t (G alpha)_t = 1
+            break
+        H = G + np.diag(1.0 / a ** 2)
+        step = np.linalg.solve(H, grad)
+        decrement = float(grad @ step)
+        s = 1.0
+        while np.any(a - s * step <= 0):
+            s *= 0.5
+        if decrement > 1e-12:  # damped phase; closer in, full Newton steps converge quadratically
+            f0 = f(a)
+            while f(a - s * step) > f0 - 0.25 * s * decrement and s > 1e-12:
+                s *= 0.5
+        a = a - s * step
+    return torch.from_numpy(a)
+
+
+class NashMTL(Weighting):
+    """Nash-MTL (Navon et al., 2022): the Nash bargaining solution over the task gradients.
+
+    The weights ``alpha > 0`` solve ``G alpha = 1 / alpha`` (``G`` the Gram matrix of the task
+    gradients), i.e. every task's gradient has the same inner product ``1`` with the update scaled by
+    its weight: ``g_t . d = 1 / alpha_t``. The equation is solved exactly (Newton's method on its
+    convex potential; the paper's code approximates it by a few convex-concave iterations with
+    cvxpy). ``normalize=True`` (the paper's code and LibMTL) solves with ``G / ||G||_F``, which scales
+    the update by ``sqrt(||G||_F)``; ``False`` solves with ``G`` itself (the paper's Algorithm 1;
+    the update then has norm ``sqrt(T)`` whatever the scale of the gradients). The weights are
+    recomputed every ``update_every`` steps and reused in between. Only the shared parameters are
+    steered; heads get their own loss's gradient.
+    """
+
+    needs_grads = True
+    direction_only = True
+
+    def __init__(self, normalize: bool = True, update_every: int = 1, max_iter: int = 100,
+                 grad_source: GradSource = "representation") -> None:
+        super().__init__(grad_source)
+        if int(update_every) < 1:
+            raise ValueError(f"NashMTL update_every must be >= 1, got {update_every}")
+        self.normalize, self.update_every, self.max_iter = bool(normalize), int(update_every), int(max_iter)
+        self.register_buffer("alpha", torch.zeros(0, dtype=torch.float64))
+
+    def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
+        super().setup(num_tasks, lower_bounds)
+        self.alpha = torch.zeros(num_tasks, dtype=torch.float64)
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        idx, g, G = _active_gram(stats)
+        if stats.step % self.update_every == 0 or bool((self.alpha[idx.to(self.alpha.device)] == 0).any()):
+            if self.normalize:
+                G = G / G.norm().clamp_min(1e-30)
+            alpha = torch.zeros_like(self.alpha)
+            alpha[idx.to(alpha.device)] = nash_bargaining_weights(G, self.max_iter).to(alpha)
+            self.alpha = alpha
+        return torch.where(stats.active.to(self.alpha.device), self.alpha, 0.0).to(stats.losses)
+
+
+class IMTL(Weighting):
+    """Impartial multi-task learning (Liu et al., 2021), the hybrid IMTL of loss and gradient balance.
+
+    * IMTL-L: each task loss is scaled, ``exp(s_t) L_t - s_t``, with learned ``s_t`` (trained by the
+      module's optimiser, like uncertainty weighting's log variances); ``scale_losses=False`` keeps
+      ``s_t = 0``.
+    * IMTL-G: the shared parameters move along ``d = sum_t alpha_t g'_t`` with ``g'_t = exp(s_t) g_t``
+      the scaled losses' gradients and ``alpha`` (summing to 1) the unique combination whose
+      projection on every unit gradient ``u_t`` is the same: ``d . u_t = d . u_1``, i.e.
+      ``alpha_{2:} = g'_1 U^T (D U^T)^{-1}``, ``D = g'_1 - g'_{2:}``, ``U = u_1 - u_{2:}``. For
+      linearly independent gradients this is ``alpha = G'^{-1} n / sum(G'^{-1} n)`` with ``n_t =
+      ||g'_t||``; torchjd's ``IMTLGWeighting`` computes it from the Gram matrix (with a
+      pseudo-inverse, which also covers dependent gradients).
+
+    The weights on the shared parameters are ``alpha_t exp(s_t)``; the heads get the gradient of
+    their own scaled loss (``task_weights = exp(s_t)``). The scales see ``L_t - b_t`` (``b_t`` the
+    loss's lower bound, 0 for cross-entropy and MSE): ``exp(s) L - s`` is unbounded below for a
+    negative loss.
+    """
+
+    needs_grads = True
+    direction_only = True
+    needs_bounded_losses = True
+
+    def __init__(self, scale_losses: bool = True, grad_source: GradSource = "representation") -> None:
+        super().__init__(grad_source)
+        self.scale_losses = bool(scale_losses)
+        self._solver = _torchjd_weighting("IMTLGWeighting")()
+        self.log_scales = nn.Parameter(torch.zeros(0), requires_grad=self.scale_losses)
+        self.register_buffer("_active", torch.zeros(0, dtype=torch.bool))
+
+    def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
+        super().setup(num_tasks, lower_bounds)
+        if self.log_scales.numel() != num_tasks:
+            self.log_scales = nn.Parameter(torch.zeros(num_tasks), requires_grad=self.scale_losses)
+        self._active = torch.ones(num_tasks, dtype=torch.bool)
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        idx, g, G = _active_gram(stats)
+        self._active = stats.active.detach().to(self._active.device).clone()
+        scale = torch.exp(self.log_scales.detach().double()).to(G.device)[idx]
+        alpha = self._solver(scale[:, None] * G * scale[None, :]).double()  # the Gram matrix of the g'_t
+        return _scatter(alpha * scale, idx, stats)
+
+    def task_weights(self, weights: Tensor) -> Tensor:
+        return torch.exp(self.log_scales.detach()).to(weights) * self._active.to(weights)
+
+    def loss(self, losses: Tensor, weights: Tensor) -> Tensor:
+        active = self._active.to(losses)
+        s = self.log_scales.to(losses)
+        b = self.lower_bounds.to(losses) if self.lower_bounds.numel() else torch.zeros_like(losses)
+        # the losses weighted by ``weights``; the scales' own gradient exp(s_t) (L_t - b_t) - 1
+        return (weights.to(losses) * losses).sum() + (active * (torch.exp(s) * (losses.detach() - b) - s)).sum()
+
+
+def _torchjd_weighting(name: str):
+    try:
+        import torchjd.aggregation as jd
+    except ImportError as e:  # pragma: no cover - torchjd is a dependency
+        raise ImportError(f"{name} needs the torchjd package (pip install torchjd)") from e
+    return getattr(jd, name)
+
+
+class UPGrad(Weighting):
+    """UPGrad, the unconflicting projection of gradients of Jacobian descent (Quinton & Rey, 2024).
+
+    Each task gradient is projected onto the dual cone of all task gradients (the vectors with a
+    non-negative inner product with every task gradient) and the projections are averaged; the
+    update never conflicts with any task. The weights come from torchjd's ``UPGradWeighting`` on the
+    Gram matrix (one small quadratic program per task, solved by quadprog); ``norm_eps`` and
+    ``reg_eps`` are its numerical safeguards. Only the shared parameters are steered; heads get
+    their own loss's gradient.
+    """
+
+    needs_grads = True
+    direction_only = True
+
+    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
+                 grad_source: GradSource = "representation") -> None:
+        super().__init__(grad_source)
+        self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
+        from torchjd.linalg import QuadprogProjector
+
+        self._solver = _torchjd_weighting("UPGradWeighting")(
+            projector=QuadprogProjector(norm_eps=self.norm_eps, reg_eps=self.reg_eps))
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        idx, g, G = _active_gram(stats)
+        return _scatter(self._solver(G).double(), idx, stats)
+
+
 WEIGHTINGS = {cls.__name__: cls for cls in (StaticWeighting, EqualWeighting, UncertaintyWeighting, DWA,
-                                             DROWeighting, GradNorm, MGDA, PCGrad)}
+                                             DROWeighting, GradNorm, MGDA, PCGrad, RLW, FAMO, CAGrad, NashMTL,
+                                             IMTL, UPGrad)}

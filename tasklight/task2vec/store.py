@@ -1,9 +1,11 @@
 """Embeddings as task descriptors (the z_i of a multi-task network) and embeddings files."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
-from typing import Literal, Sequence, Union
+from typing import Literal, Mapping, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,7 +52,7 @@ def save_embeddings(path: Union[str, Path], embeddings: Sequence[TaskEmbedding],
     scales = [e.scale for e in embeddings]
     out = dict(names=[e.name for e in embeddings], embeddings=_stack(embeddings).float(),
                layers=list(embeddings[0].layers), layer_sizes=list(embeddings[0].layer_sizes),
-               meta=[dict(e.meta) for e in embeddings],
+               meta=[_plain(dict(e.meta), f"meta of {e.name!r}") for e in embeddings],
                distance_symmetric=distance_matrix(embeddings),
                distance_asymmetric=distance_matrix(embeddings, "asymmetric", alpha),
                trivial=trivial.vector, alpha=alpha, descriptors=task_descriptors(embeddings, descriptor_transform),
@@ -62,9 +64,32 @@ def save_embeddings(path: Union[str, Path], embeddings: Sequence[TaskEmbedding],
     return out
 
 
+def _plain(value, where: str):
+    """``value`` as plain containers, numbers, strings and tensors (what ``weights_only`` loads)."""
+    if isinstance(value, (str, int, float, bool, type(None), Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, where) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    raise ValueError(f"the {where} holds a {type(value).__name__}; embeddings files store numbers, strings, "
+                     f"tensors, lists and dicts only")
+
+
 def load_embeddings(path: Union[str, Path]) -> list[TaskEmbedding]:
-    """The embeddings of a file written by :func:`save_embeddings`."""
-    data = torch.load(Path(path), map_location="cpu", weights_only=False)
+    """The embeddings of a file written by :func:`save_embeddings`.
+
+    The file is read with ``weights_only=True``: tensors and plain containers only, never code.
+    """
+    try:
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds objects other than tensors and plain containers, which are not loaded "
+                         f"(that would run code from the file); write embeddings with save_embeddings") from err
     if not isinstance(data, dict) or "embeddings" not in data:
         raise ValueError(f"{path} is not a Task2Vec embeddings file (no 'embeddings' entry); write it with "
                          f"save_embeddings or scripts/embed_tasks.py")

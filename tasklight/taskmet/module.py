@@ -25,22 +25,21 @@ from typing import Literal, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 from torchmetrics import Metric
 
 from tasklight.taskmet.problems import DecisionProblem, normalize_dq
+from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
 from tasklight.core.implicit import implicit_gradient
-from tasklight.nn.losses import mahalanobis_loss
+from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_metrics, configure_outer_optimizers,
+                                  default_optimizer, outer_step, setup_outer_step)
+from tasklight.metrics import unshare_state
+from tasklight.nn.losses import align_target, mahalanobis_loss
 from tasklight.nn.nets import MLP
 
 ParamDict = dict[str, Tensor]
-
-
-def adam_1e2(params) -> torch.optim.Optimizer:
-    """The default optimiser of the decision learners: Adam with lr 1e-2."""
-    return torch.optim.Adam(params, lr=1e-2)
 
 
 # ====================================================================== the metric
@@ -158,17 +157,23 @@ class DecisionLearner(LightningModule):
     Batches are ``(x [n, U, F], y [n, U, m], dq_optimal [n], dq_random [n])`` from a
     ``DecisionDataModule``. Validation and test log ``{stage}/ndq`` (normalised decision quality),
     ``{stage}/dq`` (mean decision quality) and ``{stage}/mse`` (prediction MSE).
+
+    The shared outer-step settings (``optimizer`` default Adam lr 1e-3, ``lr_scheduler`` stepped every
+    step, ``clip_grad_norm``, ``nonfinite``, ``max_consecutive_skips``) mean what they mean in every
+    tasklight learner (:mod:`tasklight.core.outer`).
     """
 
     def __init__(self, predictor: nn.Module, problem: Optional[DecisionProblem] = None,
-                 optimizer: OptimizerCallable = adam_1e2, clip_grad_norm: Optional[float] = None) -> None:
+                 optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[LRSchedulerCallable] = None,
+                 clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise",
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["predictor", "metric", "problem"])
+        self.save_hyperparameters(ignore=["predictor", "metric", "problem", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.predictor = predictor
         self._problem = problem
-        self.optimizer_factory = optimizer
-        self.clip_grad_norm = clip_grad_norm
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        setup_outer_step(self, clip_grad_norm, nonfinite, max_consecutive_skips)
         self.eval_ndq = nn.ModuleDict({s: NormalizedDecisionQuality() for s in ("val", "test")})
 
     # ----- the problem
@@ -180,6 +185,7 @@ class DecisionLearner(LightningModule):
         return self._problem
 
     def setup(self, stage: str) -> None:
+        unshare_state(self)
         trainer = getattr(self, "_trainer", None)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         dm_problem = getattr(dm, "problem", None)
@@ -200,6 +206,7 @@ class DecisionLearner(LightningModule):
     def _eval_step(self, batch, stage: str) -> None:
         x, y, best, rand = batch
         y_hat = self(x)
+        y = self._checked_target(y_hat, y)
         dq = self.problem.decision_quality(y_hat, y, x)
         self.eval_ndq[stage].update(dq, best, rand)
         n = x.shape[0]
@@ -213,16 +220,36 @@ class DecisionLearner(LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def _check_eval_metrics(self, stage: str) -> None:
+        if self.trainer.sanity_checking:
+            return
+        m = self.trainer.callback_metrics
+        check_finite_metrics({k: v for k, v in m.items() if k.startswith(f"{stage}/")}, where=stage)
+
+    def on_validation_end(self) -> None:
+        self._check_eval_metrics("val")
+
+    def on_test_end(self) -> None:
+        self._check_eval_metrics("test")
+
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
+    # ----- checkpoints: learner class and state checksum checked on load
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        stamp_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        verify_checkpoint(self, checkpoint)
+
     # ----- the optimisation step shared by all learners
-    def _step(self, opt, objective: Tensor) -> None:
-        opt.zero_grad()
-        self.manual_backward(objective)
-        if self.clip_grad_norm is not None:
-            self.clip_gradients(opt, gradient_clip_val=self.clip_grad_norm, gradient_clip_algorithm="norm")
-        opt.step()
+    def _step(self, objective: Tensor, problem: Optional[str] = None) -> bool:
+        return outer_step(self, objective, problem=problem, what=self._gradient_name)
+
+    _gradient_name = "gradient"
+
+    def _checked_target(self, y_hat: Tensor, y: Tensor) -> Tensor:
+        return align_target(y_hat, y, None, f"the predictor {type(self.predictor).__name__}")
 
 
 class MSEModule(DecisionLearner):
@@ -232,13 +259,15 @@ class MSEModule(DecisionLearner):
         return F.mse_loss(y_hat, y)
 
     def configure_optimizers(self):
-        return self.optimizer_factory(self.predictor.parameters())
+        return configure_outer_optimizers(self.optimizer_factory, self.scheduler_factory, self.predictor.parameters())
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
         y_hat = self(x)
+        y = self._checked_target(y_hat, y)
         loss = self.training_loss(x, y, y_hat)
-        self._step(self.optimizers(), loss)
+        problem = None if bool(torch.isfinite(loss.detach())) else f"non-finite training loss ({float(loss)})"
+        self._step(loss, problem)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=x.shape[0])
         self.log("train/mse", F.mse_loss(y_hat.detach(), y), batch_size=x.shape[0])
         return loss.detach()
@@ -249,8 +278,10 @@ class DFLModule(MSEModule):
     differentiating through the problem's relaxed solver."""
 
     def __init__(self, predictor: nn.Module, alpha: float = 0.0, problem: Optional[DecisionProblem] = None,
-                 optimizer: OptimizerCallable = adam_1e2, clip_grad_norm: Optional[float] = None) -> None:
-        super().__init__(predictor, problem, optimizer, clip_grad_norm)
+                 optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[LRSchedulerCallable] = None,
+                 clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise",
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
+        super().__init__(predictor, problem, optimizer, lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
         if alpha < 0:
             raise ValueError(f"DFLModule needs alpha >= 0 (the weight of the MSE term), got {alpha}.")
         self.alpha = alpha
@@ -269,7 +300,7 @@ class TaskMetModule(DecisionLearner):
             the inner loop, never by the outer optimiser).
         metric: ``Lambda_phi``: features -> ``[..., m, m]`` (or the diagonal ``[..., m]`` if the module
             has ``diagonal=True``), e.g. :class:`MetricNet`.
-        optimizer: the metric's optimiser (default Adam, lr 1e-2).
+        optimizer: the metric's optimiser (default Adam, lr 1e-3; the shipped configs use 1e-2).
         inner_steps: inner steps per outer step (warm-started from the previous solution).
         first_inner_steps: inner steps on the first outer step (from the initial predictor).
         inner_lr, inner_optimizer: the functional inner optimiser, ``"adam"`` or ``"sgd"``.
@@ -278,16 +309,21 @@ class TaskMetModule(DecisionLearner):
             predictor has parameters, where CG is exact).
         hypergradient: ``"implicit"`` (implicit function theorem at ``theta*``) or ``"unrolled"``
             (differentiate through this outer step's ``inner_steps`` inner steps).
-        clip_grad_norm: clip the metric gradient's norm.
+        clip_grad_norm, nonfinite, max_consecutive_skips, lr_scheduler: the shared outer-step
+            settings (:mod:`tasklight.core.outer`), applied to the metric gradient.
     """
 
     def __init__(self, predictor: nn.Module, metric: nn.Module, problem: Optional[DecisionProblem] = None,
-                 optimizer: OptimizerCallable = adam_1e2, inner_steps: int = 10, first_inner_steps: int = 200,
+                 optimizer: OptimizerCallable = default_optimizer, inner_steps: int = 10, first_inner_steps: int = 200,
                  inner_lr: float = 1e-2, inner_optimizer: Literal["adam", "sgd"] = "adam",
                  inner_weight_decay: float = 0.0, cg_steps: int = 10, cg_damping: float = 1e-4,
                  hypergradient: Literal["implicit", "unrolled"] = "implicit",
-                 clip_grad_norm: Optional[float] = None) -> None:
-        super().__init__(predictor, problem, optimizer, clip_grad_norm)
+                 lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
+                 nonfinite: Literal["raise", "skip"] = "raise",
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
+        super().__init__(predictor, problem, optimizer, lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
+        if not (inner_lr > 0 and math.isfinite(inner_lr)):
+            raise ValueError(f"inner_lr must be a finite number > 0, got {inner_lr}.")
         if inner_optimizer not in ("adam", "sgd"):
             raise ValueError(f"inner_optimizer must be 'adam' or 'sgd', got {inner_optimizer!r}.")
         if hypergradient not in ("implicit", "unrolled"):
@@ -313,8 +349,10 @@ class TaskMetModule(DecisionLearner):
     def diagonal(self) -> bool:
         return bool(getattr(self.metric, "diagonal", False))
 
+    _gradient_name = "metric gradient"
+
     def configure_optimizers(self):
-        return self.optimizer_factory(self.metric.parameters())
+        return configure_outer_optimizers(self.optimizer_factory, self.scheduler_factory, self.metric.parameters())
 
     # ----- the inner problem (functional)
     def prediction_loss(self, theta: ParamDict, lam: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -368,8 +406,9 @@ class TaskMetModule(DecisionLearner):
                 outer = _grads(task, theta)
             # CG on an n-dimensional system is exact after n steps: more would only cost time
             cg_steps = min(self.cg_steps, sum(t.numel() for t in theta.values()))
-            hyper = implicit_gradient(lambda th, ph: self.inner_loss(th, ph, x, y), theta, phi, outer,
-                                      cg_steps=cg_steps, damping=self.cg_damping)
+            hyper, cg = implicit_gradient(lambda th, ph: self.inner_loss(th, ph, x, y), theta, phi, outer,
+                                          cg_steps=cg_steps, damping=self.cg_damping, return_info=True)
+            self.log("train/cg_rel_residual", cg["rel_residual"].float(), batch_size=x.shape[0])
         else:
             with torch.no_grad():
                 warm, state = self.run_inner(theta0, self.metric(x), x, y, steps - self.inner_steps,
@@ -390,10 +429,14 @@ class TaskMetModule(DecisionLearner):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
+        with torch.no_grad():
+            y = self._checked_target(self(x), y)
         hyper, logs = self.metric_gradient(x, y)
         # one backward of <phi, hypergradient> puts the hypergradient in .grad (and syncs it under DDP)
         surrogate = sum((p * hyper[k]).sum() for k, p in self.metric.named_parameters())
-        self._step(self.optimizers(), surrogate)
+        task = logs["task_loss"]
+        problem = None if bool(torch.isfinite(task)) else f"non-finite task loss ({float(task)})"
+        self._step(surrogate, problem)
         n = x.shape[0]
         self.log("train/task_loss", logs["task_loss"], prog_bar=True, batch_size=n)
         self.log("train/inner_loss", logs["inner_loss"], batch_size=n)
@@ -403,6 +446,8 @@ class TaskMetModule(DecisionLearner):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["taskmet_inner_state"] = self._inner_state
+        super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._inner_state = checkpoint.get("taskmet_inner_state")

@@ -172,7 +172,7 @@ def test_imaml_meta_gradient_equals_dense_hessian_solve():
     torch.manual_seed(0)
     lam = 2.0
     module = IMAMLModule(MLP(1, [5], 1, activation_name="tanh"), loss="mse", inner_steps=30, inner_lr=0.05, lam=lam,
-                         cg_steps=60).double()
+                         cg_steps=60, curvature="hessian").double()
     batch = regression_batch(1)
     v, qloss, inner, _ = module.task_meta_gradients(batch)
     names = [n for n, _ in module.net.named_parameters()]

@@ -11,6 +11,7 @@ from tasklight.nn.losses import HistogramLoss
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mtl_sinusoid_hlgauss.yaml"
 
 
+@pytest.mark.slow
 def test_hlgauss_heads_learn_every_sinusoid_task(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = run_cli(["fit", "--config", str(CONFIG), "--trainer.max_epochs", "2", "--trainer.logger", "false",

@@ -13,6 +13,8 @@ from tasklight.meta.imaml import IMAMLModule
 from tasklight.meta.maml import MAMLModule
 from tasklight.nn.nets import MLP
 
+pytestmark = pytest.mark.slow  # real 2-process DDP: minutes on 2 cores
+
 OUTER_LR = 0.5
 
 

@@ -29,6 +29,7 @@ def adam(lr):
     return functools.partial(torch.optim.Adam, lr=lr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [MAMLModule, IMAMLModule])
 def test_sinusoid_training_lowers_post_adaptation_mse(cls):
     torch.manual_seed(0)
@@ -47,6 +48,7 @@ def test_sinusoid_training_lowers_post_adaptation_mse(cls):
     assert res["test/mse@5_ci95"] > 0
 
 
+@pytest.mark.slow
 def test_omniglot_5way_1shot_beats_chance():
     torch.manual_seed(0)
     module = MAMLModule(Conv4(1, 5, hidden=32), loss="cross_entropy", inner_steps=1, inner_lr=0.4,
@@ -119,7 +121,7 @@ def test_nonfinite_inner_loss_raises_or_skips():
     t.fit(module, OneBatch())
     assert int(module.skipped_steps) == 1
     for k, v in module.state_dict().items():
-        if k != "skipped_steps":
+        if k not in ("skipped_steps", "consecutive_skips"):
             assert torch.equal(v, before[k]), k  # parameters untouched, not corrupted
     assert len(t.optimizers[0].state) == 0  # the optimiser never stepped
 
@@ -149,6 +151,7 @@ def test_checkpoint_resume_reproduces_the_next_meta_steps(tmp_path, stop_at):
     assert t.global_step == stop_at + 2
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
     import wandb
     from lightning.pytorch.loggers import WandbLogger

@@ -16,10 +16,12 @@ from torch.utils.data import TensorDataset
 from tasklight.callbacks.gradient_conflict import GradientConflictMonitor
 from tasklight.callbacks.task_logging import TaskLossLogger
 from tasklight.data.multitask import MultiTaskDataModule, TaskSpec
+from tasklight.multitask.architectures import MMoE, MTAN, CrossStitch, FiLM, SoftSharing
 from tasklight.multitask.module import MultiTaskModule
 from tasklight.nn.nets import MLP
 from tasklight.multitask.weighting import (
-    DROWeighting, DWA, EqualWeighting, GradNorm, MGDA, PCGrad, UncertaintyWeighting,
+    CAGrad, DROWeighting, DWA, EqualWeighting, FAMO, GradNorm, IMTL, MGDA, NashMTL, PCGrad, RLW, UncertaintyWeighting,
+    UPGrad,
 )
 
 T, B, STEPS, STEPS_PER_EPOCH, LR = 3, 4, 6, 2, 0.1
@@ -33,10 +35,19 @@ CASES = {
     "gradnorm": ({}, lambda: GradNorm(alpha=1.5, lr=0.05)),
     "mgda": ({}, MGDA),
     "pcgrad_params": ({}, lambda: PCGrad(grad_source="parameters", seed=1)),
-    "soft_uncertainty": ({"architecture": "soft", "soft_penalty": 0.1}, UncertaintyWeighting),
-    "film_mgda": ({"architecture": "conditioned", "conditioning": "film", "condition_layer": 1},
-                  lambda: MGDA(normalization="l2")),
+    "soft_uncertainty": ({"architecture": lambda: SoftSharing(penalty=0.1)}, UncertaintyWeighting),
+    "film_mgda": ({"architecture": lambda: FiLM(condition_layer=1)}, lambda: MGDA(normalization="l2")),
+    "mtan_mgda_params": ({"architecture": MTAN}, lambda: MGDA(grad_source="parameters")),
+    "cross_stitch_pcgrad": ({"architecture": CrossStitch}, PCGrad),
+    "mmoe_gradnorm": ({"architecture": lambda: MMoE(num_experts=2)}, lambda: GradNorm(alpha=1.5, lr=0.05)),
     "sampled_pcgrad": ({"task_sampling": "uniform", "tasks_per_step": 2}, PCGrad),
+    "rlw": ({}, lambda: RLW(seed=3)),
+    "famo": ({}, lambda: FAMO(lr=0.2)),
+    "cagrad": ({}, lambda: CAGrad(c=0.5)),
+    "nashmtl_params": ({}, lambda: NashMTL(grad_source="parameters", update_every=2)),
+    "imtl": ({}, IMTL),
+    "upgrad": ({}, UPGrad),
+    "sampled_imtl": ({"task_sampling": "uniform", "tasks_per_step": 2}, IMTL),
 }
 MONITORED = "mgda"
 
@@ -61,6 +72,7 @@ def sgd(params):
 def model(case: str) -> MultiTaskModule:
     seed_everything(11)
     kwargs, make = CASES[case]
+    kwargs = {k: (v() if k == "architecture" else v) for k, v in kwargs.items()}
     return MultiTaskModule(MLP(4, [8], 6), weighting=make(), optimizer=sgd, **kwargs)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ from tasklight.multitask.toy import (
     toy_pareto_front,
 )
 from tasklight.nn.losses import HistogramLoss
-from tasklight.multitask.module import ConditionedLayer, MultiTaskModule, _ZContext
+from tasklight.multitask.architectures import (MMoE, MTAN, Concat, ConditionedLayer, CrossStitch, FiLM, HardSharing,
+                                               MultiHead, Multiplicative, SoftSharing, _ZContext, trunk_stages)
+from tasklight.multitask.module import MultiTaskModule
 from tasklight.nn.nets import MLP
 from tasklight.multitask.weighting import (
     DROWeighting, EqualWeighting, MGDA, PCGrad, UncertaintyWeighting, min_norm_weights,
@@ -133,12 +136,12 @@ def test_omniglot_alphabets_are_tasks_with_held_out_drawers():
 def test_hard_sharing_shares_exactly_the_trunk_one_step_equals_manual_sgd():
     seed_everything(0)
     dm = tiny_dm(T=3)
-    model = MultiTaskModule(MLP(4, [8], 6), architecture="hard", optimizer=sgd(0.1))
+    model = MultiTaskModule(MLP(4, [8], 6), architecture=HardSharing(), optimizer=sgd(0.1))
     dm.setup()
     model.build(dm.task_specs)
     names = [n for n, _ in model.named_parameters()]
-    assert sorted({n.split(".")[0] for n in names}) == ["heads", "trunk"]
-    assert sum(n.startswith("trunk.") for n in names) == 4  # one trunk, not one per task
+    assert sorted({n.split(".")[1] for n in names}) == ["heads", "trunk"]
+    assert sum(n.startswith("architecture.trunk.") for n in names) == 4  # one trunk, not one per task
     assert len(model.heads) == 3 and all(h.out_features == 3 for h in model.heads)
     before = copy.deepcopy(model)
     batch = first_batch(dm)
@@ -218,13 +221,13 @@ def test_soft_sharing_penalty_zero_equals_independent_training_and_penalty_formu
     seed_everything(2)
     dm = tiny_dm(T=2)
     dm.setup()
-    model = MultiTaskModule(MLP(4, [8], 6), architecture="soft", soft_penalty=0.0,
+    model = MultiTaskModule(MLP(4, [8], 6), architecture=SoftSharing(penalty=0.0),
                             optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
     model.build(dm.task_specs)
     with torch.no_grad():  # towers start from different points
-        for p in model.towers[1].parameters():
+        for p in model.architecture.towers[1].parameters():
             p.add_(0.3 * torch.randn_like(p))
-    nets = [nn.Sequential(copy.deepcopy(model.towers[t]), copy.deepcopy(model.heads[t])) for t in range(2)]
+    nets = [nn.Sequential(copy.deepcopy(model.architecture.towers[t]), copy.deepcopy(model.heads[t])) for t in range(2)]
     opts = [torch.optim.Adam(n.parameters(), lr=0.05) for n in nets]
     stream = MultiTaskStream(dm.train_sets, dm.descriptors, dm.batch_size_per_task, 100)
     for step in range(3):
@@ -237,18 +240,18 @@ def test_soft_sharing_penalty_zero_equals_independent_training_and_penalty_formu
     fit(model, dm, 3)
     for t in range(2):
         for a, b in zip(nets[t].parameters(),
-                        list(model.towers[t].parameters()) + list(model.heads[t].parameters())):
+                        list(model.architecture.towers[t].parameters()) + list(model.heads[t].parameters())):
             torch.testing.assert_close(a, b)
     # the penalties against their definitions
-    thetas = [torch.cat([p.reshape(-1) for p in tw.parameters()]) for tw in model.towers]
+    thetas = [torch.cat([p.reshape(-1) for p in tw.parameters()]) for tw in model.architecture.towers]
     mean = torch.stack(thetas).mean(0)
-    torch.testing.assert_close(model._soft_penalty_value(), sum(((t - mean) ** 2).sum() for t in thetas))
-    model.soft_penalty_type = "pairwise"
-    torch.testing.assert_close(model._soft_penalty_value(), ((thetas[0] - thetas[1]) ** 2).sum())
+    torch.testing.assert_close(model.architecture.penalty_value(), sum(((t - mean) ** 2).sum() for t in thetas))
+    model.architecture.penalty_type = "pairwise"
+    torch.testing.assert_close(model.architecture.penalty_value(), ((thetas[0] - thetas[1]) ** 2).sum())
 
 
 def _tower_spread(model):
-    thetas = torch.stack([torch.cat([p.detach().reshape(-1) for p in tw.parameters()]) for tw in model.towers])
+    thetas = torch.stack([torch.cat([p.detach().reshape(-1) for p in tw.parameters()]) for tw in model.architecture.towers])
     return float(((thetas - thetas.mean(0)) ** 2).sum())
 
 
@@ -257,7 +260,7 @@ def test_a_large_soft_penalty_approaches_hard_sharing():
     for lam in (0.0, 20.0):
         seed_everything(3)
         dm = tiny_dm(T=3, steps=100)
-        model = MultiTaskModule(MLP(4, [8], 6), architecture="soft", soft_penalty=lam, optimizer=sgd(0.02))
+        model = MultiTaskModule(MLP(4, [8], 6), architecture=SoftSharing(penalty=lam), optimizer=sgd(0.02))
         fit(model, dm, 15)
         spreads[lam] = _tower_spread(model)
     assert spreads[0.0] > 1e-3
@@ -298,22 +301,22 @@ def test_conditioned_layers_against_explicit_computations():
 
 def test_conditioned_network_uses_z_and_multihead_is_one_head_per_task():
     seed_everything(4)
-    model = MultiTaskModule(MLP(4, [8], 6), architecture="conditioned", conditioning="multihead", tasks=specs(3))
+    model = MultiTaskModule(MLP(4, [8], 6), architecture=MultiHead(), tasks=specs(3))
     x = torch.randn(5, 4)
     h = model.trunk(x)
     for t in range(3):  # one-hot z: the output layer is task t's own linear head
-        torch.testing.assert_close(model(x, t), h @ model.head.weight[t].T + model.head.bias[t])
+        torch.testing.assert_close(model(x, t), h @ model.architecture.head.weight[t].T + model.architecture.head.bias[t])
     zmix = torch.tensor([0.5, 0.5, 0.0])
     torch.testing.assert_close(model(x, 0, z=zmix), 0.5 * (model(x, 0) + model(x, 1)))
-    concat = MultiTaskModule(MLP(4, [8], 6), architecture="conditioned", conditioning="concat", condition_layer=1,
+    concat = MultiTaskModule(MLP(4, [8], 6), architecture=Concat(condition_layer=1),
                              tasks=specs(3), descriptor_dim=2)
-    assert concat.condition_at == "trunk.net.2"
+    assert concat.architecture.condition_at == "trunk.net.2"
     za, zb = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     assert not torch.allclose(concat(x, 0, z=za), concat(x, 0, z=zb))  # the descriptor changes the output
-    film = MultiTaskModule(MLP(4, [8], 6), architecture="conditioned", conditioning="film", tasks=specs(3))
-    assert film.condition_at == "head"  # default: the trunk's output
+    film = MultiTaskModule(MLP(4, [8], 6), architecture=FiLM(), tasks=specs(3))
+    assert film.architecture.condition_at == "head"  # default: the trunk's output
     with pytest.raises(ValueError, match="out of range"):
-        MultiTaskModule(MLP(4, [8], 6), architecture="conditioned", conditioning="concat", condition_layer=7,
+        MultiTaskModule(MLP(4, [8], 6), architecture=Concat(condition_layer=7),
                         tasks=specs(3))
 
 
@@ -364,9 +367,9 @@ def test_a_step_with_one_sampled_task_trains_only_that_task():
     fit(model, dm, 1)
     after = params(model)
     for t in range(3):
-        changed = not torch.equal(before[f"heads.{t}.weight"], after[f"heads.{t}.weight"])
+        changed = not torch.equal(before[f"architecture.heads.{t}.weight"], after[f"architecture.heads.{t}.weight"])
         assert changed == (t == chosen)
-    assert not torch.equal(before["trunk.net.0.weight"], after["trunk.net.0.weight"])
+    assert not torch.equal(before["architecture.trunk.net.0.weight"], after["architecture.trunk.net.0.weight"])
 
 
 # ----------------------------------------------------------------------------- errors
@@ -378,9 +381,9 @@ def test_bad_inputs_raise_one_clear_error_each():
         MultiTaskModule(MLP(4, [8], 6), heads=[nn.Linear(6, 3), nn.Linear(6, 3)], tasks=specs(3))
     with pytest.raises(ValueError, match="task_losses has 2 entries but there are 3 tasks"):
         MultiTaskModule(MLP(4, [8], 6), task_losses=[nn.CrossEntropyLoss()] * 2, tasks=specs(3))
-    with pytest.raises(ValueError, match="soft sharing has none"):
-        MultiTaskModule(MLP(4, [8], 6), architecture="soft", weighting=MGDA())
-    soft = MultiTaskModule(MLP(4, [8], 6), architecture="soft", tasks=specs(2))
+    with pytest.raises(ValueError, match="SoftSharing has none"):
+        MultiTaskModule(MLP(4, [8], 6), architecture=SoftSharing(), weighting=MGDA())
+    soft = MultiTaskModule(MLP(4, [8], 6), architecture=SoftSharing(), tasks=specs(2))
     with pytest.raises(ValueError, match="soft sharing has no shared parameters"):
         GradientConflictMonitor().on_fit_start(None, soft)
     with pytest.raises(ValueError, match="tasks_per_step=4 but there are only 3 tasks"):
@@ -467,14 +470,29 @@ def test_toy_through_the_module_matches_the_plain_descent():
     start, steps = TOY_STARTS["nashmtl"][2], 30
     model = MultiTaskModule(ToyPoint(start), head_type="identity", weighting=MGDA(),
                             optimizer=lambda p: torch.optim.Adam(p, lr=0.05),
-                            lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, steps),
-                            lr_scheduler_interval="step")
+                            lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, steps))
     fit(model, TwoObjectiveToyDataModule("nashmtl"), steps)
     x, f = toy_descent(MGDA, [start], TOY_SCALES["nashmtl"], steps=steps, lr=0.05)
     torch.testing.assert_close(model.trunk.point.detach().double(), x[0], atol=2e-4, rtol=0)
     torch.testing.assert_close(toy_objectives(x, TOY_SCALES["nashmtl"]), f)
 
 
+def test_toy_gradient_on_the_kink_x2_0_is_the_published_one_on_every_torch_version():
+    """At x2 = 0 both losses switch between valley and bowl through max(tanh(+-x2/2), 0). The published
+    code (torch <= 2.13) differentiates both gates there (slopes +0.5 and -0.5), so the gradient at
+    (0, 0) is (0, (f_log - f_sq) / 2) per loss; torch 2.14's clamp gives 0 at the kink instead."""
+    x = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    f = toy_objectives(x, (0.1, 1.0))
+    f_log = math.log(3.5) + 6  # both valleys at (0, 0): log|0.5 * (-7)| + 6 and log|0.5 * 3 + 2| + 6
+    f_sq = (49 + 0.1 * 64) / 10 - 20  # both bowls at (0, 0)
+    for i, scale in enumerate((0.1, 1.0)):
+        (g,) = torch.autograd.grad(f[:, i].sum(), x, retain_graph=True)
+        torch.testing.assert_close(g[0], torch.tensor([0.0, scale * 0.5 * (f_log - f_sq)], dtype=torch.float64))
+    x, f = toy_descent(MGDA, [(0.0, 0.0)], TOY_SCALES["nashmtl"], steps=50, lr=0.2)
+    assert float(x[0, 1]) < -1.0  # MGDA leaves the kink into the bowls
+
+
+@pytest.mark.slow
 def test_toy_mgda_pcgrad_and_robust_weighting_reach_the_pareto_front_equal_weighting_is_dragged():
     """Nash-MTL's variant (loss 1 scaled by 0.1), the five published starting points, Adam at 0.2
     annealed to 0 over 600 steps (the schedule of configs/mtl_toy_*.yaml)."""
@@ -505,12 +523,16 @@ def test_every_mtl_config_parses_and_builds_its_classes():
 
     from tasklight.cli import TasklightCLI
 
-    assert len(CONFIGS) >= 20
+    assert len(CONFIGS) >= 32
     cli = TasklightCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                        run=False, args=["--config", str(CONFIGS[0]), "--trainer.logger", "false"],
                        auto_configure_optimizers=False, trainer_defaults={"inference_mode": False})
     weighting_of = {"equal": "EqualWeighting", "uncertainty": "UncertaintyWeighting", "gradnorm": "GradNorm",
-                    "dwa": "DWA", "mgda": "MGDA", "pcgrad": "PCGrad", "dro": "DROWeighting"}
+                    "dwa": "DWA", "mgda": "MGDA", "pcgrad": "PCGrad", "dro": "DROWeighting", "rlw": "RLW", "famo": "FAMO",
+                    "cagrad": "CAGrad", "nashmtl": "NashMTL", "imtl": "IMTL", "upgrad": "UPGrad"}
+    stems = {p.stem for p in CONFIGS}
+    for key in weighting_of:  # every method has a toy config and a hard-sharing Omniglot config
+        assert f"mtl_toy_{key}" in stems and (key == "equal" or f"mtl_omniglot_hard_{key}" in stems), key
     for path in CONFIGS:
         init = cli.parser.instantiate_classes(cli.parser.parse_args(["--config", str(path)]))
         model, name = init.model, path.stem
@@ -521,14 +543,14 @@ def test_every_mtl_config_parses_and_builds_its_classes():
         arch = name.split("_")[2]
         if name.startswith("mtl_omniglot_"):
             assert isinstance(init.data, OmniglotAlphabetsDataModule)
-            expected = {"hard": "hard", "soft": "soft"}.get(arch, "conditioned")
-            assert model.architecture == expected, name
-            if expected == "conditioned":
-                assert model.conditioning == arch, name
+            expected = {"hard": HardSharing, "soft": SoftSharing, "concat": Concat, "film": FiLM, "multihead": MultiHead,
+                        "multiplicative": Multiplicative, "cross": CrossStitch, "mmoe": MMoE, "mtan": MTAN}[arch]
+            assert type(model.architecture) is expected, name
         else:
-            assert isinstance(init.data, TwoObjectiveToyDataModule) and model.head_type == "identity"
+            assert isinstance(init.data, TwoObjectiveToyDataModule) and model.head_factory.kind == "identity"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mtl_toy_mgda", "mtl_omniglot_hard_pcgrad", "mtl_omniglot_film"])
 def test_configs_run_end_to_end_through_the_cli(name, tmp_path, monkeypatch):
     from tasklight.cli import run_cli

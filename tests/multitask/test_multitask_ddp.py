@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 
 import mtl_ddp_helpers as H
+
+pytestmark = pytest.mark.slow  # real 2-process DDP: minutes on 2 cores
 
 
 def _free_port() -> int:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tasklight.multitask.weighting import (
-    DROWeighting, DWA, EqualWeighting, GradNorm, MGDA, PCGrad, StaticWeighting, TaskStats, UncertaintyWeighting,
-    min_norm_weights, pcgrad_coefficients,
+    CAGrad, DROWeighting, DWA, EqualWeighting, FAMO, GradNorm, IMTL, MGDA, NashMTL, PCGrad, RLW, StaticWeighting,
+    TaskStats, UncertaintyWeighting, UPGrad, min_norm_weights, nash_bargaining_weights, pcgrad_coefficients,
+    step_generator,
 )
 
 
@@ -230,3 +231,155 @@ def test_loss_ratio_methods_measure_from_the_lower_bound_and_reject_losses_below
         method.setup(2)
         with pytest.raises(ValueError, match=r"task 1 has loss -0.3 < 0.*TaskSpec\(lower_bound=...\)"):
             method.compute_weights(stats([0.2, -0.3], torch.ones(2, 3)))
+
+
+# ----------------------------------------------------------------------------- the newer methods
+def test_rlw_is_a_softmax_of_seeded_normal_draws_per_step():
+    r = ready(RLW(seed=3), 4)
+    w = r.compute_weights(stats(torch.ones(4), step=5))
+    gen = step_generator(3, 5)
+    torch.testing.assert_close(w, torch.softmax(torch.randn(4, generator=gen, dtype=torch.float64), 0).float())
+    assert float(w.sum()) == pytest.approx(1.0) and w.min() > 0
+    assert torch.equal(w, r.compute_weights(stats(torch.ones(4), step=5)))  # every rank draws the same
+    assert not torch.allclose(w, r.compute_weights(stats(torch.ones(4), step=6)))
+    act = torch.tensor([True, False, True, True])
+    w2 = r.compute_weights(stats(torch.ones(4), active=act, step=5))
+    assert w2[1] == 0 and float(w2.sum()) == pytest.approx(1.0)
+    torch.testing.assert_close(w2[act], torch.softmax(r.logits(5, 3), 0).float())
+
+
+def test_famo_weights_and_logit_updates_against_autograd_and_torch_adam():
+    """FAMO written with autograd and torch.optim.Adam as in the paper's code; the next step's losses
+    play the role of the losses after the update."""
+    lr, gamma = 0.1, 1e-2
+    seq = torch.tensor([[2.0, 1.0, 0.5], [1.5, 0.9, 0.6], [1.0, 0.8, 0.55], [0.7, 0.7, 0.5], [0.6, 0.4, 0.5]],
+                       dtype=torch.float64)
+    f = ready(FAMO(lr=lr, gamma=gamma), 3)
+    xi = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([xi], lr=lr, weight_decay=gamma)
+    prev = None
+    for k, losses in enumerate(seq):
+        if prev is not None:
+            delta = (prev + 1e-8).log() - (losses + 1e-8).log()
+            opt.zero_grad()
+            xi.grad = torch.autograd.grad(torch.softmax(xi, -1), xi, grad_outputs=delta)[0]
+            opt.step()
+        prev = losses
+        L = losses.clone().requires_grad_()
+        z = torch.softmax(xi.detach(), -1)
+        D = L + 1e-8
+        c = (z / D).sum().detach()
+        expected = torch.autograd.grad((D.log() * z / c).sum(), L)[0]  # d objective / d L_t
+        w = f.compute_weights(stats(losses.float(), step=k))
+        torch.testing.assert_close(w.double(), expected, atol=1e-6, rtol=1e-5)
+        assert float(w.sum()) == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(f.xi, xi.detach(), atol=1e-6, rtol=1e-5)
+    assert f.xi.argmax() == 2 and f.xi.argmin() == 0  # the slowest-improving task (in log space) gains weight
+    with pytest.raises(ValueError, match="FAMO needs lr > 0"):
+        FAMO(lr=0.0)
+
+
+def _cagrad_grid(g: torch.Tensor, c: float, n: int = 20001):
+    """CAGrad's inner problem for two tasks by a dense grid over w = (a, 1 - a)."""
+    a = torch.linspace(0, 1, n, dtype=torch.float64)
+    W = torch.stack([a, 1 - a], 1)
+    g0 = g.mean(0)
+    gw = W @ g
+    obj = gw @ g0 + c * g0.norm() * gw.norm(dim=1)
+    return W[obj.argmin()]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cagrad_solves_its_inner_problem_and_builds_the_update(seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    c = 0.5
+    m = ready(CAGrad(c=c, rescale=0), 2)
+    w = torch.from_numpy(m.inner_weights(g @ g.T))
+    assert float((w - _cagrad_grid(g, c)).abs().max()) < 2e-3
+    coef = m.compute_weights(stats(torch.ones(2), g.float())).double()
+    g0, gw = g.mean(0), w @ g
+    torch.testing.assert_close(coef @ g, g0 + c * g0.norm() / gw.norm() * gw, atol=1e-5, rtol=1e-5)
+    # the update lies on the ball around g0 of radius c ||g0||, and improves the worst task over g0 alone
+    d = coef @ g
+    assert float((d - g0).norm()) == pytest.approx(c * float(g0.norm()), rel=1e-4)
+    assert float((g @ d).min()) >= float((g @ g0).min()) - 1e-9
+    r1 = ready(CAGrad(c=c, rescale=1), 2).compute_weights(stats(torch.ones(2), g.float())).double()
+    torch.testing.assert_close(r1, coef / (1 + c * c), atol=1e-6, rtol=1e-6)
+    zero = ready(CAGrad(c=0.0), 2).compute_weights(stats(torch.ones(2), g.float())).double()
+    torch.testing.assert_close(zero, torch.full((2,), 0.5, dtype=torch.float64), atol=1e-6, rtol=0)  # the mean
+    with pytest.raises(ValueError, match="rescale must be 0, 1 or 2"):
+        CAGrad(rescale=3)
+
+
+@pytest.mark.parametrize("T,seed", [(2, 0), (3, 1), (5, 2)])
+def test_nash_mtl_solves_the_bargaining_equation(T, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(T, 8, generator=gen, dtype=torch.float64) + 0.3
+    G = g @ g.T
+    raw = ready(NashMTL(normalize=False), T).compute_weights(stats(torch.ones(T), g.float())).double()
+    a = nash_bargaining_weights(G)
+    torch.testing.assert_close(G @ a, 1 / a, atol=1e-6, rtol=1e-6)  # G alpha = 1 / alpha
+    assert a.min() > 0
+    torch.testing.assert_close(raw, a, atol=1e-5, rtol=1e-5)
+    d = a @ g
+    torch.testing.assert_close(g @ d, 1 / a, atol=1e-6, rtol=1e-6)  # g_t . d = 1 / alpha_t
+    norm = ready(NashMTL(), T).compute_weights(stats(torch.ones(T), g.float())).double()
+    # solving with G / ||G||_F scales alpha by sqrt(||G||_F)
+    torch.testing.assert_close(norm, a * G.norm().sqrt(), atol=1e-4, rtol=1e-4)
+
+
+def test_nash_mtl_reuses_its_weights_between_updates():
+    m = ready(NashMTL(update_every=3), 2)
+    g1 = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    g2 = torch.tensor([[3.0, 1.0], [0.5, 2.0]])
+    w0 = m.compute_weights(stats(torch.ones(2), g1, step=0))
+    assert torch.equal(m.compute_weights(stats(torch.ones(2), g2, step=2)), w0)
+    assert not torch.allclose(m.compute_weights(stats(torch.ones(2), g2, step=3)), w0)
+    with pytest.raises(ValueError, match="update_every must be >= 1"):
+        NashMTL(update_every=0)
+
+
+@pytest.mark.parametrize("T,seed", [(2, 0), (3, 1), (4, 2)])
+def test_imtl_gives_equal_projections_on_every_unit_gradient(T, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(T, 7, generator=gen, dtype=torch.float64)
+    m = ready(IMTL(), T)
+    with torch.no_grad():
+        m.log_scales.copy_(torch.linspace(-0.5, 0.5, T))
+    w = m.compute_weights(stats(torch.ones(T), g.float())).double()
+    scale = torch.exp(m.log_scales.detach().double())
+    alpha = w / scale
+    assert float(alpha.sum()) == pytest.approx(1.0, abs=1e-5)
+    d = w @ g  # = sum alpha_t g'_t with g'_t = exp(s_t) g_t
+    proj = d @ (g / g.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(proj, proj[:1].expand(T), atol=1e-5, rtol=1e-5)
+    # heads: the scaled losses; the scales: d/ds [exp(s) L - s] = exp(s) L - 1
+    losses = torch.linspace(0.5, 2.0, T)
+    torch.testing.assert_close(m.task_weights(w.float()), scale.float())
+    total = m.loss(losses, m.task_weights(w.float()))
+    (gs,) = torch.autograd.grad(total, m.log_scales)
+    torch.testing.assert_close(gs, torch.exp(m.log_scales.detach()) * losses - 1)
+    # the paper's closed form on the scaled gradients: alpha_{2:} = g'_1 U^T (D U^T)^{-1}
+    gs = scale[:, None] * g
+    us = gs / gs.norm(dim=1, keepdim=True)
+    D, U = gs[:1] - gs[1:], us[:1] - us[1:]
+    rest = gs[0] @ U.T @ torch.linalg.inv(D @ U.T)
+    torch.testing.assert_close(alpha, torch.cat([1 - rest.sum().reshape(1), rest]), atol=1e-5, rtol=1e-5)
+    fixed = ready(IMTL(scale_losses=False), T)
+    assert not fixed.log_scales.requires_grad
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_upgrad_never_conflicts_and_matches_torchjd_on_the_jacobian(seed):
+    from torchjd.aggregation import UPGrad as JDUPGrad
+
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    w = ready(UPGrad(), 4).compute_weights(stats(torch.ones(4), g.float())).double()
+    d = w @ g
+    assert float((g @ d).min()) >= -1e-6  # no task gradient conflicts with the update
+    torch.testing.assert_close(d, JDUPGrad()(g), atol=1e-5, rtol=1e-4)
+    h = torch.tensor([[1.0, 0.2], [0.4, 1.0], [0.8, 0.7]], dtype=torch.float64)  # no conflict: the mean
+    wh = ready(UPGrad(), 3).compute_weights(stats(torch.ones(3), h.float())).double()
+    torch.testing.assert_close(wh, torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-4, rtol=0)

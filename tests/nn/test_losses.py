@@ -54,6 +54,7 @@ def test_loss_is_minimised_at_the_target_distribution():
 
 def test_predict_of_one_hot_returns_the_bin_centre():
     loss = HistogramLoss(num_bins=10, v_min=0.0, v_max=5.0)
+    assert loss.support_mode == "fixed" and not loss.needs_support
     logits = torch.full((3, 10), -1e4)
     logits[0, 0] = logits[1, 4] = logits[2, 9] = 0.0
     torch.testing.assert_close(loss.predict(logits), torch.tensor([[0.25], [2.25], [4.75]]))
@@ -86,7 +87,7 @@ def test_targets_outside_the_range_are_clamped_with_a_warning():
 
 
 def test_targets_with_trailing_singleton_and_shape_errors():
-    loss = HistogramLoss(num_bins=5)
+    loss = HistogramLoss(num_bins=5, v_min=-1.0, v_max=1.0)
     logits = torch.randn(6, 5)
     y = torch.rand(6) - 0.5
     torch.testing.assert_close(loss(logits, y), loss(logits, y.unsqueeze(-1)))
@@ -104,6 +105,11 @@ def test_targets_with_trailing_singleton_and_shape_errors():
     (dict(num_bins=1), "num_bins >= 2"),
     (dict(kind="triangle"), "kind must be one of"),
     (dict(sigma_unit="percent"), "sigma_unit must be one of"),
+    (dict(v_min=0.0), "needs both v_min and v_max"),
+    (dict(support="fixed"), "needs both v_min and v_max"),
+    (dict(support="auto", v_min=0.0, v_max=1.0), "drop them, or use support='fixed'"),
+    (dict(support="data"), "support must be one of"),
+    (dict(margin=-0.1), "margin >= 0"),
 ])
 def test_bad_arguments_raise_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -115,7 +121,7 @@ def test_hlgauss_regression_learns():
     torch.manual_seed(0)
     x = torch.linspace(-1, 1, 128).unsqueeze(-1)
     y = torch.sin(3 * x)
-    loss = HistogramLoss(num_bins=32, v_min=-1.5, v_max=1.5)
+    loss = HistogramLoss(num_bins=32).fit_support(y)  # the support fitted to the targets, with the default margin
     net = torch.nn.Sequential(torch.nn.Linear(1, 64), torch.nn.Tanh(), torch.nn.Linear(64, 32))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     rmse = lambda: ((loss.predict(net(x)) - y) ** 2).mean().sqrt().item()  # noqa: E731
@@ -125,6 +131,123 @@ def test_hlgauss_regression_learns():
         loss(net(x), y).backward()
         opt.step()
     assert rmse() < 0.1 < start
+
+
+def test_default_sigma_is_three_quarters_of_a_bin_width():
+    loss = HistogramLoss(num_bins=40, v_min=-2.0, v_max=6.0)
+    assert math.isclose(loss.sigma, 0.75 * 8.0 / 40)
+
+
+@pytest.mark.parametrize("ratio", [0.75, 2.0])
+def test_hlgauss_target_matches_hl_gauss_pytorch(ratio):
+    """The same target distribution as the reference package, at our default sigma and at its own (2 bins)."""
+    hl_gauss_pytorch = pytest.importorskip("hl_gauss_pytorch")
+    ref = hl_gauss_pytorch.HLGaussLoss(min_value=-3.0, max_value=5.0, num_bins=32, sigma_to_bin_ratio=ratio)
+    ours = HistogramLoss(num_bins=32, v_min=-3.0, v_max=5.0, sigma=ratio, sigma_unit="bin")
+    assert math.isclose(float(ref.sigma), ours.sigma, rel_tol=1e-6)
+    y = torch.cat([torch.linspace(-3.0, 5.0, 41), torch.tensor([-2.99, 0.123, 4.999])])
+    torch.testing.assert_close(ours.target_probs(y), ref.transform_to_probs(y), atol=2e-6, rtol=1e-4)
+    # and the same loss on the same logits
+    logits = torch.randn(len(y), 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours(logits, y), ref(logits, y), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_support_is_fitted_to_the_targets_with_the_margin():
+    loss = HistogramLoss(num_bins=50)
+    assert loss.support_mode == "auto" and loss.needs_support
+    with pytest.raises(RuntimeError, match="no range yet: call loss.fit_support"):
+        loss(torch.randn(3, 50), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="no range yet"):
+        loss.predict(torch.randn(3, 50))
+    y = torch.tensor([[-1.0, 3.0], [0.5, 2.0]])
+    assert loss.fit_support(y) is loss and not loss.needs_support
+    assert math.isclose(loss.v_min, -1.0 - 0.4) and math.isclose(loss.v_max, 3.0 + 0.4)
+    torch.testing.assert_close(loss.edges, torch.linspace(-1.4, 3.4, 51))
+    assert math.isclose(loss.sigma, 0.75 * 4.8 / 50)
+    wide = HistogramLoss(num_bins=50, margin=0.5).fit_support(y)
+    assert math.isclose(wide.v_min, -3.0) and math.isclose(wide.v_max, 5.0)
+    with pytest.raises(ValueError, match="fixed support"):
+        HistogramLoss(num_bins=5, v_min=0.0, v_max=1.0).fit_support(y)
+    with pytest.raises(ValueError, match="all 4 targets equal 2.0"):
+        HistogramLoss(num_bins=5).fit_support(torch.full((4,), 2.0))
+    with pytest.raises(ValueError, match="not finite"):
+        HistogramLoss(num_bins=5).fit_support(torch.tensor([0.0, float("nan")]))
+    with pytest.raises(ValueError, match="no targets"):
+        HistogramLoss(num_bins=5).fit_support(torch.zeros(0))
+
+
+def test_default_margin_leaves_the_training_targets_untruncated():
+    """With margin 0.1 the target's mean is y for every training target, the extremes included; without a
+    margin the Gaussian of an extreme target is cut in half and its mean pulled inwards."""
+    y = torch.linspace(-2.0, 7.0, 301, dtype=torch.float64)
+    for bins in (27, 50, 100):
+        loss = HistogramLoss(num_bins=bins).double().fit_support(y)
+        mean = loss.target_probs(y) @ loss.centers
+        assert (mean - y).abs().max() < 0.01 * loss.bin_width
+    tight = HistogramLoss(num_bins=50, margin=0.0).double().fit_support(y)
+    bias = (tight.target_probs(y) @ tight.centers - y).abs().max()
+    assert bias > 0.3 * tight.bin_width
+
+
+def test_fitted_support_travels_in_the_state_dict():
+    loss = HistogramLoss(num_bins=20).fit_support(torch.tensor([0.0, 10.0]))
+    fresh = HistogramLoss(num_bins=20)
+    fresh.load_state_dict(loss.state_dict())
+    assert not fresh.needs_support and (fresh.v_min, fresh.v_max) == (loss.v_min, loss.v_max)
+    torch.testing.assert_close(fresh.centers, loss.centers)
+    assert math.isclose(fresh.sigma, loss.sigma)
+    # a state dict saved before the support was stored still loads into a loss with a fixed range
+    fixed = HistogramLoss(num_bins=20, v_min=-1.0, v_max=1.0)
+    fixed.load_state_dict({})
+    assert (fixed.v_min, fixed.v_max) == (-1.0, 1.0)
+
+
+def test_meta_learner_fits_the_auto_support_from_the_datamodule():
+    import lightning as L
+
+    from tasklight.data.sinusoid import SinusoidDataModule
+    from tasklight.meta.maml import MAMLModule
+    from tasklight.nn.nets import MLP
+
+    dm = SinusoidDataModule(k_shot=5, q_queries=5, meta_batch_size=4, batches_per_epoch=2, val_episodes=4,
+                            test_episodes=4, amplitude=(1.0, 2.0))
+    targets = dm.train_targets(episodes=1000)
+    assert targets.shape == (1000 * 10,)
+    torch.testing.assert_close(targets, dm.train_targets(episodes=1000))
+    lo, hi = float(targets.min()), float(targets.max())
+    assert -2.0 <= lo < -1.9 and 1.9 < hi <= 2.0
+    module = MAMLModule(MLP(1, [8], 16), loss=HistogramLoss(num_bins=16), inner_lr=0.1)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, inference_mode=False, limit_val_batches=0)
+    trainer.fit(module, dm)
+    loss = module.loss_fn
+    assert math.isclose(loss.v_min, lo - 0.1 * (hi - lo), rel_tol=1e-6)
+    assert math.isclose(loss.v_max, hi + 0.1 * (hi - lo), rel_tol=1e-6)
+    # without a DataModule that provides targets: one clear error
+    bare = MAMLModule(MLP(1, [8], 16), loss=HistogramLoss(num_bins=16), inner_lr=0.1)
+    with pytest.raises(ValueError, match="has no train_targets"):
+        bare.setup("fit")
+
+
+def test_multitask_module_fits_a_shared_auto_support_to_all_its_tasks():
+    import lightning as L
+
+    from tasklight.data.mtl_regression import SinusoidTasksDataModule
+    from tasklight.multitask.module import MultiTaskModule
+    from tasklight.nn.nets import MLP
+
+    loss = HistogramLoss(num_bins=32)
+    dm = SinusoidTasksDataModule(num_tasks=3, n_train=50, n_val=10, n_test=10, loss=loss, batch_size_per_task=8,
+                                 steps_per_epoch=2)
+    module = MultiTaskModule(MLP(1, [16], 16))  # hard sharing
+    L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(module, dm)
+    y = torch.cat([dm.train_targets(t).flatten() for t in range(3)])
+    lo, hi = float(y.min()), float(y.max())
+    fitted = module.task_losses[0]
+    assert all(m is fitted for m in module.task_losses)
+    assert math.isclose(fitted.v_min, lo - 0.1 * (hi - lo), rel_tol=1e-5)
+    assert math.isclose(fitted.v_max, hi + 0.1 * (hi - lo), rel_tol=1e-5)
 
 
 def test_mahalanobis_loss_matches_an_explicit_loop_and_the_diagonal_form():
@@ -153,6 +276,7 @@ def test_mahalanobis_metric_dimension_mismatch_raises():
 
 
 # ---------------------------------------------------------------- HL-Gauss in the meta-learners, through the CLI
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["maml_sinusoid_hlgauss.yaml", "imaml_sinusoid_hlgauss.yaml"])
 def test_hlgauss_sinusoid_config_runs_end_to_end(config, tmp_path):
     from pathlib import Path
@@ -173,3 +297,5 @@ def test_hlgauss_sinusoid_config_runs_end_to_end(config, tmp_path):
     assert pred.shape == batch.query_y.shape
     loss = cli.model.loss_fn
     assert isinstance(loss, HistogramLoss) and pred.min() >= loss.v_min and pred.max() <= loss.v_max
+    # the config's support: auto was fitted to the training targets (amplitudes up to 5, a 10 % margin)
+    assert loss.support_mode == "auto" and -6.0 < loss.v_min < -5.8 and 5.8 < loss.v_max < 6.0

@@ -41,6 +41,7 @@ def closed_form_theta(module, phi, x, y):
     return {"net.0.weight": theta[:1].view(1, 1), "net.0.bias": theta[1:]}
 
 
+@pytest.mark.slow
 def test_implicit_metric_gradient_matches_unrolled_loop_and_finite_differences():
     problem, x, y = small_problem()
     implicit = make_taskmet(problem)
@@ -117,6 +118,10 @@ def test_metric_dimension_mismatch_raises():
         TaskMetModule(MLP(1, [], 1), MetricNet(), hypergradient="exact")
 
 
+def adam_1e2(params):
+    return torch.optim.Adam(params, lr=1e-2)
+
+
 def fit_and_test(module, dm, steps):
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0,
@@ -125,12 +130,13 @@ def fit_and_test(module, dm, steps):
     return trainer.test(module, dm, verbose=False)[0]
 
 
+@pytest.mark.slow
 def test_cubic_topk_mse_is_poor_and_taskmet_clearly_better():
     L.seed_everything(0)
     dm = DecisionDataModule(CubicTopK(), num_train=100, num_val=10, num_test=200, steps_per_epoch=10)
-    mse = fit_and_test(MSEModule(MLP(1, [], 1)), dm, 100)
+    mse = fit_and_test(MSEModule(MLP(1, [], 1), optimizer=adam_1e2), dm, 100)
     L.seed_everything(0)
-    taskmet = fit_and_test(TaskMetModule(MLP(1, [], 1), MetricNet(1, 1, hidden=(32, 32))), dm, 30)
+    taskmet = fit_and_test(TaskMetModule(MLP(1, [], 1), MetricNet(1, 1, hidden=(32, 32)), optimizer=adam_1e2), dm, 30)
     assert mse["test/ndq"] < 0.0
     assert taskmet["test/ndq"] > 0.8
     assert taskmet["test/ndq"] > mse["test/ndq"] + 0.8
@@ -141,7 +147,7 @@ def test_dfl_lowers_the_task_loss_on_budget_allocation():
     dm = DecisionDataModule(BudgetAllocation(), num_train=64, num_val=8, num_test=8, steps_per_epoch=10)
     dm.setup("fit")
     x, y = dm.splits["train"].tensors[:2]
-    module = DFLModule(MLP(4, [], 5), alpha=0.1)
+    module = DFLModule(MLP(4, [], 5), alpha=0.1, optimizer=adam_1e2)
     before = float(dm.problem.task_loss(module(x), y, x))
     fit_and_test(module, dm, 30)
     assert float(dm.problem.task_loss(module(x), y, x)) < before - 0.05
@@ -159,6 +165,7 @@ def test_config_parses(config, capsys):
     assert "class_path" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_taskmet_cubic_config_runs_end_to_end(tmp_path):
     cli = run_cli(["fit", "--config", str(ROOT / "configs/taskmet_cubic.yaml"), "--trainer.max_steps", "3",
                     "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing",

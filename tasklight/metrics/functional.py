@@ -1,0 +1,18 @@
+"""The arithmetic of tasklight's metrics on plain tensors; the ``Metric`` classes keep sums as states
+(one all-reduce under DDP) and call these on ``compute()``."""
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def mean_ci95_from_sums(total: Tensor, total_sq: Tensor, count: Tensor) -> dict[str, Tensor]:
+    """Mean, sample std and 95 % confidence interval (normal approximation, ``1.96 * std / sqrt(n)``)
+    of ``count`` values whose sum is ``total`` and sum of squares ``total_sq``."""
+    n = count
+    mean = total / n.clamp_min(1)
+    var = (total_sq - n * mean * mean) / (n - 1).clamp_min(1)
+    std = var.clamp_min(0).sqrt()
+    return {"mean": mean, "ci95": 1.96 * std / n.clamp_min(1).sqrt(), "std": std, "count": n}
+
+
+__all__ = ["mean_ci95_from_sums"]

@@ -1,0 +1,87 @@
+"""Checkpoints validated on load (issue 12 row 12): unreadable files named, corrupted state refused,
+another learner class refused, changed episode settings refused."""
+import glob
+import zipfile
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tasklight import IMAMLModule, MAMLModule, MLP, SinusoidDataModule
+from tasklight.core.checkpoint import check_checkpoint_file
+
+
+def _trainer(tmp_path, steps, callbacks=()):
+    return L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     inference_mode=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
+                     default_root_dir=str(tmp_path), enable_checkpointing=bool(callbacks))
+
+
+def _dm(**kw):
+    args = dict(k_shot=5, q_queries=5, meta_batch_size=2, batches_per_epoch=10, seed=1)
+    args.update(kw)
+    return SinusoidDataModule(**args)
+
+
+def _maml():
+    torch.manual_seed(0)
+    return MAMLModule(MLP(1, [8], 1), inner_steps=1)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    ck = ModelCheckpoint(dirpath=str(d), every_n_train_steps=2, save_top_k=-1)
+    _trainer(d, 2, [ck]).fit(_maml(), _dm())
+    return glob.glob(str(d / "*.ckpt"))[0]
+
+
+def test_a_good_checkpoint_passes_and_resumes(ckpt, tmp_path):
+    assert check_checkpoint_file(ckpt)["tasklight"]["learner"] == "tasklight.meta.maml.MAMLModule"
+    t = _trainer(tmp_path, 3)
+    t.fit(_maml(), _dm(), ckpt_path=ckpt)
+    assert t.global_step == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_an_unreadable_checkpoint_is_named(ckpt, tmp_path, damage):
+    data = open(ckpt, "rb").read()
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with pytest.raises(ValueError, match=r"checkpoint .*bad\.ckpt \(\d+ bytes\) is not a readable checkpoint"):
+        check_checkpoint_file(bad)
+
+
+def test_a_bit_flipped_in_the_weights_is_refused(ckpt, tmp_path):
+    bad = tmp_path / "flipped.ckpt"
+    raw = bytearray(open(ckpt, "rb").read())
+    with zipfile.ZipFile(ckpt) as z:  # the largest tensor record: flip one bit in its middle
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    h = info.header_offset  # the local header's name and extra (padding) lengths
+    start = h + 30 + int.from_bytes(raw[h + 26:h + 28], "little") + int.from_bytes(raw[h + 28:h + 30], "little")
+    raw[start + info.file_size // 2] ^= 0x10
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="flipped|corrupted"):
+        check_checkpoint_file(bad)
+    # the learner itself refuses it too, when Lightning reads it without the CLI
+    with pytest.raises(ValueError, match="do not match the checksum"):
+        _trainer(tmp_path, 3).fit(_maml(), _dm(), ckpt_path=str(bad))
+
+
+def test_a_checkpoint_of_another_learner_is_refused(ckpt, tmp_path):
+    torch.manual_seed(0)
+    imaml = IMAMLModule(MLP(1, [8], 1), inner_steps=1)
+    with pytest.raises(ValueError, match=r"written by tasklight\.meta\.maml\.MAMLModule .*IMAMLModule"):
+        _trainer(tmp_path, 3).fit(imaml, _dm(), ckpt_path=ckpt)
+    with pytest.raises(ValueError, match="written by tasklight.meta.maml.MAMLModule"):
+        IMAMLModule.load_from_checkpoint(ckpt, net=MLP(1, [8], 1))
+
+
+def test_resuming_with_other_episode_settings_is_refused(ckpt, tmp_path):
+    with pytest.raises(ValueError, match=r"other episodes \(k_shot: checkpoint 5, now 3\)"):
+        _trainer(tmp_path, 3).fit(_maml(), _dm(k_shot=3), ckpt_path=ckpt)
+    # settings that do not change the meaning of the state may change
+    t = _trainer(tmp_path, 3)
+    t.fit(_maml(), _dm(num_workers=0, batches_per_epoch=7, test_episodes=9), ckpt_path=ckpt)
+    assert t.global_step == 3
