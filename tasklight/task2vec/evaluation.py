@@ -9,27 +9,17 @@ import torch
 from torch import Tensor
 
 
-def rankdata(v: Tensor) -> Tensor:
-    """Ranks ``1..n`` of a 1-d tensor, ties given their average rank (``scipy.stats.rankdata``)."""
-    v = v.detach().double().reshape(-1)
-    order = torch.argsort(v, stable=True)
-    ranks = torch.empty_like(v)
-    ranks[order] = torch.arange(1, len(v) + 1, dtype=v.dtype)
-    values, inverse, counts = torch.unique(v, return_inverse=True, return_counts=True)
-    if (counts > 1).any():
-        sums = torch.zeros(len(values), dtype=v.dtype).index_add_(0, inverse, ranks)
-        ranks = (sums / counts)[inverse]
-    return ranks
-
-
 def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman rank correlation of two 1-d tensors of the same length (0 when one is constant)."""
+    """Spearman rank correlation of two 1-d tensors of the same length (``scipy.stats.spearmanr``;
+    0 when one of them is constant)."""
+    from scipy import stats
+
+    a, b = a.detach().double().reshape(-1).cpu(), b.detach().double().reshape(-1).cpu()
     if a.numel() != b.numel() or a.numel() < 2:
         raise ValueError(f"spearman needs two tensors of the same length >= 2, got {a.numel()} and {b.numel()}")
-    ra, rb = rankdata(a), rankdata(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return float(ra @ rb) / den if den > 0 else 0.0
+    if bool((a == a[0]).all()) or bool((b == b[0]).all()):
+        return 0.0
+    return float(stats.spearmanr(a.numpy(), b.numpy()).statistic)
 
 
 def bootstrap_interval(stat: Callable[[Tensor], float], n: int, reps: int = 1000, seed: int = 0,

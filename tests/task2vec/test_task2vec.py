@@ -297,7 +297,7 @@ def test_same_alphabet_tasks_are_closer_on_a_probe_trained_on_other_alphabets(om
     assert taxonomy_correlation(d, shuffled, reps=100)[1] < 0.0
 
 
-def test_rank_statistics_match_scipy():
+def test_rank_statistics_over_task_pairs():
     from scipy import stats
 
     from tasklight.task2vec import pair_spearman, spearman, taxonomy_correlation
@@ -306,6 +306,7 @@ def test_rank_statistics_match_scipy():
     a = torch.randint(0, 5, (40,), generator=g).double()  # ties
     b = a + torch.randn(40, generator=g)
     assert spearman(a, b) == pytest.approx(stats.spearmanr(a.numpy(), b.numpy()).statistic, rel=1e-9)
+    assert spearman(a, torch.ones(40)) == 0.0  # a constant: no correlation, not nan
     d = torch.rand(6, 6, generator=g)
     d = d + d.T
     groups = [0, 0, 1, 1, 2, 2]
@@ -315,9 +316,9 @@ def test_rank_statistics_match_scipy():
     assert pair_spearman(d, diff) == pytest.approx(want, rel=1e-9)
     rho, low, high = taxonomy_correlation(d, groups, reps=200)
     assert rho == pytest.approx(want, rel=1e-9) and low <= high
-    # a distance that is exactly the taxonomy
+    # a distance that separates the groups perfectly (0.69 is the most a 0/1 taxonomy with ties allows here)
     rho, low, high = taxonomy_correlation(diff + 0.01 * d, groups, reps=200)
-    assert rho > 0.8 and low > 0.5
+    assert rho > 0.65 and low <= rho <= high
     with pytest.raises(ValueError, match="one group per task"):
         taxonomy_correlation(d, groups[:5])
 
