@@ -20,12 +20,14 @@ where each ratio is RMSE(HL-Gauss) / RMSE(MSE) of the seed means (below 1: the h
 the sinusoid ratio is the square root of the ratio of the query MSEs after 10 adaptation steps.
 
 Usage:
-    python scripts/bench_hlgauss.py --quick      # about 10 minutes on one thread of a loaded machine
-    python scripts/bench_hlgauss.py              # more seeds and meta-steps
+    python scripts/bench_hlgauss.py --quick            # 66 runs (6 MAML, 60 tabular)
+    python scripts/bench_hlgauss.py --quick --jobs 3   # the same runs in 3 processes (31 min at load 17 on 2 cores)
+    python scripts/bench_hlgauss.py                    # more seeds, meta-steps and epochs
 """
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
@@ -156,7 +158,7 @@ def main(argv=None) -> None:
     meta_steps, test_episodes = (1000, 300) if args.quick else (4000, 600)
     tab_seeds, epochs = [SEED_OFFSET + s for s in range(5 if args.quick else 10)], 200 if args.quick else 400
     names = ["diabetes", "friedman1", "friedman2", "friedman3"]
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), os.getloadavg()
 
     jobs = {("sinusoid", name, s): (sinusoid_run, (name, s, meta_steps, test_episodes))
             for name in ("mse", "hlgauss") for s in seeds}
@@ -198,8 +200,11 @@ def main(argv=None) -> None:
 
     sin_support = sorted({tuple(round(v, 2) for v in r["support"]) for r in sin["hlgauss"]})
     cmd = "python scripts/bench_hlgauss.py" + (" --quick" if args.quick else "") + \
-        ("" if args.seeds is None else f" --seeds {args.seeds}")
+        ("" if args.seeds is None else f" --seeds {args.seeds}") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
     doc = header("Benchmark: HL-Gauss histogram loss vs MSE", cmd, args.threads, total) + [
+        f"Load average of the machine: {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end ({args.jobs} "
+        f"run(s) in parallel).",
+        "",
         "Mean ± 95 % confidence interval (Student t) over seeds. How the settings were chosen, and what the "
         "results mean: [histogram_losses.md](histogram_losses.md).",
         "",

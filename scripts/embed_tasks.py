@@ -2,7 +2,7 @@
 
     python scripts/embed_tasks.py --config configs/task2vec_embed_omniglot.yaml
     python scripts/embed_tasks.py --data.class_path tasklight.data.omniglot.OmniglotDataModule \\
-        --probe_ckpt runs/checkpoints/maml_omniglot/last.ckpt --output_dir runs/task2vec
+        --probe_ckpt runs/maml_omniglot/latest/checkpoints/last.ckpt --output_dir runs/task2vec
 
 The ``data`` section is the same as in a ``tasklight fit`` config. The probe is a checkpoint
 (``--probe_ckpt``: a Lightning ``.ckpt`` that loads on its own, or a ``.pt`` holding a pickled

@@ -15,14 +15,16 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree th
 from tasklight.callbacks import GradientConflictMonitor, Task2VecCallback, TaskLossLogger  # noqa: E402
 from tasklight.data import (MetaBatch, MultiTaskBatch, MultiTaskDataModule, OmniglotAlphabetsDataModule,  # noqa: E402
                             OmniglotDataModule, SinusoidDataModule, SinusoidTasksDataModule, TaskSpec)
-from tasklight.meta import IMAMLModule, MAMLModule, MetaLearner  # noqa: E402
+from tasklight.meta import (IMAMLModule, MAMLModule, MAMLPlusPlusModule, MetaLearner, ProtoMAMLModule,  # noqa: E402
+                            ProtoNetModule, ReptileModule)
 from tasklight.multitask import MultiTaskModule, TwoObjectiveToyDataModule  # noqa: E402
 from tasklight.nn import MLP, Conv4, HistogramLoss, MahalanobisLoss  # noqa: E402
 from tasklight.task2vec import Task2Vec  # noqa: E402
 from tasklight.strategies import TimedDDPStrategy  # noqa: E402
 from tasklight.taskmet import DecisionDataModule, DFLModule, MSEModule, TaskMetModule  # noqa: E402
 
-__all__ = ["__version__", "MetaLearner", "MAMLModule", "IMAMLModule", "MultiTaskModule", "TaskMetModule",
+__all__ = ["__version__", "MetaLearner", "MAMLModule", "IMAMLModule", "MAMLPlusPlusModule",
+           "ReptileModule", "ProtoNetModule", "ProtoMAMLModule", "MultiTaskModule", "TaskMetModule",
            "MSEModule", "DFLModule", "Task2Vec", "MLP", "Conv4", "HistogramLoss", "MahalanobisLoss", "MetaBatch",
            "MultiTaskBatch", "TaskSpec", "SinusoidDataModule", "OmniglotDataModule", "MultiTaskDataModule",
            "OmniglotAlphabetsDataModule", "SinusoidTasksDataModule", "TwoObjectiveToyDataModule",

@@ -1,19 +1,142 @@
 """The ``tasklight`` command: a LightningCLI in subclass mode.
 
-Any LightningModule / LightningDataModule, ours or a user's, is chosen by class path in a YAML
-config or on the command line:
+Any LightningModule / LightningDataModule, ours or a user's, is chosen by class path (tasklight's
+own classes also by their short name, ``--model MAMLModule``) in a YAML config or on the command
+line; a config shipped with tasklight is found by its name:
 
-    tasklight fit  --config configs/maml_sinusoid.yaml
-    tasklight test --config configs/maml_sinusoid.yaml --ckpt_path runs/.../last.ckpt
+    tasklight fit  --config maml_sinusoid
+    tasklight test --config maml_sinusoid --ckpt_path runs/maml_sinusoid/latest/checkpoints/last.ckpt
+    tasklight predict --config maml_sinusoid --ckpt_path runs/maml_sinusoid/latest/checkpoints/last.ckpt
+
+Every run gets its own folder ``runs/<run name>/<YYYYmmdd-HHMMSS>-<id>/`` (``config.yaml``, the
+package versions, ``checkpoints/``; ``runs/<run name>/latest`` points at the newest), so
+``last.ckpt`` always means that run.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import sys
-from typing import Optional
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
 
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from tasklight.core.checkpoint import check_checkpoint_file
+from tasklight.strategies import DEFAULT_PROCESS_GROUP_TIMEOUT, timed_strategy
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+#: packages whose versions every run records
+VERSIONED = ("tasklight", "torch", "lightning", "torchmetrics", "jsonargparse", "wandb", "numpy", "higher")
+#: Trainer options that manual optimisation cannot honour, and the module option that does the job
+MANUAL_ONLY = {"gradient_clip_val": "clip the gradient norm", "accumulate_grad_batches": "accumulate gradients"}
+
+
+def package_versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def find_config(value: str) -> str:
+    """A ``--config`` value: an existing file, or the name of a config shipped with tasklight."""
+    if Path(value).exists() or value.startswith(("{", "[")) or "\n" in value:
+        return value
+    name = Path(value).name
+    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return str(cand)
+    return value
+
+
+EXTENDS_KEY = "extends"
+
+
+def expand_config(value: str, _seen: tuple = ()) -> list[str]:
+    """The ``--config`` arguments for one config value: its ``extends:`` chain first, then itself.
+
+    A config may say ``extends: <path>`` (relative to the file): that file is applied first and this
+    file's keys on top, exactly as ``--config base.yaml --config this.yaml``: jsonargparse merges
+    several ``--config`` flags key by key (a nested ``config:`` key inside a file would replace whole
+    groups instead).
+    """
+    path = Path(find_config(value))
+    if not path.is_file():
+        return ["--config", value]
+    import yaml
+
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return ["--config", str(path)]
+    base = content.get(EXTENDS_KEY) if isinstance(content, dict) else None
+    if base is None:
+        return ["--config", str(path)]
+    if not isinstance(base, str):
+        raise SystemExit(f"tasklight: `{EXTENDS_KEY}:` in {path} must be the path of one config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if not base_path.is_file():
+        raise SystemExit(f"tasklight: {path} extends {base!r}, but {base_path} does not exist")
+    if base_path in _seen or base_path == path.resolve():
+        raise SystemExit(f"tasklight: the `{EXTENDS_KEY}:` chain of {path} loops back to {base_path}")
+    return expand_config(str(base_path), _seen + (path.resolve(),)) + ["--config", str(path)]
+
+
+def _resolve_config_args(args: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--config", "-c") and i + 1 < len(args):
+            out += expand_config(args[i + 1])
+            i += 2
+            continue
+        if a.startswith("--config="):
+            out += expand_config(a.split("=", 1)[1])
+            i += 1
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+class RunConfig(SaveConfigCallback):
+    """Writes the resolved config into the run's folder (never over another run's) and logs the
+    complete config (every class path and init arg, the trainer, the seed) with the package
+    versions to every logger (the W&B run's config)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        run_dir = os.environ.get("TASKLIGHT_RUN_DIR")
+        if trainer.is_global_zero and run_dir:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, os.path.join(run_dir, self.config_filename), skip_none=False,
+                             overwrite=True, multifile=False)
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        import yaml
+
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        resolved.pop("config", None)
+        record = {"config": resolved, "versions": package_versions(), "seed": resolved.get("seed_everything"),
+                  "run_dir": os.environ.get("TASKLIGHT_RUN_DIR"), "command": " ".join(["tasklight", *sys.argv[1:]])}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(record)
 
 from tasklight.core.checkpoint import check_checkpoint_file
 from tasklight.strategies import DEFAULT_PROCESS_GROUP_TIMEOUT, timed_strategy
@@ -24,13 +147,28 @@ class TasklightCLI(LightningCLI):
 
     * ``inference_mode=False``: meta-learners adapt with gradients at validation/test time.
     * W&B runs are offline unless ``WANDB_MODE`` says otherwise (``WANDB_MODE=online`` sends them).
+    * Each run has its own folder; its checkpoints go to ``<run folder>/checkpoints`` unless a
+      ``ModelCheckpoint`` names its own ``dirpath``.
     * ``fit`` ends with a ``test`` on the best (or last) checkpoint so every run prints a final
       metric; ``--test_after_fit false`` turns that off.
     """
 
+    def init_parser(self, **kwargs):
+        parser = super().init_parser(**kwargs)
+        from tasklight import __version__
+
+        parser.add_argument("--version", action="version", version=f"tasklight {__version__}",
+                            help="print tasklight's version and exit")
+        return parser
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after `fit`, run `test` with the fitted weights and print the metrics")
+        parser.add_argument(f"--{EXTENDS_KEY}", type=Optional[str], default=None,
+                            help="in a config file: the config it builds on (applied first, relative to the file)")
+        parser.add_argument("--run_name", type=Optional[str], default=None,
+                            help="the run folder's name under runs/ (default: the logger's run name or the config's)")
+
         parser.add_argument("--process_group_timeout", type=float, default=DEFAULT_PROCESS_GROUP_TIMEOUT,
                             help="seconds a DDP collective waits for the other ranks before the run fails "
                                  "(a dead rank then ends the run instead of hanging it)")
@@ -48,38 +186,233 @@ class TasklightCLI(LightningCLI):
         if path:
             check_checkpoint_file(path)  # names a truncated / corrupted file before Lightning reads it
 
+    # ------------------------------------------------------------------ checks before building
+    def _sub(self) -> Any:
+        return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._sub()
+        model_cls = _class_of(cfg.get("model"))
+        from tasklight.config import SelfDescribing
+
+        if model_cls is not None and issubclass(model_cls, SelfDescribing):
+            import inspect
+
+            params = inspect.signature(model_cls.__init__).parameters
+            for flag, what in MANUAL_ONLY.items():
+                value = cfg.get("trainer", {}).get(flag)
+                if value is None or (flag == "accumulate_grad_batches" and value == 1):
+                    continue
+                if flag == "gradient_clip_val":
+                    option = next((o for o in ("clip_grad_norm", "gradient_clip_val") if o in params), "clip_grad_norm")
+                    fix = f"use --model.init_args.{option} {value} (the module's own clipping) instead"
+                else:
+                    fix = "use a larger meta-batch / batch size instead (the module steps once per batch)"
+                _fail(f"--trainer.{flag}={value}: {model_cls.__name__} optimises manually and the Trainer cannot "
+                      f"{what} for it; {fix}")
+        self._prepare_run_dir(cfg)
+
+    def _prepare_run_dir(self, cfg) -> None:
+        if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("TASKLIGHT_RUN_DIR"):
+            return  # a DDP child process: the launcher's run folder
+        name = cfg.get("run_name")
+        trainer_cfg = cfg.get("trainer", {}) or {}
+        logger = trainer_cfg.get("logger")
+        loggers = logger if isinstance(logger, list) else [logger]
+        for lg in loggers:
+            init = getattr(lg, "init_args", None) or (lg.get("init_args") if isinstance(lg, dict) else None)
+            if not name and init is not None and init.get("name"):
+                name = init.get("name")
+        if not name:
+            configs = cfg.get("config") or []
+            if configs:
+                name = Path(str(configs[-1])).stem
+        if not name:
+            model = cfg.get("model")
+            name = getattr(model, "class_path", "run").rsplit(".", 1)[-1] if model is not None else "run"
+        root = Path(os.environ.get("TASKLIGHT_RUNS", "runs"))
+        run_dir = root / name / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        os.environ["TASKLIGHT_RUN_DIR"] = str(run_dir)
+        self.run_dir = run_dir
+
+    # ------------------------------------------------------------------ one-line constructor errors
+    def instantiate_classes(self) -> None:
+        from tasklight import config as tlconfig
+
+        tlconfig.constructor_errors.clear()
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # noqa: BLE001 - reported as one line when it is ours
+            if tlconfig.constructor_errors and not os.environ.get("TASKLIGHT_TRACEBACK"):
+                cls_name, ours = tlconfig.constructor_errors[-1]
+                _fail(f"{cls_name}: {ours}  (TASKLIGHT_TRACEBACK=1 shows the traceback)")
+            raise err
+        run_dir = getattr(self, "run_dir", None) or Path(os.environ["TASKLIGHT_RUN_DIR"])
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+                cb.dirpath = str(run_dir / "checkpoints")
+
+    # ------------------------------------------------------------------ run reporting
+    def _announce(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        run_dir = Path(os.environ.get("TASKLIGHT_RUN_DIR", "runs"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        latest = run_dir.parent / "latest"
+        try:
+            if latest.is_symlink() or latest.exists():
+                latest.unlink()
+            latest.symlink_to(run_dir.name, target_is_directory=True)
+        except OSError:
+            pass
+        print(f"tasklight: run folder {run_dir} ({run_dir.parent / 'latest'} points here)", flush=True)
+
     def before_fit(self) -> None:
         self._check_ckpt_path()
-
-    def before_validate(self) -> None:
-        self._check_ckpt_path()
+        self._announce()
 
     def before_test(self) -> None:
         self._check_ckpt_path()
+        self._announce()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+        self._announce()
+
+    def before_predict(self) -> None:
+        self._announce()
+
+    def _report(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        for cb in self.trainer.checkpoint_callbacks:
+            last = getattr(cb, "last_model_path", "")
+            best = getattr(cb, "best_model_path", "")
+            if last or best:
+                print(f"tasklight: checkpoints: last {last or '-'}, best {best or '-'}", flush=True)
+        for logger in self.trainer.loggers:
+            exp = getattr(logger, "_experiment", None)
+            if type(logger).__name__ == "WandbLogger" and exp is not None and getattr(exp, "dir", None):
+                wandb_dir = Path(exp.dir).parent
+                mode = os.environ.get("WANDB_MODE", "online")
+                print(f"tasklight: W&B run {exp.id} ({mode}) in {wandb_dir}", flush=True)
+                if mode == "offline":
+                    print(f"tasklight: upload it with: wandb sync {wandb_dir}", flush=True)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand in ("test", "validate") and kwargs.pop("verbose", True):
+            self._print_table = True
+        if subcommand in ("test", "validate"):
+            kwargs["verbose"] = False  # tasklight prints the table, sorted numerically
+        return kwargs
+
+    def _print_metrics(self, stage: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+        if metrics:
+            print(metric_table(metrics, f"{stage} metric"), flush=True)
 
     def after_fit(self) -> None:
-        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        if not cfg.get("test_after_fit", True) or self.trainer.interrupted:
-            return
-        dm = self.datamodule
-        has_test = dm is not None and type(dm).test_dataloader is not LightningDataModule.test_dataloader
-        if not has_test:
-            print("tasklight: the datamodule defines no test_dataloader; skipping the final test.")
-            return
-        ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
-        self.trainer.test(self.model, datamodule=dm, ckpt_path=ckpt)
+        cfg = self._sub()
+        if cfg.get("test_after_fit", True) and not self.trainer.interrupted:
+            dm = self.datamodule
+            has_test = dm is not None and type(dm).test_dataloader is not LightningDataModule.test_dataloader
+            if not has_test:
+                print("tasklight: the datamodule defines no test_dataloader; skipping the final test.")
+            else:
+                ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
+                self.trainer.test(self.model, datamodule=dm, ckpt_path=ckpt, verbose=False)
+                self._print_metrics("test")
+        self._report()
+
+    def after_test(self) -> None:
+        if getattr(self, "_print_table", False):
+            self._print_metrics("test")
+        self._report()
+
+    def after_validate(self) -> None:
+        if getattr(self, "_print_table", False):
+            self._print_metrics("val")
+        self._report()
+
+    def after_predict(self) -> None:
+        self._report()
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers inside names by value: ``mse@5`` before ``mse@10``."""
+    import re
+
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def metric_table(metrics: dict[str, float], header: str = "metric") -> str:
+    """A plain two-column table of ``metrics`` in natural order."""
+    names = sorted(metrics, key=natural_key)
+    width = max(len(header), *(len(n) for n in names))
+    lines = [f"{header:<{width}}  value", f"{'-' * width}  {'-' * 12}"]
+    lines += [f"{n:<{width}}  {metrics[n]:.6g}" for n in names]
+    return "\n".join(lines)
+
+
+def _class_of(node) -> Optional[type]:
+    path = getattr(node, "class_path", None) if node is not None else None
+    if path is None and isinstance(node, dict):
+        path = node.get("class_path")
+    if not path:
+        return None
+    import importlib
+
+    mod, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _fail(message: str) -> None:
+    print(f"tasklight: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+class _DropTips:
+    """Lightning's advertising tips (litlogger, litmodels) are not about the run."""
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith("\U0001f4a1 Tip")
+
+
+def _quiet_known_warnings() -> None:
+    """Silence messages that do not apply to tasklight's runs (each checked to be harmless here)."""
+    import logging
+
+    # tasklight's episode streams split their work across DataLoader workers themselves, so their
+    # length is exact for any num_workers
+    warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined.*")
+    # lightning 2.6's own use of torch.utils._pytree on torch >= 2.13
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # `run_cli(args)` is the documented way to run the CLI from Python (tests, notebooks)
+    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within.*")
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        if not any(isinstance(f, _DropTips) for f in handler.filters):
+            handler.addFilter(_DropTips())
 
 
 def run_cli(args: Optional[list[str]] = None) -> TasklightCLI:
     """Run the CLI (``args`` as on the command line) and return it (its trainer, model, datamodule)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+    _quiet_known_warnings()
+    args = _resolve_config_args(list(sys.argv[1:] if args is None else args))
     return TasklightCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults={"inference_mode": False},
+        save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
         auto_configure_optimizers=False,

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tasklight.cli import run_cli
 
@@ -56,3 +57,95 @@ def test_console_entry_point_fit_and_test_from_checkpoint(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True)
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/mse@10" in test.stdout
+
+
+# ------------------------------------------------------------------ a researcher's first day
+def _tiny_omniglot():
+    return [*TINY, "--data.init_args.num_workers", "0", "--model.init_args.net.init_args.hidden", "8",
+            "--data.init_args.q_queries", "2"]
+
+
+def test_packaged_config_by_name_own_run_folder_and_a_checkpoint_that_loads_alone(tmp_path, monkeypatch):
+    """`tasklight fit --config maml_omniglot` (the packaged config), then MAMLModule.load_from_checkpoint(last.ckpt)
+    alone gives the trained module's predictions; a second run writes its own folder."""
+    from tasklight import MAMLModule
+
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", "maml_omniglot", *_tiny_omniglot(), "--test_after_fit", "false"])
+    run_dir = Path(cli.trainer.checkpoint_callback.dirpath).resolve().parent
+    assert run_dir.parent == tmp_path / "runs" / "maml_omniglot" and (run_dir / "config.yaml").is_file()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert (tmp_path / "runs" / "maml_omniglot" / "latest").resolve() == run_dir.resolve()
+    loaded = MAMLModule.load_from_checkpoint(last)
+    assert loaded.loss_fn.__class__.__name__ == "CrossEntropyLoss" and loaded.net.init_args["hidden"] == 8
+    batch = next(iter(cli.datamodule.test_dataloader()))
+    trained = cli.model.predict_episode(batch.support_x, batch.support_y, batch.query_x)
+    torch.testing.assert_close(loaded.predict_episode(batch.support_x, batch.support_y, batch.query_x), trained)
+    again = run_cli(["fit", "--config", "maml_omniglot", *_tiny_omniglot(), "--test_after_fit", "false"])
+    other = Path(again.trainer.checkpoint_callback.dirpath).resolve().parent
+    assert other != run_dir and (other / "checkpoints" / "last.ckpt").is_file()
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("last-v")]  # no last-v1.ckpt
+
+
+def test_predict_short_class_names_and_a_numerically_sorted_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", "MAMLModule", "--model.net", "MLP", "--model.net.init_args.hidden", "[8]",
+              "--model.extra_eval_steps", "[0, 5, 10]", "--model.eval_inner_steps", "1", "--data", "SinusoidDataModule",
+              *TINY]
+    cli = run_cli(["fit", *common])
+    assert type(cli.model).__name__ == "MAMLModule"
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("test/mse@") and "_ci95" not in line]
+    assert rows == ["test/mse@0", "test/mse@1", "test/mse@5", "test/mse@10"]
+    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path)
+    pred = run_cli(["predict", *common, "--ckpt_path", str(ckpt)])
+    results = pred.trainer.predict_loop.predictions
+    assert results and results[0]["predictions"].shape == results[0]["query_y"].shape  # [T, Q]
+    batch = next(iter(pred.datamodule.predict_dataloader()))
+    torch.testing.assert_close(results[0]["predictions"],
+                               pred.model.predict_episode(batch.support_x, batch.support_y, batch.query_x))
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "tasklight.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_version_and_one_line_errors(tmp_path):
+    import tasklight
+
+    res = _cli(["--version"], tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == f"tasklight {tasklight.__version__}"
+    for flag, option in [("--trainer.gradient_clip_val=1.0", "--model.init_args.clip_grad_norm 1.0"),
+                         ("--trainer.accumulate_grad_batches=2", "larger meta-batch")]:
+        res = _cli(["fit", "--config", "maml_sinusoid", flag], tmp_path)
+        ours = [line for line in res.stderr.splitlines() if line.startswith("tasklight:")]
+        assert res.returncode == 2 and "Traceback" not in res.stderr and len(ours) == 1
+        assert ours[0].startswith("tasklight: error: --trainer.") and option in ours[0]
+    res = _cli(["fit", "--config", "maml_omniglot", "--data.init_args.root", str(tmp_path / "nowhere")], tmp_path)
+    ours = [line for line in res.stderr.splitlines() if line.startswith("tasklight:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "Union" not in res.stderr
+    assert len(ours) == 1 and ours[0].startswith("tasklight: error: OmniglotDataModule: Omniglot data not found")
+
+
+@pytest.mark.slow
+def test_wandb_run_records_the_resolved_config_seed_and_versions(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    monkeypatch.chdir(tmp_path)
+    i = TINY.index("--trainer.logger")
+    args = TINY[:i] + TINY[i + 2:]  # the config's WandbLogger
+    cli = run_cli(["fit", "--config", "maml_sinusoid", *args])
+    run = cli.trainer.logger.experiment
+    cfg = dict(run.config)
+    assert cfg["config"]["model"]["class_path"] == "tasklight.MAMLModule"
+    assert cfg["config"]["model"]["init_args"]["net"]["init_args"]["hidden"] == [40, 40]
+    assert cfg["config"]["trainer"]["max_steps"] == 2 and cfg["seed"] == 0
+    assert cfg["versions"]["torch"] == torch.__version__
+    wandb_dir = Path(run.dir).parent
+    wandb.finish()
+    out = capsys.readouterr().out
+    assert f"wandb sync {wandb_dir}" in out
+    # the test's plots as images: MSE vs adaptation steps, the fitted sinusoids of three tasks
+    images = [p.name for p in wandb_dir.rglob("*.png")]
+    assert any(n.startswith("mse_vs_steps") for n in images) and any(n.startswith("fitted_functions")
+                                                                     for n in images), images

@@ -11,12 +11,16 @@ and ``vmap`` over the task dimension so that T tasks cost one batched call, not 
   which receive gradients through the inner updates;
 * proximal inner problems (iMAML): ``proximal=lam`` adds ``lam/2 ||phi - theta||^2`` to the inner loss;
 * buffers (BatchNorm running statistics) are given one copy per task, updated during adaptation,
-  and their task average is returned so a learner can write it back into the module.
+  and their task average is returned so a learner can write it back into the module;
+* which parameters adapt: ``adapt`` (a list of parameter names or module prefixes, e.g. ``["head"]``
+  for ANIL, ``["features"]`` for BOIL) restricts the inner loop to those parameters; the others are
+  held fixed during adaptation and still receive outer (meta-)gradients through the task losses.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Union
+from fnmatch import fnmatchcase
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +57,24 @@ def merge_task_buffers(model: nn.Module, task_buffers: ParamDict) -> None:
             buf.copy_(new.float().mean(0).to(buf.dtype) if buf.is_floating_point() else new[0])
 
 
+def match_names(names: Iterable[str], patterns: Sequence[str], setting: str = "adapt") -> frozenset[str]:
+    """The names selected by ``patterns``: a pattern selects a name equal to it, the parameters of
+    a module it names (``"head"`` selects ``head.weight`` and ``head.bias``), or names matching it
+    as a glob (``"*.bias"``). A pattern that selects nothing is an error naming ``setting``.
+    """
+    names = list(names)
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chosen: set[str] = set()
+    for pat in patterns:
+        hit = {n for n in names if n == pat or n.startswith(pat + ".") or fnmatchcase(n, pat)}
+        if not hit:
+            raise ValueError(f"{setting}={list(patterns)!r}: {pat!r} matches no parameter of the network; "
+                             f"its parameters are {names}")
+        chosen |= hit
+    return frozenset(chosen)
+
+
 @dataclass
 class AdaptResult:
     """What an inner loop returns (all with the task dimension first when vmapped)."""
@@ -68,11 +90,21 @@ class FunctionalLearner:
     Args:
         model: the network; it is only used as a stateless template by ``functional_call``.
         loss_fn: ``loss_fn(prediction, target) -> scalar`` (mean over examples).
+        adapt: the parameters the inner loop adapts (names, module prefixes or globs, see
+            :func:`match_names`); ``None`` adapts all. The others keep their value during
+            adaptation and stay in the graph, so they receive outer gradients.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, adapt: Optional[Sequence[str]] = None) -> None:
         self.model = model
         self.loss_fn = loss_fn
+        self.adapted: Optional[frozenset[str]] = None
+        if adapt is not None:
+            self.adapted = match_names((n for n, p in model.named_parameters() if p.requires_grad), adapt)
+
+    def is_adapted(self, name: str) -> bool:
+        """Whether the inner loop adapts the parameter ``name``."""
+        return self.adapted is None or name in self.adapted
 
     # ----------------------------------------------------------------- single task
     def forward(self, params: ParamDict, buffers: ParamDict, x: Tensor) -> Tensor:
@@ -101,9 +133,11 @@ class FunctionalLearner:
         """
         if proximal and anchor is None:
             anchor = {k: v.detach() for k, v in params.items()}
+        names = [k for k in params if self.is_adapted(k)]
+        fixed = {k: v for k, v in params.items() if k not in set(names)}
 
         def inner_loss(p: ParamDict, bufs: ParamDict) -> tuple[Tensor, Tensor]:
-            task = self.task_loss(p, bufs, x, y)
+            task = self.task_loss({**fixed, **p}, bufs, x, y)
             total = task
             if proximal:
                 total = total + 0.5 * proximal * sum(((p[k] - anchor[k]) ** 2).sum() for k in p)
@@ -111,11 +145,11 @@ class FunctionalLearner:
 
         losses = []
         for _ in range(steps):
-            grads, task = grad(inner_loss, has_aux=True)(params, buffers)
+            grads, task = grad(inner_loss, has_aux=True)({k: params[k] for k in names}, buffers)
             losses.append(task.detach())
             if first_order:
                 grads = {k: g.detach() for k, g in grads.items()}
-            params = {k: p - _lr_for(lr, k) * grads[k] for k, p in params.items()}
+            params = {k: (p - _lr_for(lr, k) * grads[k]) if k in grads else p for k, p in params.items()}
         inner = torch.stack(losses) if losses else torch.zeros(0, device=x.device)
         return AdaptResult(params, buffers, inner)
 

@@ -15,6 +15,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from tasklight.config import RecordsInit
 from tasklight.core.seeding import seeded_generator
 from tasklight.data.batch import MetaBatch, collate_tasks
 
@@ -137,7 +138,7 @@ class EpisodeSet(Dataset):
         return self.task_fn(episode_generator(self.seed, self.stream, 0, i))
 
 
-class EpisodicDataModule(LightningDataModule):
+class EpisodicDataModule(RecordsInit, LightningDataModule):
     """Base DataModule for few-shot episodes; subclasses provide ``task_fn(split)``.
 
     Args:
@@ -189,6 +190,10 @@ class EpisodicDataModule(LightningDataModule):
         return self._eval_loader("val", self.val_episodes)
 
     def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test", self.test_episodes)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The predict split is the test episodes (``tasklight predict``)."""
         return self._eval_loader("test", self.test_episodes)
 
     def train_targets(self, episodes: int = 1000) -> Tensor:

@@ -25,6 +25,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from tasklight.config import RecordsInit
 from tasklight.data.episodes import EpisodeStream, EpisodicDataModule, episode_generator
 from tasklight.data.batch import TASK_KINDS, MultiTaskBatch, TaskKind, TaskSpec, default_loss  # noqa: F401
 
@@ -167,7 +168,7 @@ class _Collate:
 
 
 # ----------------------------------------------------------------------------- the DataModule
-class MultiTaskDataModule(LightningDataModule):
+class MultiTaskDataModule(RecordsInit, LightningDataModule):
     """Combines one dataset per task into multi-task batches.
 
     Give the datasets in Python (``train_sets``, ``val_sets``, ``test_sets``, ``tasks``), or subclass
@@ -291,6 +292,10 @@ class MultiTaskDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_sets, "test")
 
+    def predict_dataloader(self) -> DataLoader:
+        """The predict split is every task's test set (``tasklight predict``)."""
+        return self._eval_loader(self.test_sets, "test")
+
     # ------------------------------------------------------------------ resumption
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         trainer = self.trainer
@@ -315,7 +320,7 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
     the last ``test_drawers`` test. Labels are the character's index within its alphabet.
 
     Args:
-        root: Omniglot folder or zips (default ``../shared/data/omniglot``, see
+        root: Omniglot folder or zips (default: the small sets shipped with tasklight, see
             :func:`~tasklight.data.omniglot.default_omniglot_root`).
         alphabets: restrict to these alphabets (default: all, in sorted order).
         image_size: square image size (28 as in the literature).

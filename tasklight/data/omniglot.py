@@ -350,6 +350,8 @@ class OmniglotDataModule(EpisodicDataModule):
             (whole alphabets per split; ``val_alphabets``/``test_alphabets`` name them explicitly).
             No character is in two splits.
         split_seed: seed of the split (independent of the episode ``seed``).
+        eval_n_way: classes per validation/test episode (default ``n_way``): Prototypical Networks
+            train with more classes per episode than they are tested with (60-way for 5-way).
     """
 
     def __init__(self, root: Optional[str] = None, download: bool = False, download_url: str = OMNIGLOT_URL,
@@ -359,7 +361,8 @@ class OmniglotDataModule(EpisodicDataModule):
                  rotations: bool = True, split: Literal["character", "alphabet"] = "character",
                  split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
                  val_alphabets: Optional[list[str]] = None, test_alphabets: Optional[list[str]] = None,
-                 split_seed: int = 0, seed: int = 0, num_workers: int = 0, cache_dir: Optional[str] = None) -> None:
+                 split_seed: int = 0, seed: int = 0, num_workers: int = 0, cache_dir: Optional[str] = None,
+                 eval_n_way: Optional[int] = None) -> None:
         super().__init__(meta_batch_size, batches_per_epoch, val_episodes, test_episodes, eval_batch_size, seed,
                          num_workers)
         self.save_hyperparameters()
@@ -371,6 +374,9 @@ class OmniglotDataModule(EpisodicDataModule):
             if not self.root.exists():
                 _sources(self.root)  # raises the clear missing-data error now, not at fit time
         self.n_way, self.k_shot, self.q_queries = n_way, k_shot, q_queries
+        if eval_n_way is not None and eval_n_way < 2:
+            raise ValueError(f"eval_n_way must be >= 2 (or null for n_way), got {eval_n_way}")
+        self.eval_n_way = eval_n_way or n_way
         self.image_size, self.rotations = image_size, rotations
         self.split, self.split_fractions, self.split_seed = split, tuple(split_fractions), split_seed
         self.alphabet_split = None
@@ -402,7 +408,8 @@ class OmniglotDataModule(EpisodicDataModule):
             if not chars:
                 continue
             transforms = 4 if (self.rotations and name == "train") else 1
-            self._samplers[name] = NWayKShot([per_char[c] for c in chars], fetch, self.n_way, self.k_shot,
+            ways = self.n_way if name == "train" else self.eval_n_way
+            self._samplers[name] = NWayKShot([per_char[c] for c in chars], fetch, ways, self.k_shot,
                                              self.q_queries, class_transforms=transforms, split=name)
 
     def task_fn(self, split: str) -> TaskFn:

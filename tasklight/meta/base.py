@@ -31,6 +31,7 @@ from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_me
                                   default_optimizer, outer_step, setup_outer_step)
 from tasklight.nn.losses import TargetChecked, align_target, fit_auto_support
 from tasklight.nn.nets import make_vmap_safe
+from tasklight.config import SelfDescribing
 
 
 @dataclass
@@ -55,7 +56,7 @@ def resolve_loss(loss: Union[str, nn.Module]) -> tuple[nn.Module, str]:
     return loss, kind
 
 
-class MetaLearner(LightningModule):
+class MetaLearner(SelfDescribing, LightningModule):
     """Base class of the meta-learners (see the module docstring).
 
     Args:
@@ -72,16 +73,24 @@ class MetaLearner(LightningModule):
         nonfinite: ``"raise"`` stops on a non-finite inner/query loss or meta-gradient; ``"skip"``
             skips that meta-step (parameters and optimiser state untouched) and counts it.
         max_consecutive_skips: with ``nonfinite="skip"``, raise after this many skipped steps in a row.
+        adapt: which parameters of ``net`` the inner loop adapts: names, module prefixes or globs
+            (``["head"]``: ANIL, ``["features"]``: BOIL, for ``Conv4``); ``None`` adapts all. The
+            others are held fixed in the inner loop and trained by the outer step only.
 
     The outer step itself is :func:`tasklight.core.outer.outer_step`, shared by every learner.
     """
+
+    #: whether ``net``'s outputs are one logit per class (checked against ``n_way`` and the labels);
+    #: learners whose ``net`` is an embedding (prototype learners) set it to False
+    net_is_classifier: bool = True
 
     def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 1,
                  inner_lr: float = 0.01, eval_inner_steps: Optional[int] = None,
                  extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
                  nonfinite: Literal["raise", "skip"] = "raise",
-                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+                 adapt: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
@@ -97,7 +106,7 @@ class MetaLearner(LightningModule):
         self.loss_fn, self.task_type = resolve_loss(loss)
         # the loss the learner trains with: targets checked against outputs (no silent broadcasting)
         self.checked_loss = TargetChecked(self.loss_fn, f"the network {type(net).__name__}")
-        self.core = FunctionalLearner(self.net, self.checked_loss)
+        self.core = FunctionalLearner(self.net, self.checked_loss, adapt=adapt)
         self.inner_steps, self.inner_lr = inner_steps, inner_lr
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.eval_steps = sorted({self.eval_inner_steps, *extra_eval_steps})
@@ -135,7 +144,8 @@ class MetaLearner(LightningModule):
         fit_auto_support(self.loss_fn, getattr(dm, "train_targets", None), f"the DataModule {type(dm).__name__}")
         n_way = getattr(dm, "n_way", None)
         out = getattr(self.net, "out_features", None)
-        if self.task_type == "classification" and isinstance(n_way, int) and isinstance(out, int) and out != n_way:
+        if (self.task_type == "classification" and self.net_is_classifier and isinstance(n_way, int)
+                and isinstance(out, int) and out != n_way):
             raise ValueError(f"the network's head has out_features={out} but the episodes are n_way={n_way}-way: "
                              f"set the net's out_features to {n_way} (one logit per class of an episode).")
         bins = getattr(self.loss_fn, "num_bins", None)
@@ -151,7 +161,8 @@ class MetaLearner(LightningModule):
                              f"{type(self.net).__name__} was built for input_shape {tuple(shape)}: make the data's "
                              f"image_size (or feature size) and the net's agree.")
         out = getattr(self.net, "out_features", None)
-        if self.task_type == "classification" and isinstance(out, int) and support_y.numel():
+        if (self.task_type == "classification" and self.net_is_classifier and isinstance(out, int)
+                and support_y.numel()):
             top = int(support_y.max())
             if top >= out or int(support_y.min()) < 0:
                 raise ValueError(f"the episodes have class label {top} but the network's head has {out} outputs: "
@@ -217,13 +228,46 @@ class MetaLearner(LightningModule):
                         raise
                     raise self._memory_error(err, batch, stage) from err
                 self.eval_metrics[f"{stage}_{k}"].update(self.episode_metric(outputs.detach(), batch.query_y))
+        if stage == "test" and getattr(self, "_plot_batch", None) is None:
+            self._plot_batch = batch  # the first test batch: the fitted curves of a few tasks
+
+    def _wandb_attached(self) -> bool:
+        try:
+            return any(type(lg).__name__ == "WandbLogger" for lg in self.trainer.loggers)
+        except RuntimeError:
+            return False
+
+    def _plot_test(self, curve: list[tuple[int, float, float]]) -> None:
+        """W&B images at the end of a test: the metric vs adaptation steps and, for 1-D regression,
+        the fitted functions of three test tasks after each evaluated number of steps."""
+        from tasklight.plots import fitted_curves, log_figure, metric_vs_steps
+
+        batch, self._plot_batch = getattr(self, "_plot_batch", None), None
+        if not self._wandb_attached() or not self.trainer.is_global_zero:
+            return
+        if curve:
+            steps, means, cis = zip(*curve)
+            log_figure(self, f"test/{self.metric_name}_vs_steps",
+                       metric_vs_steps(steps, means, cis, self.metric_name))
+        if batch is not None and self.task_type == "regression" and batch.support_x.dim() == 3 \
+                and batch.support_x.shape[-1] == 1:
+            n = min(3, batch.num_tasks)
+            lo, hi = float(batch.query_x[:n].min()), float(batch.query_x[:n].max())
+            grid = torch.linspace(lo, hi, 100, device=batch.support_x.device)[:, None]
+            curves = {k: self.predict_episode(batch.support_x[:n], batch.support_y[:n],
+                                              grid.expand(n, -1, -1), steps=k).cpu() for k in self.eval_steps}
+            log_figure(self, "test/fitted_functions", fitted_curves(
+                batch.support_x[:n].cpu(), batch.support_y[:n].cpu(), grid.cpu(), curves, batch.query_x[:n].cpu(),
+                batch.query_y[:n].cpu()))
 
     def _eval_epoch_end(self, stage: str) -> None:
+        curve = []
         for k in self.eval_steps:
             m = self.eval_metrics[f"{stage}_{k}"]
             if m._update_count == 0:
                 continue
             res = m.compute()
+            curve.append((k, float(res["mean"]), float(res["ci95"])))
             name = f"{stage}/{self.metric_name}"
             check_finite_metrics({f"{name}@{k}": res["mean"], f"{name}@{k}_ci95": res["ci95"]},
                                  where=f"{stage} (episodes: {int(res['count'])})")
@@ -232,6 +276,8 @@ class MetaLearner(LightningModule):
             if k == self.eval_inner_steps:
                 self.log(name, res["mean"].float(), prog_bar=True, sync_dist=False)
             m.reset()
+        if stage == "test":
+            self._plot_test(curve)
 
     def validation_step(self, batch: MetaBatch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -244,6 +290,15 @@ class MetaLearner(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+    def predict_step(self, batch: MetaBatch, batch_idx: int) -> dict[str, Tensor]:
+        """``tasklight predict``: adapt on each episode's support set and predict its queries.
+
+        Returns ``predictions`` ``[T, Q, ...]`` (logits for classification, values for regression)
+        after ``eval_inner_steps`` steps, and ``query_y`` for reference.
+        """
+        return {"predictions": self.predict_episode(batch.support_x, batch.support_y, batch.query_x),
+                "query_y": batch.query_y}
 
     # ----------------------------------------------------------------- public API
     def predict_episode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,

@@ -29,6 +29,9 @@ class MAMLModule(MetaLearner):
         backend: ``"functorch"`` (vmapped core) or ``"higher"``.
         inner_optimizer: the differentiable inner optimiser of the ``higher`` backend: ``"sgd"`` or
             ``"adam"`` (the functorch backend takes plain SGD steps).
+        adapt: the parameters the inner loop adapts (see :class:`MetaLearner`): ``["head"]`` gives
+            ANIL (Raghu et al. 2020), ``["features"]`` BOIL (Oh et al. 2021) on ``Conv4``. With
+            ``learn_inner_lr`` only the adapted parameters get inner learning rates.
     """
 
     def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 1,
@@ -39,10 +42,10 @@ class MAMLModule(MetaLearner):
                  extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
                  nonfinite: Literal["raise", "skip"] = "raise",
-                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+                 adapt: Optional[Sequence[str]] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
-                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
-        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
+                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips, adapt=adapt)
         if backend not in ("functorch", "higher"):
             raise ValueError(f"backend must be 'functorch' or 'higher', got {backend!r}")
         if inner_optimizer not in ("sgd", "adam"):
@@ -50,6 +53,8 @@ class MAMLModule(MetaLearner):
         if inner_optimizer != "sgd" and backend != "higher":
             raise ValueError(f"inner_optimizer={inner_optimizer!r} needs backend='higher' (the functorch backend "
                              f"takes SGD steps)")
+        if adapt is not None and backend == "higher":
+            raise ValueError("adapt (a subset of adapted parameters) needs backend='functorch'")
         if learn_inner_lr and first_order and backend == "higher":
             raise ValueError("learn_inner_lr with first_order needs backend='functorch' (higher's first-order "
                              "mode cuts the graph to the inner learning rates)")
@@ -61,14 +66,14 @@ class MAMLModule(MetaLearner):
             self.inner_lrs = nn.ParameterDict({
                 _key(n): nn.Parameter(torch.full_like(p, inner_lr) if inner_lr_granularity == "element"
                                       else torch.tensor(float(inner_lr)))
-                for n, p in self.net.named_parameters()})
+                for n, p in self.net.named_parameters() if self.core.is_adapted(n)})
 
     # ----------------------------------------------------------------- inner learning rates
     def lr_for_core(self, detach: bool = False):
         if self.inner_lrs is None:
             return self.inner_lr
         return {n: (self.inner_lrs[_key(n)].detach() if detach else self.inner_lrs[_key(n)])
-                for n, _ in self.net.named_parameters()}
+                for n, _ in self.net.named_parameters() if self.core.is_adapted(n)}
 
     # ----------------------------------------------------------------- core backend
     def _adapt(self, sx, sy, qx, qy, steps: int, first_order: bool, outer_graph: bool = True):

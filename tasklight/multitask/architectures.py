@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tasklight.config import RecordsInit
 from tasklight.data.batch import TaskSpec
 
 Rows = Sequence[Optional[Tensor]]
@@ -86,7 +87,7 @@ class HeadFactory:
 
 
 # ----------------------------------------------------------------------------- the base class
-class Architecture(nn.Module):
+class Architecture(RecordsInit, nn.Module):
     """How the tasks share a network (the base class; subclasses implement :meth:`build` and
     :meth:`forward`).
 

@@ -38,6 +38,7 @@ from tasklight.data.multitask import MultiTaskBatch, TaskSpec, default_loss
 from tasklight.metrics import unshare_state
 from tasklight.multitask.architectures import Architecture, HardSharing, HeadFactory
 from tasklight.multitask.weighting import EqualWeighting, GRAD_SOURCES, TaskStats, Weighting
+from tasklight.config import NotConfigurable, SelfDescribing, from_config, to_config
 from tasklight.nn.losses import align_target, fit_auto_support
 
 SAMPLINGS = ("all", "uniform", "proportional")
@@ -54,7 +55,7 @@ class _Forward:
     rep: Optional[Tensor]  # [N, d] the shared representation (hard / conditioned)
 
 
-class MultiTaskModule(LightningModule):
+class MultiTaskModule(SelfDescribing, LightningModule):
     """Multi-task learning with an architecture object and pluggable loss weighting.
 
     Args:
@@ -109,8 +110,6 @@ class MultiTaskModule(LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.save_hyperparameters(ignore=["trunk", "architecture", "heads", "weighting", "task_losses", "tasks",
-                                          "optimizer", "lr_scheduler"])
         if architecture is None:
             architecture = HardSharing()
         if not isinstance(architecture, Architecture):
@@ -395,9 +394,15 @@ class MultiTaskModule(LightningModule):
         return configure_outer_optimizers(self.optimizer_factory, self.scheduler_factory, self.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        losses = []
+        for t in self.task_specs:
+            try:
+                losses.append(to_config(t.loss))
+            except NotConfigurable:
+                losses.append(None)
         checkpoint["multitask"] = {"tasks": [(t.name, t.out_features, t.kind, t.size, t.lower_bound)
                                              for t in self.task_specs],
-                                   "descriptor_dim": self.descriptor_dim,
+                                   "losses": losses, "descriptor_dim": self.descriptor_dim,
                                    "architecture": type(self.architecture).__name__}
         stamp_checkpoint(self, checkpoint)
 
@@ -420,6 +425,9 @@ class MultiTaskModule(LightningModule):
         tasks = []
         for i, (name, out, kind, size, bound) in enumerate(saved["tasks"]):
             loss = self._given_losses[i] if self._given_losses else None
+            stored = (saved.get("losses") or [None] * len(saved["tasks"]))[i]
+            if loss is None and stored is not None:
+                loss = from_config(stored)  # the task's own loss, rebuilt from its config
             if kind == "objective" and loss is None:
                 raise ValueError(f"task {name!r} of the checkpoint is an 'objective' task whose loss is not stored; "
                                  f"pass task_losses=[...] to load_from_checkpoint")
@@ -509,6 +517,24 @@ class MultiTaskModule(LightningModule):
 
     def test_step(self, batch: MultiTaskBatch, batch_idx: int) -> dict:
         return self._eval_step(batch)
+
+    def predict_step(self, batch: MultiTaskBatch, batch_idx: int) -> dict:
+        """``tasklight predict``: each example's output from its own task's head.
+
+        Returns ``predictions`` (a list with one ``[n_t, ...]`` tensor per task present, values through
+        the task loss's ``predict`` where it has one), ``task`` (the task id of each entry) and ``rows``
+        (each entry's rows in the batch).
+        """
+        fw = self._forward(batch, with_losses=False)
+        preds, tasks, rows = [], [], []
+        for t, out in enumerate(fw.outputs):
+            if out is None:
+                continue
+            predict = getattr(self.task_losses[t], "predict", None) if self.task_losses is not None else None
+            preds.append((predict(out) if predict is not None else out).detach())
+            tasks.append(t)
+            rows.append((batch.task == t).nonzero().flatten())
+        return {"predictions": preds, "task": tasks, "rows": rows}
 
 
 # ----------------------------------------------------------------------------- helpers

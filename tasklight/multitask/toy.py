@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 from tasklight.data.batch import TaskSpec
 from tasklight.data.multitask import MultiTaskDataModule
+from tasklight.config import RecordsInit
 
 LOWER = 5e-6
 TOY_STARTS = {
@@ -72,7 +73,7 @@ def pareto_gap(values: Tensor, front: Tensor) -> Tensor:
     return diff.max(-1).values.min(1).values.clamp_min(0)
 
 
-class ToyPoint(nn.Module):
+class ToyPoint(RecordsInit, nn.Module):
     """The toy's "network": a learnable 2-D point, returned for every example of the batch."""
 
     def __init__(self, start: Sequence[float] = (9.0, 9.0)) -> None:
@@ -86,7 +87,7 @@ class ToyPoint(nn.Module):
         return self.point.expand(x.shape[0], 2)
 
 
-class ToyObjective(nn.Module):
+class ToyObjective(RecordsInit, nn.Module):
     """Loss ``index`` (0 or 1) of the toy, times ``scale``, averaged over the rows of ``pred [n, 2]``."""
 
     def __init__(self, index: int, scale: float = 1.0) -> None:

@@ -42,6 +42,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tasklight.config import RecordsInit
 
 from tasklight.core.seeding import seeded_generator
 
@@ -74,7 +75,7 @@ class TaskStats:
         return int(self.losses.shape[0])
 
 
-class Weighting(nn.Module):
+class Weighting(RecordsInit, nn.Module):
     """Base class of the loss-weighting methods.
 
     Class attributes:

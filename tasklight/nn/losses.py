@@ -9,6 +9,10 @@ expectation of the bin centres under ``softmax(logits)``.
   integrated over each bin (differences of the normal CDF at the bin edges, renormalised);
 * ``kind="onebin"`` (HL-OneBin): all mass in the bin that contains ``y``.
 
+Defaults: ``sigma = 0.75`` bin widths (Farebrother et al. 2024) and, without ``v_min``/``v_max``,
+``support="auto"``: the range of the training targets plus a 10 % margin, fitted by
+``fit_support`` (the tasklight learners call it from their DataModule's ``train_targets()``).
+
 ``MahalanobisLoss`` is TaskMet's prediction loss ``(y_hat - y)^T Lambda (y_hat - y)`` with a
 (per-example) positive-definite metric ``Lambda``.
 
@@ -23,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from tasklight.config import RecordsInit
 
 _KINDS = ("gauss", "onebin")
 _SIGMA_UNITS = ("bin", "absolute")
@@ -37,7 +42,7 @@ def _plain(t: Tensor) -> Tensor:
     return t
 
 
-class HistogramLoss(nn.Module):
+class HistogramLoss(RecordsInit, nn.Module):
     """Cross-entropy to a histogram target: HL-Gauss (default) or HL-OneBin.
 
     Args:
@@ -257,7 +262,7 @@ def mahalanobis_loss(pred: Tensor, target: Tensor, metric: Tensor, diagonal: boo
     return quad.mean()
 
 
-class MahalanobisLoss(nn.Module):
+class MahalanobisLoss(RecordsInit, nn.Module):
     """``forward(pred [..., m], target [..., m], metric)``: see :func:`mahalanobis_loss`."""
 
     def __init__(self, diagonal: bool = False) -> None:

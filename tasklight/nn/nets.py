@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from tasklight.config import RecordsInit
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
 
@@ -20,7 +21,7 @@ def activation(name: str) -> nn.Module:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}") from None
 
 
-class MLP(nn.Module):
+class MLP(RecordsInit, nn.Module):
     """A fully connected network ``in_features -> hidden... -> out_features``.
 
     The default (1 -> 40 -> 40 -> 1, ReLU) is the sinusoid network of Finn et al. (2017).
@@ -120,7 +121,7 @@ def conv_block(in_channels: int, out_channels: int, batch_norm: bool, track_runn
     return nn.Sequential(*layers)
 
 
-class Conv4(nn.Module):
+class Conv4(RecordsInit, nn.Module):
     """The four-block convolutional network of the few-shot literature (Vinyals et al. 2016, MAML).
 
     Each block: 3x3 conv (``hidden`` filters), BatchNorm, ReLU, 2x2 max-pool. A 28x28 Omniglot image

@@ -38,12 +38,13 @@ from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_me
 from tasklight.metrics import unshare_state
 from tasklight.nn.losses import align_target, mahalanobis_loss
 from tasklight.nn.nets import MLP
+from tasklight.config import RecordsInit, SelfDescribing
 
 ParamDict = dict[str, Tensor]
 
 
 # ====================================================================== the metric
-class MetricNet(nn.Module):
+class MetricNet(RecordsInit, nn.Module):
     """A positive-definite metric ``Lambda(x) = L(x) L(x)^T + eps I`` of dimension ``dim``.
 
     Args:
@@ -151,7 +152,7 @@ class NormalizedDecisionQuality(Metric):
 
 
 # ====================================================================== the learners
-class DecisionLearner(LightningModule):
+class DecisionLearner(SelfDescribing, LightningModule):
     """Shared by TaskMet and the baselines: the predictor, the problem, evaluation and logging.
 
     Batches are ``(x [n, U, F], y [n, U, m], dq_optimal [n], dq_random [n])`` from a
@@ -168,7 +169,6 @@ class DecisionLearner(LightningModule):
                  clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise",
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["predictor", "metric", "problem", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.predictor = predictor
         self._problem = problem

@@ -42,6 +42,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.func import grad
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from tasklight.config import RecordsInit
 
 
 # ====================================================================== differentiable building blocks
@@ -100,7 +101,7 @@ def topk_indicator(scores: Tensor, k: int) -> Tensor:
 
 
 # ====================================================================== the interface
-class DecisionProblem(ABC):
+class DecisionProblem(RecordsInit, ABC):
     """A predict-then-optimise problem. Subclasses set ``num_units``, ``feature_dim``, ``out_dim`` and
     implement ``generate``, ``solve``, ``relaxed_solve`` and ``objective`` (see the module docstring)."""
 
@@ -395,7 +396,7 @@ class PortfolioOptimization(DecisionProblem):
 
 
 # ====================================================================== the DataModule
-class DecisionDataModule(LightningDataModule):
+class DecisionDataModule(RecordsInit, LightningDataModule):
     """Train / val / test instances of a :class:`DecisionProblem`.
 
     Batches are tuples ``(x [n, U, F], y [n, U, m], dq_optimal [n], dq_random [n])``; the reference
@@ -457,4 +458,8 @@ class DecisionDataModule(LightningDataModule):
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The predict split is the test instances (``tasklight predict``)."""
         return self._eval_loader("test")

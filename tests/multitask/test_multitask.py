@@ -26,7 +26,7 @@ from tasklight.multitask.architectures import (MMoE, MTAN, Concat, ConditionedLa
 from tasklight.multitask.module import MultiTaskModule
 from tasklight.nn.nets import MLP
 from tasklight.multitask.weighting import (
-    DROWeighting, EqualWeighting, MGDA, PCGrad, UncertaintyWeighting, min_norm_weights,
+    FAMO, IMTL, NashMTL, DROWeighting, EqualWeighting, MGDA, PCGrad, UncertaintyWeighting, min_norm_weights,
     pcgrad_coefficients,
 )
 
@@ -155,7 +155,8 @@ def test_hard_sharing_shares_exactly_the_trunk_one_step_equals_manual_sgd():
         trunk_grad = [a + b for a, b in zip(trunk_grad, g[:4])]
         head_grads.append(g[4:])
     fit(model, dm, 1)
-    assert dm.state_dict() == {"consumed": 1, "seed": 0}  # a resumed run continues the stream at batch 1
+    state = dm.state_dict()  # a resumed run continues the stream at batch 1
+    assert (state["consumed"], state["seed"]) == (1, 0)
     for p0, p1, g in zip(before.trunk.parameters(), model.trunk.parameters(), trunk_grad):
         torch.testing.assert_close(p1, p0 - 0.1 * g)
     for t in range(3):
@@ -174,12 +175,17 @@ def _pooled_rep_grads(model, batch):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("method", ["mgda", "pcgrad_params", "uncertainty"])
+@pytest.mark.parametrize("method", ["mgda", "pcgrad_params", "uncertainty", "imtl"])
 def test_weighted_step_matches_an_independent_computation(method):
     seed_everything(1)
     dm = tiny_dm(T=3)
     weighting = {"mgda": MGDA(), "pcgrad_params": PCGrad(grad_source="parameters", seed=4),
-                 "uncertainty": UncertaintyWeighting(init_log_var=0.3)}[method]
+                 "uncertainty": UncertaintyWeighting(init_log_var=0.3), "imtl": IMTL()}[method]
+    s0 = torch.tensor([0.2, -0.1, 0.4])
+    if method == "imtl":
+        weighting.setup(3)
+        with torch.no_grad():
+            weighting.log_scales.copy_(s0)
     model = MultiTaskModule(MLP(4, [8], 6), weighting=weighting, optimizer=sgd(0.1))
     dm.setup()
     model.build(dm.task_specs)
@@ -203,6 +209,14 @@ def test_weighted_step_matches_an_independent_computation(method):
         Gd = G.double()
         w = pcgrad_coefficients(Gd @ Gd.T, weighting.orders(0, [0, 1, 2])).float()
         head_w = torch.ones(3)
+    elif method == "imtl":  # IMTL-G on the scaled losses' representation gradients, by the paper's closed form
+        e = torch.exp(s0).double()
+        rep = e[:, None] * _pooled_rep_grads(before, batch).double()
+        u = rep / rep.norm(dim=1, keepdim=True)
+        D, U = rep[:1] - rep[1:], u[:1] - u[1:]
+        rest = rep[0] @ U.T @ torch.linalg.inv(D @ U.T)
+        w = (torch.cat([1 - rest.sum().reshape(1), rest]) * e).float()
+        head_w = torch.exp(s0)  # heads: the scaled losses exp(s_t) L_t
     else:
         w = head_w = 0.5 * torch.exp(-torch.full((3,), 0.3))
     fit(model, dm, 1)
@@ -215,6 +229,9 @@ def test_weighted_step_matches_an_independent_computation(method):
         s0 = torch.full((3,), 0.3)
         expected = s0 - 0.1 * (0.5 - 0.5 * torch.exp(-s0) * torch.stack(losses))
         torch.testing.assert_close(model.weighting.log_vars.detach(), expected)
+    if method == "imtl":  # d/ds [exp(s) L - s] = exp(s) L - 1
+        expected = s0 - 0.1 * (torch.exp(s0) * torch.stack(losses) - 1)
+        torch.testing.assert_close(model.weighting.log_scales.detach(), expected)
 
 
 def test_soft_sharing_penalty_zero_equals_independent_training_and_penalty_formulas():
@@ -512,6 +529,18 @@ def test_toy_mgda_pcgrad_and_robust_weighting_reach_the_pareto_front_equal_weigh
     for name in ("mgda", "pcgrad"):  # the gradient methods end at different points of the front
         spread = runs[name][0][:, 0]
         assert float(spread.max() - spread.min()) > 3.0, name
+
+
+@pytest.mark.slow
+def test_toy_nash_mtl_and_famo_reach_the_pareto_front_nash_mtl_at_different_points():
+    """The claims of Navon et al. (2022) and Liu et al. (2023) on this toy, with the schedule above."""
+    scales, starts = TOY_SCALES["nashmtl"], TOY_STARTS["nashmtl"]
+    front = toy_pareto_front(scales)
+    for name, make in [("nashmtl", NashMTL), ("famo", FAMO)]:
+        x, f = toy_descent(make, starts, scales, steps=600, lr=0.2)
+        assert float(pareto_gap(f, front).max()) < 0.03, name  # every start ends on the Pareto front
+        if name == "nashmtl":
+            assert float(x[:, 0].max() - x[:, 0].min()) > 3.0  # ... spread along it, not one trade-off
 
 
 # ----------------------------------------------------------------------------- configs
