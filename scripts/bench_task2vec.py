@@ -1,7 +1,7 @@
 """Task2Vec on Omniglot: the paper's three qualitative results at CPU scale, and both Fisher estimates.
 
-    python scripts/bench_task2vec.py --quick      # one fold, a few minutes on 1 thread
-    python scripts/bench_task2vec.py              # both folds, more seeds
+    python scripts/bench_task2vec.py --quick      # one fold, 16-filter networks, 1 thread
+    python scripts/bench_task2vec.py              # both folds, 32-filter networks, more seeds
 
 Set-up (Achille et al. 2019, Sects. 4-5, on the Omniglot alphabets shipped here):
 
@@ -13,7 +13,8 @@ Set-up (Achille et al. 2019, Sects. 4-5, on the Omniglot alphabets shipped here)
 * the **probe** (:func:`tasklight.task2vec.omniglot_probe`): a Conv4 trained on the seen alphabets,
   upright, each character in four rotations as four classes; it is none of the experts;
 * **new tasks**: each unseen alphabet, in each domain, cut into two tasks (halves of its
-  characters); training split ``--shots`` drawers per character, test split the other drawers.
+  characters; ``--quick``: the first half only); training split ``shots`` drawers per character,
+  test split the other drawers.
 
 Measured (both estimators, ``montecarlo`` and ``variational``, on the same probe and data):
 
