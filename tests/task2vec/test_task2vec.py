@@ -10,7 +10,7 @@ from torch import nn
 from tasklight.nn.nets import MLP, Conv4
 from tasklight.task2vec import (
     Task2Vec, TaskEmbedding, asymmetric_distance, distance_matrix, fisher_diagonal, load_embeddings, per_filter,
-    rank_experts, save_embeddings, set_batchnorm_stats, symmetric_distance, task_descriptors, train_classifier,
+    rank_experts, save_embeddings, set_batchnorm_stats, symmetric_distance, task_descriptors,
     transfer_error, trivial_embedding)
 
 
