@@ -1,7 +1,7 @@
 """Task2Vec on Omniglot: the paper's three qualitative results at CPU scale, and both Fisher estimates.
 
-    python scripts/bench_task2vec.py --quick      # one fold, a few minutes on 1 thread
-    python scripts/bench_task2vec.py              # both folds, more seeds
+    python scripts/bench_task2vec.py --quick      # one fold, 16-filter networks, 1 thread
+    python scripts/bench_task2vec.py              # both folds, 32-filter networks, more seeds
 
 Set-up (Achille et al. 2019, Sects. 4-5, on the Omniglot alphabets shipped here):
 
@@ -13,7 +13,8 @@ Set-up (Achille et al. 2019, Sects. 4-5, on the Omniglot alphabets shipped here)
 * the **probe** (:func:`tasklight.task2vec.omniglot_probe`): a Conv4 trained on the seen alphabets,
   upright, each character in four rotations as four classes; it is none of the experts;
 * **new tasks**: each unseen alphabet, in each domain, cut into two tasks (halves of its
-  characters); training split ``--shots`` drawers per character, test split the other drawers.
+  characters; ``--quick``: the first half only); training split ``shots`` drawers per character,
+  test split the other drawers.
 
 Measured (both estimators, ``montecarlo`` and ``variational``, on the same probe and data):
 
@@ -46,8 +47,8 @@ import torch.nn.functional as F
 
 from tasklight.data.omniglot import load_omniglot
 from tasklight.nn.nets import Conv4
-from tasklight.task2vec import (Task2Vec, distance_matrix, finetune_error, omniglot_probe, rank_experts,
-                                train_classifier, transfer_error)
+from tasklight.task2vec import (Task2Vec, bootstrap_interval, distance_matrix, finetune_error, omniglot_probe,
+                                rank_experts, spearman, taxonomy_correlation, train_classifier, transfer_error)
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("variational", "montecarlo")
@@ -65,14 +66,19 @@ class Settings:
     variational_steps: int
     finetune_steps: int
     taxonomy_seeds: int
+    task_parts: int
+    probe_rotations: int
+    generic_fraction: float
     shots: int = 5
     bootstrap: int = 1000
 
 
-QUICK = Settings(folds=1, hidden=32, probe_epochs=2, expert_epochs=3, max_examples=200, mc_samples=1,
-                 variational_steps=150, finetune_steps=20, taxonomy_seeds=2)
+QUICK = Settings(folds=1, hidden=16, probe_epochs=2, expert_epochs=2, max_examples=150, mc_samples=2,
+                 variational_steps=150, finetune_steps=10, taxonomy_seeds=2, task_parts=1, probe_rotations=1,
+                 generic_fraction=0.25)
 FULL = Settings(folds=2, hidden=32, probe_epochs=4, expert_epochs=6, max_examples=400, mc_samples=2,
-                variational_steps=200, finetune_steps=40, taxonomy_seeds=5)
+                variational_steps=200, finetune_steps=40, taxonomy_seeds=5, task_parts=2, probe_rotations=4,
+                generic_fraction=1.0)
 
 
 # ------------------------------------------------------------------------------------- domains
@@ -90,44 +96,6 @@ DOMAINS = {
     "negative": lambda x: 1.0 - x,
     "small": small,
 }
-
-
-# ------------------------------------------------------------------------------------- statistics
-def rankdata(v: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..n with ties averaged (as scipy.stats.rankdata)."""
-    v = v.double()
-    order = torch.argsort(v, stable=True)
-    ranks = torch.empty_like(v)
-    ranks[order] = torch.arange(1, len(v) + 1, dtype=v.dtype)
-    for val in torch.unique(v):
-        m = v == val
-        if m.sum() > 1:
-            ranks[m] = ranks[m].mean()
-    return ranks
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = rankdata(a), rankdata(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = (ra.norm() * rb.norm()).item()
-    return float((ra @ rb) / den) if den > 0 else 0.0
-
-
-def pair_spearman(d: torch.Tensor, other: torch.Tensor, idx: torch.Tensor) -> float:
-    """Spearman over the pairs i < j of the tasks ``idx`` (a bootstrap resample may repeat a task:
-    pairs of a task with itself are left out)."""
-    sub_d, sub_o = d[idx][:, idx], other[idx][:, idx]
-    iu = torch.triu_indices(len(idx), len(idx), 1)
-    keep = idx[iu[0]] != idx[iu[1]]
-    return spearman(sub_d[iu[0], iu[1]][keep], sub_o[iu[0], iu[1]][keep])
-
-
-def bootstrap_ci(stat, n: int, reps: int, seed: int) -> tuple[float, float]:
-    """95 % percentile interval of ``stat(idx)`` over resamples of the ``n`` tasks (tasks, not pairs,
-    are the independent units)."""
-    gen = torch.Generator().manual_seed(seed)
-    vals = torch.tensor([stat(torch.randint(n, (n,), generator=gen)) for _ in range(reps)])
-    return float(vals.quantile(0.025)), float(vals.quantile(0.975))
 
 
 def fmt(v: float) -> str:
@@ -188,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         m_seen = torch.isin(data.image_alphabet, alpha_ids(seen))
         xs, ys = x_all[m_seen], data.image_character[m_seen]
-        probe = omniglot_probe(xs, ys, hidden=s.hidden, epochs=s.probe_epochs, rotations=4,
+        probe = omniglot_probe(xs, ys, hidden=s.hidden, epochs=s.probe_epochs, rotations=s.probe_rotations,
                                seed=args.seed + 10 * fold)
         experts, expert_tasks = {}, {}
         for k, (dname, dom) in enumerate(DOMAINS.items()):
@@ -198,9 +166,12 @@ def main(argv: list[str] | None = None) -> dict:
             expert_tasks[dname] = (dom(xs), ys)
         mixed_x = torch.cat([dom(xs) for dom in DOMAINS.values()])
         mixed_y = torch.cat([ys for _ in DOMAINS])
+        keep = torch.randperm(len(mixed_x), generator=torch.Generator().manual_seed(args.seed + fold))
+        keep = keep[: int(s.generic_fraction * len(keep))]
+        mixed_x, mixed_y = mixed_x[keep], mixed_y[keep]
         torch.manual_seed(args.seed + 100 * fold + 99)
         generic = train_classifier(Conv4(out_features=len(torch.unique(ys)), hidden=s.hidden), mixed_x, mixed_y,
-                                   max(1, s.expert_epochs // 2), seed=args.seed + 100 * fold + 99)
+                                   s.expert_epochs, seed=args.seed + 100 * fold + 99)
         fold_notes.append(f"fold {fold}: seen {', '.join(seen)}; unseen {', '.join(unseen)}")
         print(f"fold {fold}: probe, {len(experts)} experts and the generic expert trained in "
               f"{time.perf_counter() - t0:.0f}s (seen: {', '.join(seen)})", flush=True)
@@ -218,7 +189,6 @@ def main(argv: list[str] | None = None) -> dict:
                 mk = torch.isin(data.image_character, chars[5 * k: 5 * (k + 1)])
                 tax_tasks[f"{a}/{k}"] = (x_all[mk], data.image_character[mk])
                 tax_alpha.append(a)
-        different = torch.tensor([[float(a != b) for b in tax_alpha] for a in tax_alpha])
         for method in METHODS:
             for seed in range(s.taxonomy_seeds):
                 e = embedder(probe, method, args.seed + 1000 * seed)
@@ -227,8 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
                 embed_time[method].append((time.perf_counter() - t1) / len(tax_tasks))
                 d = distance_matrix(embs)
                 n = len(tax_tasks)
-                rho = pair_spearman(d, different, torch.arange(n))
-                lo, hi = bootstrap_ci(lambda idx: pair_spearman(d, different, idx), n, s.bootstrap, seed)
+                rho, lo, hi = taxonomy_correlation(d, tax_alpha, s.bootstrap, seed)
                 taxonomy[method].append((fold, seed, n, rho, lo, hi))
                 if method == "variational" and seed == 0:
                     d_var = d
@@ -244,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         for a in unseen:
             chars = (data.character_alphabet == data.alphabets.index(a)).nonzero().flatten()
             chars = chars[torch.randperm(len(chars), generator=gen)]
-            for part, subset in enumerate((chars[: len(chars) // 2], chars[len(chars) // 2:])):
+            for part, subset in enumerate((chars[: len(chars) // 2], chars[len(chars) // 2:])[: s.task_parts]):
                 mk = torch.isin(data.image_character, subset)
                 tr_m, te_m = mk & (data.image_drawer < s.shots), mk & (data.image_drawer >= s.shots)
                 for dname, dom in DOMAINS.items():
@@ -294,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
             sel_pairs = torch.cat([(tidx == i).nonzero().flatten() for i in idx.tolist()])
             return spearman(neg_d[sel_pairs], gain[sel_pairs])
 
-        lo, hi = bootstrap_ci(stat, n_tasks, s.bootstrap, 1)
+        lo, hi = bootstrap_interval(stat, n_tasks, s.bootstrap, 1)
         transfer_rows.append([method, str(len(pairs)), fmt(rho), f"[{lo:.3f}, {hi:.3f}]"])
     sel_rows = []
     for method in METHODS:
@@ -322,9 +291,11 @@ Machine: CPU, 2 shared cores, {args.threads} torch thread(s); total time {total:
 correlations do not depend on the load).
 
 Settings: {s.folds} fold(s) ({'; '.join(fold_notes)}). Probe: Conv4 with {s.hidden} filters trained
-{s.probe_epochs} epochs on the seen alphabets, upright, four rotations as four classes per character.
-Zoo: one Conv4 expert per domain ({', '.join(DOMAINS)}), {s.expert_epochs} epochs on the seen alphabets in
-that domain, and a generic expert on all domains mixed. Task2Vec with at most {s.max_examples}
+{s.probe_epochs} epochs on the seen alphabets, upright, {s.probe_rotations} rotation(s) as separate classes
+per character. Zoo: one Conv4 expert per domain ({', '.join(DOMAINS)}), {s.expert_epochs} epochs on the seen
+alphabets in that domain, and a generic expert, {s.expert_epochs} epochs on
+{s.generic_fraction:.0%} of the images of all domains mixed (as many examples as one expert sees).
+New tasks: {'half' if s.task_parts == 2 else 'the first half'} of each unseen alphabet's characters in each domain. Task2Vec with at most {s.max_examples}
 examples per task; variational: beta = {BETA:g}, {s.variational_steps} Adam steps (lr 0.1 on the log-variances,
 batches of 32, the last half averaged);
 Monte-Carlo: {s.mc_samples} sampled label(s) per example. New tasks: half an unseen alphabet each, in

@@ -10,7 +10,7 @@ from torch import nn
 from tasklight.nn.nets import MLP, Conv4
 from tasklight.task2vec import (
     Task2Vec, TaskEmbedding, asymmetric_distance, distance_matrix, fisher_diagonal, load_embeddings, per_filter,
-    rank_experts, save_embeddings, set_batchnorm_stats, symmetric_distance, task_descriptors, train_classifier,
+    rank_experts, save_embeddings, set_batchnorm_stats, symmetric_distance, task_descriptors,
     transfer_error, trivial_embedding)
 
 
@@ -248,45 +248,81 @@ def omniglot():
     return load_omniglot(default_omniglot_root())
 
 
-@pytest.mark.slow
-def test_same_alphabet_tasks_are_closer_on_a_probe_trained_on_other_alphabets(omniglot):
+UNSEEN = ["Greek", "Korean", "Sanskrit", "Tagalog"]  # the benchmark's unseen half of the alphabets
+
+
+@pytest.fixture(scope="module")
+def unseen_probe(omniglot):
+    """A rotation-augmented Conv4 probe trained (one epoch) on the four alphabets not in UNSEEN."""
+    from tasklight.task2vec import omniglot_probe
+
     data = omniglot
-    held = ["Japanese_(katakana)", "Sanskrit"]
-    held_ids = torch.tensor([data.alphabets.index(a) for a in held])
     x_all = data.images.float().div(255).unsqueeze(1)
-    probe_mask = ~torch.isin(data.image_alphabet, held_ids)
-    torch.manual_seed(0)
-    n_chars = len(torch.unique(data.image_character[probe_mask]))
-    probe = train_classifier(Conv4(out_features=n_chars, hidden=32), x_all[probe_mask],
-                             data.image_character[probe_mask], epochs=2, seed=0)
-    # three 10-way tasks per held-out alphabet, on disjoint characters
+    seen = ~torch.isin(data.image_alphabet, torch.tensor([data.alphabets.index(a) for a in UNSEEN]))
+    return omniglot_probe(x_all[seen], data.image_character[seen], hidden=32, epochs=1, seed=0)
+
+
+def unseen_tasks(data, seed: int) -> tuple[dict, list[str]]:
+    """Every 5-way task (all 20 drawers) of the unseen alphabets, on disjoint random characters: 23 tasks."""
+    x_all = data.images.float().div(255).unsqueeze(1)
     tasks, alphabet_of = {}, []
-    gen = torch.Generator().manual_seed(1)
-    for a in held:
+    gen = torch.Generator().manual_seed(seed)
+    for a in UNSEEN:
         chars = (data.character_alphabet == data.alphabets.index(a)).nonzero().flatten()
         chars = chars[torch.randperm(len(chars), generator=gen)]
-        for k in range(3):
-            m = torch.isin(data.image_character, chars[10 * k: 10 * (k + 1)])
+        for k in range(len(chars) // 5):
+            m = torch.isin(data.image_character, chars[5 * k: 5 * (k + 1)])
             tasks[f"{a}/{k}"] = (x_all[m], data.image_character[m])
             alphabet_of.append(a)
-    embeddings = Task2Vec(probe, seed=0).embed_tasks(tasks)
-    d = distance_matrix(embeddings)
-    same = torch.tensor([[a == b for b in alphabet_of] for a in alphabet_of])
-    off = ~torch.eye(len(tasks), dtype=torch.bool)
-    # each alphabet's tasks are closer to each other than to the other alphabet's, on average (with two
-    # same-alphabet neighbours per task, a single task's comparison is at the noise level of a 2-epoch
-    # probe and flips with the floating-point details of the torch version), and the nearest
-    # neighbour of nearly every task is from its own alphabet
-    for a in held:
-        rows = torch.tensor([x == a for x in alphabet_of])
-        within = d[rows][:, rows][off[rows][:, rows]].mean()
-        between = d[rows][:, ~rows].mean()
-        assert within < between, (a, float(within), float(between), d)
-    nearest = d.masked_fill(~off, float("inf")).argmin(1)
-    assert sum(bool(same[i, j]) for i, j in enumerate(nearest)) >= len(tasks) - 1, d
+    return tasks, alphabet_of
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_same_alphabet_tasks_are_closer_on_a_probe_trained_on_other_alphabets(omniglot, unseen_probe, seed):
+    """Achille et al. (2019), Fig. 2: distances follow the taxonomy. The Spearman correlation between
+    d_sym and "different alphabet" over the 253 pairs of 23 tasks is positive, with the whole 95 %
+    bootstrap interval (over tasks) above zero, for two random cuts of the alphabets into tasks.
+    The exact Fisher (expectation over the labels) leaves out the Monte-Carlo noise (measured on
+    this probe: 0.41 [0.22, 0.58] exact, 0.27-0.29 [0.01-0.04, 0.49-0.51] with two sampled labels)."""
+    from tasklight.task2vec import taxonomy_correlation
+
+    tasks, alphabet_of = unseen_tasks(omniglot, seed)
+    assert len(tasks) == 23
+    d = distance_matrix(Task2Vec(unseen_probe, exact=True).embed_tasks(tasks))
+    rho, low, high = taxonomy_correlation(d, alphabet_of, reps=500, seed=seed)
+    assert low > 0.05 and rho > 0.25, (rho, low, high)
+    # the same statistic on a shuffled taxonomy is not positive: the test can fail
+    shuffled = [alphabet_of[i] for i in torch.randperm(len(alphabet_of), generator=torch.Generator().manual_seed(5))]
+    assert taxonomy_correlation(d, shuffled, reps=100)[1] < 0.0
+
+
+def test_rank_statistics_over_task_pairs():
+    from scipy import stats
+
+    from tasklight.task2vec import pair_spearman, spearman, taxonomy_correlation
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 5, (40,), generator=g).double()  # ties
+    b = a + torch.randn(40, generator=g)
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a.numpy(), b.numpy()).statistic, rel=1e-9)
+    assert spearman(a, torch.ones(40)) == 0.0  # a constant: no correlation, not nan
+    d = torch.rand(6, 6, generator=g)
+    d = d + d.T
+    groups = [0, 0, 1, 1, 2, 2]
+    diff = torch.tensor([[float(x != y) for y in groups] for x in groups])
+    iu = torch.triu_indices(6, 6, 1)
+    want = stats.spearmanr(d[iu[0], iu[1]].numpy(), diff[iu[0], iu[1]].numpy()).statistic
+    assert pair_spearman(d, diff) == pytest.approx(want, rel=1e-9)
+    rho, low, high = taxonomy_correlation(d, groups, reps=200)
+    assert rho == pytest.approx(want, rel=1e-9) and low <= high
+    # a distance that separates the groups perfectly (0.69 is the most a 0/1 taxonomy with ties allows here)
+    rho, low, high = taxonomy_correlation(diff + 0.01 * d, groups, reps=200)
+    assert rho > 0.65 and low <= rho <= high
+    with pytest.raises(ValueError, match="one group per task"):
+        taxonomy_correlation(d, groups[:5])
+
+
 def test_callback_in_a_meta_learning_run_logs_heatmap_and_table_to_wandb(tmp_path):
     from tasklight.callbacks.task2vec import Task2VecCallback
     from tasklight.cli import run_cli

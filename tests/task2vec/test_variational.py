@@ -3,6 +3,8 @@ other, the trivial embedding it defines, probes (rotation-augmented Omniglot, pr
 models) and the fine-tuning error."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,10 +68,13 @@ def test_variational_fisher_reaches_its_closed_form_stationary_point():
 def test_variational_embedding_agrees_with_monte_carlo_on_the_same_probe():
     torch.manual_seed(0)
     probe = Conv4(out_features=4, hidden=8, image_size=16)
-    x = torch.rand(120, 1, 16, 16)
-    y = torch.arange(120) % 4
-    var = Task2Vec(probe, method="variational", variational_steps=300, seed=0)
-    e = var.embed((x, y), "t")
+    x = torch.rand(80, 1, 16, 16)
+    y = torch.arange(80) % 4
+    # beta for a small probe (its Fisher per weight is large; see docs/task2vec.md, Choosing beta)
+    var = Task2Vec(probe, method="variational", beta=1e-4, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # settled: no drift warning
+        e = var.embed((x, y), "t")
     assert e.vector.shape == (32,) and (e.vector > 0).all() and e.meta["method"] == "variational"
     assert e.scale is not None and e.scale.shape == (32,)
     for layer, lo in zip(e.layers, (0, 8, 16, 24)):  # one prior precision per layer
@@ -79,6 +84,9 @@ def test_variational_embedding_agrees_with_monte_carlo_on_the_same_probe():
     # both estimate the per-filter Fisher: precision - prior ~ F / (2 beta) up to the Hessian/Fisher gap
     signal = (e.vector - e.scale).clamp_min(0)
     assert spearman(signal, exact.vector) > 0.6
+    # the paper's beta = 1e-7 is far from settled on this probe in 200 steps, and says so
+    with pytest.warns(UserWarning, match="still moving"):
+        Task2Vec(probe, method="variational", variational_steps=40).embed((x, y))
     with pytest.raises(ValueError, match="exact=True"):
         Task2Vec(probe, method="variational", exact=True)
     with pytest.raises(ValueError, match="method must be"):
