@@ -90,7 +90,6 @@ class MAMLPlusPlusModule(MetaLearner):
                  adapt: Optional[Sequence[str]] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
                          lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
-        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         if inner_steps < 1:
             raise ValueError(f"MAML++ needs inner_steps >= 1 (per-step parameters), got {inner_steps}")
         if msl_epochs < 0 or first_order_epochs < 0 or min_outer_lr < 0:

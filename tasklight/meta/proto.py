@@ -77,7 +77,6 @@ class ProtoNetModule(MetaLearner):
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
         super().__init__(net, "cross_entropy", 0, 0.0, 0, (0,), optimizer, lr_scheduler, clip_grad_norm, nonfinite,
                          max_consecutive_skips)
-        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
 
     def logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Query logits ``[T, Q, N]`` of episodes with the task dimension first."""
@@ -140,7 +139,6 @@ class ProtoMAMLModule(MetaLearner):
                  adapt: Optional[Sequence[str]] = None) -> None:
         super().__init__(net, "cross_entropy", inner_steps, inner_lr, eval_inner_steps, extra_eval_steps,
                          optimizer, lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
-        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.first_order = first_order
         # the core runs on body + prototype head; it is kept off the module tree (the body is self.net)
         self.head_core = FunctionalLearner(_ProtoHead(self.net), self.checked_loss)

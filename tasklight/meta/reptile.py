@@ -47,7 +47,6 @@ class ReptileModule(MetaLearner):
                  adapt: Optional[Sequence[str]] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
                          lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips, adapt=adapt)
-        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "lr_scheduler"])
         if inner_steps < 1:
             raise ValueError(f"Reptile needs inner_steps >= 1 (its meta-gradient is theta - phi), got {inner_steps}")
         self.train_on_query = train_on_query

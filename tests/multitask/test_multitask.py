@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from pathlib import Path
@@ -62,7 +63,7 @@ def fit(model, dm, steps, callbacks=(), logger=False, val=False, **kw):
 
 
 def sgd(lr=0.1):
-    return lambda params: torch.optim.SGD(params, lr=lr)
+    return functools.partial(torch.optim.SGD, lr=lr)  # describable: checkpoints store it as config
 
 
 def params(module):
