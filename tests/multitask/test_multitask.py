@@ -551,11 +551,11 @@ CONFIGS = sorted(ROOT.glob("configs/mtl_omniglot_*.yaml")) + sorted(ROOT.glob("c
 def test_every_mtl_config_parses_and_builds_its_classes():
     from lightning.pytorch import LightningDataModule, LightningModule
 
-    from tasklight.cli import TasklightCLI
+    from tasklight.cli import TasklightCLI, expand_config
 
     assert len(CONFIGS) >= 32
     cli = TasklightCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                       run=False, args=["--config", str(CONFIGS[0]), "--trainer.logger", "false"],
+                       run=False, args=[*expand_config(str(CONFIGS[0])), "--trainer.logger", "false"],
                        auto_configure_optimizers=False, trainer_defaults={"inference_mode": False})
     weighting_of = {"equal": "EqualWeighting", "uncertainty": "UncertaintyWeighting", "gradnorm": "GradNorm",
                     "dwa": "DWA", "mgda": "MGDA", "pcgrad": "PCGrad", "dro": "DROWeighting", "rlw": "RLW", "famo": "FAMO",
@@ -564,7 +564,7 @@ def test_every_mtl_config_parses_and_builds_its_classes():
     for key in weighting_of:  # every method has a toy config and a hard-sharing Omniglot config
         assert f"mtl_toy_{key}" in stems and (key == "equal" or f"mtl_omniglot_hard_{key}" in stems), key
     for path in CONFIGS:
-        init = cli.parser.instantiate_classes(cli.parser.parse_args(["--config", str(path)]))
+        init = cli.parser.instantiate_classes(cli.parser.parse_args(expand_config(str(path))))
         model, name = init.model, path.stem
         assert isinstance(model, MultiTaskModule), name
         key = name.split("_")[-1]
