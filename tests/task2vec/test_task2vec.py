@@ -396,11 +396,11 @@ def test_embed_tasks_script_writes_descriptors_a_multitask_datamodule_accepts(tm
 
 def test_multitask_module_probe_uses_its_trunk():
     from tasklight.data.multitask import TaskSpec
-    from tasklight.multitask.module import MultiTaskModule
+    from tasklight.multitask import HardSharing, MultiTaskModule
 
     torch.manual_seed(0)
     trunk = Conv4(out_features=0, hidden=4, image_size=16)
-    module = MultiTaskModule(trunk, architecture="hard", tasks=[TaskSpec("a", 3), TaskSpec("b", 5)])
+    module = MultiTaskModule(trunk, architecture=HardSharing(), tasks=[TaskSpec("a", 3), TaskSpec("b", 5)])
     t2v = Task2Vec(module, exact=True)
     assert t2v.adapter.network is module.trunk and t2v.adapter.head_path is None
     assert t2v.layers == ["features.0.0", "features.1.0", "features.2.0", "features.3.0"]
