@@ -22,9 +22,10 @@ def test_hlgauss_heads_learn_every_sinusoid_task(tmp_path, monkeypatch):
     for t, amp in enumerate(dm.amplitudes.tolist()):
         variance = amp ** 2 / 2  # the MSE of predicting 0 for y = A sin(x - phase), x uniform
         assert float(metrics[f"test/tasks/sin{t}/mse"]) < 0.3 * variance, (t, amp)
-    # every task head outputs one logit per bin
+    # every task head outputs one logit per bin (the trunk's features are 64 wide)
+    bins = dm.tasks[0].loss.num_bins
     for head in model.heads:
-        assert head(torch.zeros(2, 64)).shape == (2, 64)
+        assert head(torch.zeros(2, 64)).shape == (2, bins)
 
 
 def test_sinusoid_tasks_errors():
