@@ -296,7 +296,7 @@ class TasklightCLI(LightningCLI):
                 wandb_dir = Path(exp.dir).parent
                 mode = os.environ.get("WANDB_MODE", "online")
                 print(f"tasklight: W&B run {exp.id} ({mode}) in {wandb_dir}", flush=True)
-                if mode == "offline":
+                if mode in ("offline", "dryrun"):  # dryrun: the older name wandb itself may set
                     print(f"tasklight: upload it with: wandb sync {wandb_dir}", flush=True)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
