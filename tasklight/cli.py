@@ -36,6 +36,18 @@ VERSIONED = ("tasklight", "torch", "lightning", "torchmetrics", "jsonargparse", 
 MANUAL_ONLY = {"gradient_clip_val": "clip the gradient norm", "accumulate_grad_batches": "accumulate gradients"}
 
 
+def _keep_none() -> dict[str, bool]:
+    """The jsonargparse option that keeps ``None`` values in a dumped config (``skip_unset`` since
+    jsonargparse 4.49, which deprecates the older ``skip_none``)."""
+    import jsonargparse
+
+    try:
+        major, minor = (int(p) for p in jsonargparse.__version__.split(".")[:2])
+    except ValueError:
+        major, minor = 4, 49
+    return {"skip_unset": False} if (major, minor) >= (4, 49) else {"skip_none": False}
+
+
 def package_versions() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
@@ -121,8 +133,8 @@ class RunConfig(SaveConfigCallback):
         run_dir = os.environ.get("TASKLIGHT_RUN_DIR")
         if trainer.is_global_zero and run_dir:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, os.path.join(run_dir, self.config_filename), skip_none=False,
-                             overwrite=True, multifile=False)
+            self.parser.save(self.config, os.path.join(run_dir, self.config_filename), overwrite=True,
+                             multifile=False, **_keep_none())
         if trainer.is_global_zero:
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
@@ -131,15 +143,12 @@ class RunConfig(SaveConfigCallback):
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         import yaml
 
-        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, **_keep_none()))
         resolved.pop("config", None)
         record = {"config": resolved, "versions": package_versions(), "seed": resolved.get("seed_everything"),
                   "run_dir": os.environ.get("TASKLIGHT_RUN_DIR"), "command": " ".join(["tasklight", *sys.argv[1:]])}
         for logger in trainer.loggers:
             logger.log_hyperparams(record)
-
-from tasklight.core.checkpoint import check_checkpoint_file
-from tasklight.strategies import DEFAULT_PROCESS_GROUP_TIMEOUT, timed_strategy
 
 
 class TasklightCLI(LightningCLI):
@@ -247,6 +256,8 @@ class TasklightCLI(LightningCLI):
                 cls_name, ours = tlconfig.constructor_errors[-1]
                 _fail(f"{cls_name}: {ours}  (TASKLIGHT_TRACEBACK=1 shows the traceback)")
             raise err
+        for logger in self.trainer.loggers:
+            quiet_wandb_logger(logger)
         run_dir = getattr(self, "run_dir", None) or Path(os.environ["TASKLIGHT_RUN_DIR"])
         for cb in self.trainer.callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
@@ -375,6 +386,16 @@ def _class_of(node) -> Optional[type]:
 def _fail(message: str) -> None:
     print(f"tasklight: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
+
+
+def quiet_wandb_logger(logger) -> None:
+    """Lightning's ``WandbLogger`` always passes ``anonymous`` to ``wandb.init`` (``None`` unless set),
+    and wandb >= 0.19 warns on every run that the setting has no effect: drop it when it was not set.
+    A logger whose experiment already exists, or any other logger, is left as it is."""
+    init = getattr(logger, "_wandb_init", None)
+    if (type(logger).__name__ == "WandbLogger" and isinstance(init, dict) and init.get("anonymous", False) is None
+            and getattr(logger, "_experiment", None) is None):
+        del init["anonymous"]
 
 
 class _DropTips:
