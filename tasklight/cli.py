@@ -162,6 +162,8 @@ class TasklightCLI(LightningCLI):
       metric; ``--test_after_fit false`` turns that off.
     """
 
+    _failed = False  # set when a check of ours has reported its error
+
     def init_parser(self, **kwargs):
         parser = super().init_parser(**kwargs)
         from tasklight import __version__
@@ -219,7 +221,78 @@ class TasklightCLI(LightningCLI):
                     fix = "use a larger meta-batch / batch size instead (the module steps once per batch)"
                 _fail(f"--trainer.{flag}={value}: {model_cls.__name__} optimises manually and the Trainer cannot "
                       f"{what} for it; {fix}")
+        self._head_follows_n_way(cfg)
         self._prepare_run_dir(cfg)
+
+    def parse_arguments(self, parser, args) -> None:
+        raw = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, tuple, type(None))) else []
+        self._raw_args = raw
+        printing = [a for a in raw if a == "--print_config" or a.startswith("--print_config=")]
+        if printing:
+            # --print_config prints while parsing: find the head size first, then print it as it will run
+            fill = None
+            try:
+                super().parse_arguments(parser, [a for a in raw if a not in printing])
+                sub = self.config.get("subcommand")
+                fill = self._n_way_fill(self.config.get(sub, self.config) if sub else self.config)
+            except SystemExit:
+                if self._failed:  # our own one-line error; any other is reported by the parse below
+                    raise
+            if fill is not None:
+                args = raw + ["--model.init_args.net.init_args.out_features", str(fill)]
+        super().parse_arguments(parser, args)
+
+    def _head_follows_n_way(self, cfg) -> None:
+        """The classifier head's ``out_features`` follows the episodes' ``n_way``.
+
+        jsonargparse's ``link_arguments`` cannot do this here: in subclass mode the net is a nested
+        subclass of a subclass (``model.init_args.net.init_args``) whose keys the parser only knows
+        after parsing, a learner's net may have no ``out_features`` (prototype learners embed), a
+        DataModule may have no ``n_way`` (sinusoid), and a link target can no longer be set by the
+        user. So: when the model is a classifier (``net_is_classifier``), the data has an integer
+        ``n_way`` and the net a parameter ``out_features`` that no config file or flag sets, it is
+        set to ``n_way``; one that is set (or comes from ``--ckpt_path``'s checkpoint) and differs is an
+        error naming both settings.
+        """
+        fill = self._n_way_fill(cfg)
+        if fill is not None:
+            init = _init_arg(cfg.get("model"), "net")
+            init = init.get("init_args") if isinstance(init, dict) else init.init_args
+            if isinstance(init, dict):
+                init["out_features"] = fill
+            else:
+                init.out_features = fill
+
+    def _n_way_fill(self, cfg) -> Optional[int]:
+        """The ``out_features`` to give the net (see ``_head_follows_n_way``), or None to leave it."""
+        model_cls = _class_of(cfg.get("model"))
+        if model_cls is None or not getattr(model_cls, "net_is_classifier", False):
+            return None
+        data = cfg.get("data")
+        n_way = _init_arg(data, "n_way")
+        net = _init_arg(cfg.get("model"), "net")
+        net_cls = _class_of(net)
+        if not isinstance(n_way, int) or isinstance(n_way, bool) or net_cls is None:
+            return None
+        import inspect
+
+        try:
+            params = inspect.signature(net_cls.__init__).parameters
+        except (TypeError, ValueError):
+            return None
+        init = net.get("init_args") if isinstance(net, dict) else getattr(net, "init_args", None)
+        if "out_features" not in params or init is None:
+            return None
+        current = init.get("out_features") if isinstance(init, dict) else getattr(init, "out_features", None)
+        # a checkpoint's net (its hyperparameters, parsed into the config) is as explicit as a flag
+        if explicitly_set(getattr(self, "_raw_args", []), "model.net.out_features") or cfg.get("ckpt_path"):
+            if current != n_way:
+                self._failed = True
+                _fail(f"--model.init_args.net.init_args.out_features={current} but --data.init_args.n_way={n_way}: "
+                      f"{model_cls.__name__}'s head needs one logit per class of an episode; leave out_features "
+                      f"unset (it follows n_way) or set it to {n_way}")
+            return None
+        return n_way
 
     def _prepare_run_dir(self, cfg) -> None:
         if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("TASKLIGHT_RUN_DIR"):
@@ -366,6 +439,69 @@ def metric_table(metrics: dict[str, float], header: str = "metric") -> str:
     lines = [f"{header:<{width}}  value", f"{'-' * width}  {'-' * 12}"]
     lines += [f"{n:<{width}}  {metrics[n]:.6g}" for n in names]
     return "\n".join(lines)
+
+
+def _init_arg(node, name: str):
+    """``node.init_args.<name>`` of a class_path/init_args node (Namespace or dict), else None."""
+    if node is None:
+        return None
+    init = node.get("init_args") if isinstance(node, dict) else getattr(node, "init_args", None)
+    if init is None:
+        return None
+    return init.get(name) if isinstance(init, dict) else getattr(init, name, None)
+
+
+def _option_paths(tree, prefix: tuple = ()) -> set[tuple]:
+    """Every key path of a nested dict, with the ``init_args`` levels left out."""
+    out = set()
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            path = prefix if k == "init_args" else prefix + (str(k),)
+            if path:
+                out.add(path)
+            out |= _option_paths(v, path)
+    return out
+
+
+def explicitly_set(args: list[str], key: str) -> bool:
+    """Whether a config file or a flag among ``args`` (as the CLI receives them) sets ``key``, a dotted
+    path without ``init_args`` (``model.net.out_features`` matches
+    ``--model.init_args.net.init_args.out_features 5``, ``--model.net.out_features=5``, a YAML file
+    with ``model: {init_args: {net: {init_args: {out_features: 5}}}}`` and a dict-valued ``--model.net``)."""
+    import yaml
+
+    want = tuple(key.split("."))
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            i += 1
+            continue
+        flag, eq, value = a[2:].partition("=")
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None
+            i += 1
+        i += 1
+        if flag in ("config", "c") and value is not None:
+            try:
+                text = Path(value).read_text() if Path(value).is_file() else value
+                tree = yaml.safe_load(text)
+            except (OSError, ValueError, yaml.YAMLError):
+                continue
+            if want in _option_paths(tree):
+                return True
+            continue
+        path = tuple(part for part in flag.rstrip("+").split(".") if part != "init_args")
+        if path == want or path[:len(want)] == want:
+            return True
+        if value is not None and want[:len(path)] == path:
+            try:
+                tree = yaml.safe_load(value)
+            except yaml.YAMLError:
+                continue
+            if want[len(path):] and tuple(want[len(path):]) in _option_paths(tree):
+                return True
+    return False
 
 
 def _class_of(node) -> Optional[type]:

@@ -28,7 +28,21 @@ def _cli_configs():
     return sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if p.name != "defaults.yaml" and has_model(p))
 
 
-@pytest.mark.parametrize("name", _cli_configs())
+def _config_params():
+    """Every CLI config; in the quick tier (``-m "not slow"``) only the first of each family (each base
+    that configs extend directly), the whole sweep in the full suite."""
+    from tasklight.cli import expand_config
+
+    seen, params = set(), []
+    for name in _cli_configs():
+        chain = expand_config(str(ROOT / "configs" / f"{name}.yaml"))[1::2]
+        base = chain[-2] if len(chain) > 1 else None
+        params.append(pytest.param(name, marks=() if base not in seen else pytest.mark.slow))
+        seen.add(base)
+    return params
+
+
+@pytest.mark.parametrize("name", _config_params())
 def test_every_config_parses(name, capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli(["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])
@@ -70,6 +84,7 @@ def _tiny_omniglot():
             "--data.init_args.q_queries", "2"]
 
 
+@pytest.mark.slow
 def test_packaged_config_by_name_own_run_folder_and_a_checkpoint_that_loads_alone(tmp_path, monkeypatch):
     """`tasklight fit --config maml_omniglot` (the packaged config), then MAMLModule.load_from_checkpoint(last.ckpt)
     alone gives the trained module's predictions; a second run writes its own folder."""
@@ -92,6 +107,7 @@ def test_packaged_config_by_name_own_run_folder_and_a_checkpoint_that_loads_alon
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("last-v")]  # no last-v1.ckpt
 
 
+@pytest.mark.slow
 def test_predict_short_class_names_and_a_numerically_sorted_table(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     common = ["--model", "MAMLModule", "--model.net", "MLP", "--model.net.init_args.hidden", "[8]",
@@ -115,6 +131,7 @@ def _cli(args, cwd):
     return subprocess.run([sys.executable, "-m", "tasklight.cli", *args], cwd=cwd, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_version_and_one_line_errors(tmp_path):
     import tasklight
 
@@ -154,3 +171,45 @@ def test_wandb_run_records_the_resolved_config_seed_and_versions(tmp_path, monke
     images = [p.name for p in wandb_dir.rglob("*.png")]
     assert any(n.startswith("mse_vs_steps") for n in images) and any(n.startswith("fitted_functions")
                                                                      for n in images), images
+
+
+# ------------------------------------------------------------------ the head's size follows n_way
+def _printed_config(args, capsys):
+    import yaml
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["fit", *args, "--print_config"])
+    assert exc.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_head_out_features_follows_n_way_and_an_explicit_different_value_is_an_error(capsys):
+    cfg = _printed_config(["--config", "maml_omniglot", "--data.init_args.n_way", "20"], capsys)
+    assert cfg["data"]["init_args"]["n_way"] == 20
+    assert cfg["model"]["init_args"]["net"]["init_args"]["out_features"] == 20
+    cfg = _printed_config(["--config", "maml_omniglot"], capsys)
+    assert cfg["model"]["init_args"]["net"]["init_args"]["out_features"] == cfg["data"]["init_args"]["n_way"] == 5
+    # an explicit value equal to n_way is fine; prototype learners' embedding nets are left alone
+    cfg = _printed_config(["--config", "maml_omniglot", "--data.init_args.n_way", "3",
+                           "--model.init_args.net.init_args.out_features", "3"], capsys)
+    assert cfg["model"]["init_args"]["net"]["init_args"]["out_features"] == 3
+    cfg = _printed_config(["--config", "protonet_omniglot", "--data.init_args.n_way", "20"], capsys)
+    assert cfg["model"]["init_args"]["net"]["init_args"]["out_features"] == 0
+    for explicit in (["--model.init_args.net.init_args.out_features", "5"], ["--model.net.out_features=5"]):
+        for printing in ([], ["--print_config"]):
+            with pytest.raises(SystemExit) as exc:
+                run_cli(["fit", "--config", "maml_omniglot", "--data.init_args.n_way", "20", *explicit, *printing])
+            assert exc.value.code == 2
+            err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tasklight:")]
+            assert err == [err[0]] and "out_features=5 but --data.init_args.n_way=20" in err[0], err
+
+
+@pytest.mark.slow
+def test_a_fit_with_another_n_way_builds_the_head_it_needs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", "maml_omniglot", *_tiny_omniglot(), "--data.init_args.n_way", "3",
+                   "--test_after_fit", "false"])
+    assert cli.trainer.global_step == 2 and cli.model.net.out_features == 3
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    assert int(batch.support_y.max()) == 2
+    assert cli.model.predict_episode(batch.support_x, batch.support_y, batch.query_x).shape[-1] == 3

@@ -161,6 +161,7 @@ def test_conditioned_outputs_shared_or_disjoint_label_spaces(outputs):
     torch.testing.assert_close(model(x, 1), full[:, lo:lo + 5])
 
 
+@pytest.mark.slow
 def test_every_architecture_splits_its_parameters_and_learns():
     for name, make in ALL.items():
         seed_everything(5)

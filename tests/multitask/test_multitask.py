@@ -426,6 +426,7 @@ def _conflicting_dm():
                                steps_per_epoch=2)  # every step sees the whole set
 
 
+@pytest.mark.slow
 def test_logger_and_gradient_conflict_monitor_with_wandb_offline(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
@@ -548,6 +549,7 @@ def test_toy_nash_mtl_and_famo_reach_the_pareto_front_nash_mtl_at_different_poin
 CONFIGS = sorted(ROOT.glob("configs/mtl_omniglot_*.yaml")) + sorted(ROOT.glob("configs/mtl_toy_*.yaml"))
 
 
+@pytest.mark.slow
 def test_every_mtl_config_parses_and_builds_its_classes():
     from lightning.pytorch import LightningDataModule, LightningModule
 

@@ -323,6 +323,7 @@ def test_rank_statistics_over_task_pairs():
         taxonomy_correlation(d, groups[:5])
 
 
+@pytest.mark.slow
 def test_callback_in_a_meta_learning_run_logs_heatmap_and_table_to_wandb(tmp_path):
     from tasklight.callbacks.task2vec import Task2VecCallback
     from tasklight.cli import run_cli
@@ -368,6 +369,7 @@ def test_callback_in_a_meta_learning_run_logs_heatmap_and_table_to_wandb(tmp_pat
     assert table["columns"] == ["epoch", "task_a", "task_b", "d_sym"] and len(table["data"]) == 9
 
 
+@pytest.mark.slow
 def test_embed_tasks_script_writes_descriptors_a_multitask_datamodule_accepts(tmp_path):
     import importlib.util
     from pathlib import Path

@@ -34,6 +34,7 @@ def hessian_diagonal(model: nn.Module, weight: torch.Tensor, x: torch.Tensor, y:
     return diag.reshape(weight.shape)
 
 
+@pytest.mark.slow
 def test_variational_fisher_reaches_its_closed_form_stationary_point():
     """For a linear layer the local reparametrisation is exact, so the objective's stationary point is
     ``1 / sigma_f^2 = mean_{i in f} H_ii / (2 beta) + 1 / lambda^2`` and ``lambda^2 = (sum w^2 + sum
@@ -65,6 +66,7 @@ def test_variational_fisher_reaches_its_closed_form_stationary_point():
     assert sum(vf.losses[-50:]) / 50 < sum(vf.losses[:10]) / 10
 
 
+@pytest.mark.slow
 def test_variational_embedding_agrees_with_monte_carlo_on_the_same_probe():
     torch.manual_seed(0)
     probe = Conv4(out_features=4, hidden=8, image_size=16)
@@ -119,6 +121,7 @@ def test_trivial_embedding_of_a_variational_embedding_is_its_prior():
     torch.testing.assert_close(trivial_embedding(mc).vector, torch.tensor([2.0, 2.0, 2.0, 2.0, 2.0]))
 
 
+@pytest.mark.slow
 def test_omniglot_probe_classifies_characters_in_four_rotations():
     from tasklight.data.omniglot import load_omniglot
 
@@ -197,6 +200,7 @@ def test_pretrained_probe_builds_torchvision_models():
         pretrained_probe("resnet18")
 
 
+@pytest.mark.slow
 def test_finetune_error_improves_on_the_frozen_head_and_needs_init_from_scratch():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(120) % 3

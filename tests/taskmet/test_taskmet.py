@@ -157,6 +157,7 @@ def test_dfl_lowers_the_task_loss_on_budget_allocation():
 CONFIGS = sorted(ROOT.glob("configs/taskmet_*.yaml")) + sorted(ROOT.glob("configs/*hlgauss*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
