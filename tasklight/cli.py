@@ -332,6 +332,7 @@ class TasklightCLI(LightningCLI):
         for logger in self.trainer.loggers:
             quiet_wandb_logger(logger)
         run_dir = getattr(self, "run_dir", None) or Path(os.environ["TASKLIGHT_RUN_DIR"])
+        self.trainer.tasklight_run_dir = str(run_dir)  # where tasklight.plots saves figures without W&B
         for cb in self.trainer.callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = str(run_dir / "checkpoints")

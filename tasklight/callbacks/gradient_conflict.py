@@ -6,7 +6,8 @@ parameters (or the shared representation) of that step -- computed inside the st
 across DDP ranks together with the losses, so no extra forward pass is made -- and logs the cosine
 matrix ``C_ij = g_i . g_j / (|g_i| |g_j|)``. Negative entries are conflicting tasks (negative
 transfer). Logged keys: ``grad_conflict/cos/{task_i}~{task_j}`` for every pair, ``grad_conflict/mean_cos``
-and ``grad_conflict/min_cos``; with a WandbLogger also a table of the full matrix. The matrices are
+and ``grad_conflict/min_cos``; the full matrix as a heatmap (``grad_conflict/heatmap``) and, with a
+WandbLogger, as a table. The matrices are
 kept in ``history`` as ``(step, names, matrix)``.
 """
 from __future__ import annotations
@@ -38,16 +39,18 @@ class GradientConflictMonitor(Callback):
             monitored steps) or ``representation`` (gradients on the shared representation, summed
             over each task's examples; one backward pass through the heads).
         keep_history: keep every matrix in ``history``.
+        plot: also log each matrix as a heatmap (``grad_conflict/heatmap``, red = conflicting tasks):
+            a W&B image, or a PNG in the run folder (:func:`tasklight.plots.log_figure`).
     """
 
     def __init__(self, every_n_steps: int = 50, source: Literal["parameters", "representation"] = "parameters",
-                 keep_history: bool = True) -> None:
+                 keep_history: bool = True, plot: bool = True) -> None:
         super().__init__()
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if source not in GRAD_SOURCES:
             raise ValueError(f"source must be one of {GRAD_SOURCES}, got {source!r}")
-        self.every_n_steps, self.source, self.keep_history = every_n_steps, source, keep_history
+        self.every_n_steps, self.source, self.keep_history, self.plot = every_n_steps, source, keep_history, plot
         self.history: list[tuple[int, list[str], Tensor]] = []
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -83,6 +86,7 @@ class GradientConflictMonitor(Callback):
             pl_module.log_dict(logs, on_step=True, on_epoch=False, sync_dist=False)
         if trainer.is_global_zero:
             self._log_wandb(trainer, step, names, cos)
+            self._plot(trainer, step, names, cos)
 
     def _log_wandb(self, trainer: Trainer, step: int, names: list[str], cos: Tensor) -> None:
         from lightning.pytorch.loggers import WandbLogger
@@ -96,3 +100,10 @@ class GradientConflictMonitor(Callback):
                             data=[[n] + [float(v) for v in row] for n, row in zip(names, cos.tolist())])
         for lg in loggers:
             lg.experiment.log({"grad_conflict/matrix": table, "trainer/global_step": step})
+
+    def _plot(self, trainer: Trainer, step: int, names: list[str], cos: Tensor) -> None:
+        from tasklight.plots import heatmap, log_figure, wants_figures
+
+        if self.plot and len(names) > 1 and wants_figures(trainer):
+            log_figure(trainer, "grad_conflict/heatmap",
+                       heatmap(cos, names, f"gradient cosine, step {step}", cmap="RdBu", vmin=-1.0, vmax=1.0), step=step)

@@ -6,8 +6,9 @@ not touched). The tasks come from the DataModule (see
 the per-task data of a multi-task DataModule, or the fixed evaluation episodes of an episodic
 (meta-learning) DataModule.
 
-Logged at each chosen epoch: with a ``WandbLogger``, the symmetric distance matrix as a heatmap
-image and as a table (``<key>/distance_heatmap``, ``<key>/distances``); with any logger, scalars
+Logged at each chosen epoch: the symmetric distance matrix as a heatmap (``<key>/distance_heatmap``:
+a W&B image, or a PNG in the run folder, see :func:`tasklight.plots.log_figure`), with a
+``WandbLogger`` also as a table (``<key>/distances``); with any logger, scalars
 (``<key>/mean_distance``, the mean off-diagonal distance, and ``<key>/embedding_norm/<task>``).
 ``save_dir`` also writes ``task2vec_epoch<E>.pt`` (embeddings, distance matrices, descriptors).
 """
@@ -21,30 +22,16 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from tasklight.plots import heatmap, log_figure, wants_figures
 from tasklight.task2vec import (DEFAULT_ALPHA, Task2Vec, TaskEmbedding, datamodule_tasks, distance_matrix,
                                 save_embeddings)
 
 
 def heatmap_image(matrix: Tensor, names: Sequence[str], title: str = "Task2Vec distance") -> np.ndarray:
     """An RGB ``uint8 [H, W, 3]`` heatmap of a square matrix with task names on both axes."""
-    import matplotlib
+    from tasklight.plots import figure_array, heatmap
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    n = len(names)
-    size = max(3.0, 0.45 * n + 1.5)
-    fig, ax = plt.subplots(figsize=(size + 1.0, size), dpi=80)
-    im = ax.imshow(matrix.detach().cpu().numpy(), cmap="viridis_r")
-    ax.set_xticks(range(n), [str(s) for s in names], rotation=90, fontsize=7)
-    ax.set_yticks(range(n), [str(s) for s in names], fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    fig.canvas.draw()
-    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return img
+    return figure_array(heatmap(matrix, names, title, cmap="viridis_r", annotate=False))
 
 
 class Task2VecCallback(Callback):
@@ -127,7 +114,9 @@ class Task2VecCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
             if isinstance(logger, WandbLogger):
-                img = heatmap_image(matrix, names, f"Task2Vec d_sym, epoch {epoch}")
-                logger.log_image(f"{self.log_key}/distance_heatmap", [img], step=step)
                 rows = [[epoch, names[i], names[j], float(matrix[i, j])] for i in range(n) for j in range(n)]
                 logger.log_table(f"{self.log_key}/distances", ["epoch", "task_a", "task_b", "d_sym"], rows, step=step)
+        if wants_figures(trainer):
+            log_figure(trainer, f"{self.log_key}/distance_heatmap",
+                       heatmap(matrix, names, f"Task2Vec d_sym, epoch {epoch}", cmap="viridis_r", annotate=False),
+                       step=step)

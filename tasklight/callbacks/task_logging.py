@@ -11,13 +11,17 @@ steps, and at the end of each epoch logs, to whatever Lightning logger is attach
   weight the weighting method gave the task);
 * ``{stage}/loss`` (mean over tasks of the per-task mean loss) and ``{stage}/{metric}`` (mean over the
   tasks that have that metric);
+* every ``log_every_n_steps`` training steps, ``train/tasks/{name}/{loss,acc|mse,weight}_step``: the
+  means since the last logged step over all DDP ranks (one all-reduce per logged step);
+* a bar chart of the per-task validation / test metric (``{stage}/tasks_bars``; a W&B image, else a
+  PNG in the run folder, :func:`tasklight.plots.log_figure`);
 * with a :class:`~lightning.pytorch.loggers.WandbLogger`: a ``wandb.Table`` of all tasks
   (``{stage}/tasks_table``) and a line plot of every task's validation metric over epochs
   (``val/tasks_plot``).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -28,6 +32,32 @@ from tasklight.core.outer import check_finite_metrics
 
 FIELDS = ("loss_sum", "count", "metric_sum", "weight_sum", "steps")
 METRIC_NAMES = {"classification": "acc", "regression": "mse"}
+
+
+def step_log_due(trainer: Trainer) -> bool:
+    """Whether Lightning writes this training step's on-step logs to the loggers (every
+    ``log_every_n_steps`` steps, and on the last); the same on every DDP rank."""
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is not None and hasattr(connector, "should_update_logs"):
+        return bool(connector.should_update_logs)
+    n = trainer.log_every_n_steps
+    return bool(n) and (trainer.global_step + 1) % n == 0
+
+
+def log_step_means(module: LightningModule, values: dict[str, Tensor], prog_bar: Sequence[str] = ()) -> None:
+    """``module.log`` each scalar of ``values`` on step; on the steps the loggers receive
+    (:func:`step_log_due`) the values are first averaged over the DDP ranks in one all-reduce for all
+    keys (``sync_dist=True`` would all-reduce every key on every step). The other steps' values
+    (the progress bar, ``callback_metrics``) are this rank's."""
+    if not values:
+        return
+    names = list(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in names])
+    trainer = module.trainer
+    if trainer.world_size > 1 and step_log_due(trainer):
+        stacked = trainer.strategy.reduce(stacked, reduce_op="mean")
+    for k, v in zip(names, stacked):
+        module.log(k, v, on_step=True, on_epoch=False, sync_dist=False, prog_bar=k in prog_bar)
 
 
 class TaskMeans(Metric):
@@ -57,11 +87,18 @@ class TaskLossLogger(Callback):
         log_train: also log the training per-task statistics (epoch means).
         wandb_table: with a WandbLogger, also log a table of all tasks and a line plot of the
             validation metric of every task over epochs.
+        on_step: also log the training per-task losses, metrics and weights every
+            ``log_every_n_steps`` steps (``train/tasks/{name}/loss_step``, ...: the means over the
+            steps since the last logged one, over all DDP ranks, one all-reduce per logged step).
+        plot: log a bar chart of the per-task validation (and test) metric at each epoch end
+            (``{stage}/tasks_bars``): a W&B image, else a PNG in the run folder.
     """
 
-    def __init__(self, log_train: bool = True, wandb_table: bool = True) -> None:
+    def __init__(self, log_train: bool = True, wandb_table: bool = True, on_step: bool = True,
+                 plot: bool = True) -> None:
         super().__init__()
-        self.log_train, self.wandb_table = log_train, wandb_table
+        self.log_train, self.wandb_table, self.on_step, self.plot = log_train, wandb_table, on_step, plot
+        self._window: Optional[Tensor] = None  # training sums since the last logged step
         self.metrics: dict[str, TaskMeans] = {}
         self.history: list[dict[str, Any]] = []  # validation results per epoch (rank-independent)
         self.last: dict[str, dict[str, Any]] = {}  # the last computed results per stage
@@ -75,9 +112,9 @@ class TaskLossLogger(Callback):
             self.metrics[stage] = m
         return m.to(pl_module.device)
 
-    def _update(self, stage: str, pl_module: LightningModule, outputs: Any) -> None:
+    def _update(self, stage: str, pl_module: LightningModule, outputs: Any) -> Optional[Tensor]:
         if not isinstance(outputs, dict) or "task_count" not in outputs:
-            return
+            return None
         count = outputs["task_count"].double()
         rows = torch.zeros(len(FIELDS), count.shape[0], dtype=torch.float64, device=count.device)
         rows[0] = outputs["task_loss_sum"].double()
@@ -88,10 +125,43 @@ class TaskLossLogger(Callback):
             rows[3] = outputs["weights"].double().to(count.device) * active
             rows[4] = active.double()
         self._metric(stage, pl_module).update(rows)
+        return rows
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self.log_train:
-            self._update("train", pl_module, outputs)
+        if not self.log_train:
+            return
+        rows = self._update("train", pl_module, outputs)
+        if not self.on_step:
+            return
+        if rows is not None:
+            self._window = rows if self._window is None else self._window + rows
+        if step_log_due(trainer):
+            if self._window is None:
+                if trainer.world_size == 1:
+                    return
+                # every rank joins the all-reduce, also one without results since the last logged step
+                self._window = torch.zeros(len(FIELDS), pl_module.num_tasks, dtype=torch.float64,
+                                           device=pl_module.device)
+            self._log_window(trainer, pl_module)
+
+    def _log_window(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The per-task means over the steps since the last logged one, summed over the DDP ranks in
+        one all-reduce, logged on step as ``train/tasks/{name}/{loss,metric,weight}_step``."""
+        window, self._window = self._window, None
+        if trainer.world_size > 1:
+            window = trainer.strategy.reduce(window, reduce_op="sum")
+        loss_sum, count, metric_sum, weight_sum, steps = window.cpu()
+        logs: dict[str, float] = {}
+        for t, (name, kind) in enumerate(zip(pl_module.task_names, pl_module.task_kinds)):
+            if count[t] > 0:
+                logs[f"train/tasks/{name}/loss_step"] = float(loss_sum[t] / count[t])
+                mname = METRIC_NAMES.get(kind)
+                if mname:
+                    logs[f"train/tasks/{name}/{mname}_step"] = float(metric_sum[t] / count[t])
+            if steps[t] > 0:
+                logs[f"train/tasks/{name}/weight_step"] = float(weight_sum[t] / steps[t])
+        if logs:
+            pl_module.log_dict(logs, on_step=True, on_epoch=False, sync_dist=False, rank_zero_only=False)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
         self._update("val", pl_module, outputs)
@@ -148,6 +218,20 @@ class TaskLossLogger(Callback):
             self.history.append({"epoch": int(trainer.current_epoch), **{k: v for k, v in logs.items()}})
         if self.wandb_table and trainer.is_global_zero:
             self._log_wandb(stage, trainer, res)
+        if self.plot and stage in ("val", "test"):
+            self._plot(stage, trainer, res)
+
+    def _plot(self, stage: str, trainer: Trainer, res: dict[str, Any]) -> None:
+        from tasklight.plots import log_figure, task_bars, wants_figures
+
+        if not wants_figures(trainer):
+            return
+        kinds = set(res["kinds"])
+        metric_name = METRIC_NAMES.get(next(iter(kinds))) if len(kinds) == 1 else None
+        values = res["metric"] if metric_name else res["loss"]  # mixed task kinds: the losses compare
+        label = metric_name or "loss"
+        log_figure(trainer, f"{stage}/tasks_bars",
+                   task_bars(res["names"], values, label, f"{stage} {label} per task, epoch {trainer.current_epoch}"))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.log_train:

@@ -31,6 +31,7 @@ from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_me
                                   default_optimizer, outer_step, setup_outer_step)
 from tasklight.nn.losses import TargetChecked, align_target, fit_auto_support
 from tasklight.nn.nets import make_vmap_safe
+from tasklight.callbacks.task_logging import log_step_means
 from tasklight.config import SelfDescribing
 
 
@@ -192,9 +193,10 @@ class MetaLearner(SelfDescribing, LightningModule):
         if not outer_step(self, out.objective, problem=problem, what="meta-gradient"):
             return out.objective.detach()
         qloss = out.query_losses.detach().mean()
-        self.log("train/query_loss", qloss, prog_bar=True)
+        values = {"train/query_loss": qloss}
         if out.inner_losses.numel():
-            self.log("train/support_loss_pre", out.inner_losses[:, 0].detach().mean())
+            values["train/support_loss_pre"] = out.inner_losses[:, 0].detach().mean()
+        log_step_means(self, values, prog_bar=["train/query_loss"])  # logged steps: means over DDP ranks
         return qloss
 
     # ----------------------------------------------------------------- evaluation
@@ -231,19 +233,14 @@ class MetaLearner(SelfDescribing, LightningModule):
         if stage == "test" and getattr(self, "_plot_batch", None) is None:
             self._plot_batch = batch  # the first test batch: the fitted curves of a few tasks
 
-    def _wandb_attached(self) -> bool:
-        try:
-            return any(type(lg).__name__ == "WandbLogger" for lg in self.trainer.loggers)
-        except RuntimeError:
-            return False
-
     def _plot_test(self, curve: list[tuple[int, float, float]]) -> None:
-        """W&B images at the end of a test: the metric vs adaptation steps and, for 1-D regression,
-        the fitted functions of three test tasks after each evaluated number of steps."""
-        from tasklight.plots import fitted_curves, log_figure, metric_vs_steps
+        """Figures at the end of a test (W&B images, else PNGs in the run folder): the metric vs
+        adaptation steps and, for 1-D regression, the fitted functions of three test tasks after each
+        evaluated number of steps."""
+        from tasklight.plots import fitted_curves, log_figure, metric_vs_steps, wants_figures
 
         batch, self._plot_batch = getattr(self, "_plot_batch", None), None
-        if not self._wandb_attached() or not self.trainer.is_global_zero:
+        if not wants_figures(self):
             return
         if curve:
             steps, means, cis = zip(*curve)
