@@ -90,7 +90,9 @@ def heatmap(matrix, names: Sequence[str], title: str = "", cmap: str = "viridis"
     if annotate if annotate is not None else n <= 8:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+                r, g, b, _ = im.cmap(im.norm(m[i, j]))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # readable text on the cell's colour
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w" if dark else "k")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
@@ -144,24 +146,28 @@ def pareto_trajectories(trajectories: Sequence, front=None, labels: Optional[Seq
 
 def learned_metric(matrices: Tensor, x: Optional[Tensor] = None, title: str = "learned metric"):
     """TaskMet's metric ``Lambda(x) [N, m, m]`` at ``N`` inputs: the mean matrix as a heatmap and, for
-    1-D inputs ``x [N]``, each diagonal entry ``Lambda_ii(x)`` against ``x``."""
+    1-D inputs ``x [N]``, each diagonal entry ``Lambda_ii(x)`` against ``x`` (only the curve for a
+    1 x 1 metric)."""
     plt = _plt()
     lam = _np(matrices)
     if lam.ndim != 3 or lam.shape[1] != lam.shape[2]:
         raise ValueError(f"learned_metric needs matrices [N, m, m], got shape {lam.shape}")
     m = lam.shape[1]
     with_x = x is not None and _np(x).reshape(-1).shape[0] == lam.shape[0]
-    fig, axes = plt.subplots(1, 2 if with_x else 1, figsize=(8.0 if with_x else 4.5, 3.6), dpi=80, squeeze=False)
-    ax = axes[0, 0]
-    im = ax.imshow(lam.mean(0), cmap="magma")
-    ax.set_xticks(range(m))
-    ax.set_yticks(range(m))
-    ax.set_title(f"mean Lambda(x) over {lam.shape[0]} inputs", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    heat = m > 1 or not with_x  # a 1 x 1 mean says little when the curve is there
+    n = int(heat) + int(with_x)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), dpi=80, squeeze=False)
+    if heat:
+        ax = axes[0, 0]
+        im = ax.imshow(lam.mean(0), cmap="magma")
+        ax.set_xticks(range(m))
+        ax.set_yticks(range(m))
+        ax.set_title(f"mean Lambda(x) over {lam.shape[0]} inputs", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if with_x:
         xs = _np(x).reshape(-1)
         order = np.argsort(xs)
-        ax = axes[0, 1]
+        ax = axes[0, n - 1]
         for i in range(min(m, 8)):
             ax.plot(xs[order], lam[order, i, i], label=f"Lambda_{i}{i}")
         ax.set_xlabel("x")
