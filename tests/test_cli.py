@@ -17,6 +17,23 @@ TINY = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--train
         "--data.init_args.test_episodes", "4", "--data.init_args.eval_batch_size", "2"]
 
 
+def _cli(args, cwd):
+    """`tasklight ARGS` in a fresh process (what a user's shell runs)."""
+    return subprocess.run([sys.executable, "-m", "tasklight.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def _ours(stderr: str) -> list[str]:
+    """tasklight's own lines of a run's stderr."""
+    return [line for line in stderr.splitlines() if line.startswith("tasklight:")]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in an empty folder (runs/ is written there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 def _cli_configs():
     """Configs for `tasklight fit` (those whose `extends:` chain has a top-level `model:`; others feed scripts)."""
     from tasklight.cli import expand_config
@@ -52,8 +69,7 @@ def test_every_config_parses(name, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", META_CONFIGS)
-def test_meta_config_runs_fit_then_test(name, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_meta_config_runs_fit_then_test(name, in_tmp):
     extra = ["--data.init_args.num_workers", "0", "--model.init_args.net.init_args.hidden", "8"] \
         if "omniglot" in name else []
     cli = run_cli(["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), *TINY, *extra])
@@ -65,15 +81,13 @@ def test_meta_config_runs_fit_then_test(name, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_console_entry_point_fit_and_test_from_checkpoint(tmp_path):
-    env_cmd = [sys.executable, "-m", "tasklight.cli"]
     args = ["--config", str(ROOT / "configs" / "maml_sinusoid.yaml"), *TINY, "--test_after_fit", "false",
             "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
             f"--trainer.callbacks.dirpath={tmp_path / 'ck'}", "--trainer.callbacks.save_last=true"]
-    fit = subprocess.run(env_cmd + ["fit", *args], cwd=tmp_path, capture_output=True, text=True)
+    fit = _cli(["fit", *args], tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
-    test = subprocess.run(env_cmd + ["test", "--config", str(ROOT / "configs" / "maml_sinusoid.yaml"), *TINY,
-                                     "--ckpt_path", str(tmp_path / "ck" / "last.ckpt")],
-                          cwd=tmp_path, capture_output=True, text=True)
+    test = _cli(["test", "--config", str(ROOT / "configs" / "maml_sinusoid.yaml"), *TINY,
+                 "--ckpt_path", str(tmp_path / "ck" / "last.ckpt")], tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/mse@10" in test.stdout
 
@@ -85,17 +99,16 @@ def _tiny_omniglot():
 
 
 @pytest.mark.slow
-def test_packaged_config_by_name_own_run_folder_and_a_checkpoint_that_loads_alone(tmp_path, monkeypatch):
+def test_packaged_config_by_name_own_run_folder_and_a_checkpoint_that_loads_alone(in_tmp):
     """`tasklight fit --config maml_omniglot` (the packaged config), then MAMLModule.load_from_checkpoint(last.ckpt)
     alone gives the trained module's predictions; a second run writes its own folder."""
     from tasklight import MAMLModule
 
-    monkeypatch.chdir(tmp_path)
     cli = run_cli(["fit", "--config", "maml_omniglot", *_tiny_omniglot(), "--test_after_fit", "false"])
     run_dir = Path(cli.trainer.checkpoint_callback.dirpath).resolve().parent
-    assert run_dir.parent == tmp_path / "runs" / "maml_omniglot" and (run_dir / "config.yaml").is_file()
+    assert run_dir.parent == in_tmp / "runs" / "maml_omniglot" and (run_dir / "config.yaml").is_file()
     last = run_dir / "checkpoints" / "last.ckpt"
-    assert (tmp_path / "runs" / "maml_omniglot" / "latest").resolve() == run_dir.resolve()
+    assert (in_tmp / "runs" / "maml_omniglot" / "latest").resolve() == run_dir.resolve()
     loaded = MAMLModule.load_from_checkpoint(last)
     assert loaded.loss_fn.__class__.__name__ == "CrossEntropyLoss" and loaded.net.init_args["hidden"] == 8
     batch = next(iter(cli.datamodule.test_dataloader()))
@@ -108,8 +121,7 @@ def test_packaged_config_by_name_own_run_folder_and_a_checkpoint_that_loads_alon
 
 
 @pytest.mark.slow
-def test_predict_short_class_names_and_a_numerically_sorted_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def test_predict_short_class_names_and_a_numerically_sorted_table(in_tmp, capsys):
     common = ["--model", "MAMLModule", "--model.net", "MLP", "--model.net.init_args.hidden", "[8]",
               "--model.extra_eval_steps", "[0, 5, 10]", "--model.eval_inner_steps", "1", "--data", "SinusoidDataModule",
               *TINY]
@@ -127,10 +139,6 @@ def test_predict_short_class_names_and_a_numerically_sorted_table(tmp_path, monk
                                pred.model.predict_episode(batch.support_x, batch.support_y, batch.query_x))
 
 
-def _cli(args, cwd):
-    return subprocess.run([sys.executable, "-m", "tasklight.cli", *args], cwd=cwd, capture_output=True, text=True)
-
-
 @pytest.mark.slow
 def test_version_and_one_line_errors(tmp_path):
     import tasklight
@@ -140,20 +148,19 @@ def test_version_and_one_line_errors(tmp_path):
     for flag, option in [("--trainer.gradient_clip_val=1.0", "--model.init_args.clip_grad_norm 1.0"),
                          ("--trainer.accumulate_grad_batches=2", "larger meta-batch")]:
         res = _cli(["fit", "--config", "maml_sinusoid", flag], tmp_path)
-        ours = [line for line in res.stderr.splitlines() if line.startswith("tasklight:")]
+        ours = _ours(res.stderr)
         assert res.returncode == 2 and "Traceback" not in res.stderr and len(ours) == 1
         assert ours[0].startswith("tasklight: error: --trainer.") and option in ours[0]
     res = _cli(["fit", "--config", "maml_omniglot", "--data.init_args.root", str(tmp_path / "nowhere")], tmp_path)
-    ours = [line for line in res.stderr.splitlines() if line.startswith("tasklight:")]
+    ours = _ours(res.stderr)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "Union" not in res.stderr
     assert len(ours) == 1 and ours[0].startswith("tasklight: error: OmniglotDataModule: Omniglot data not found")
 
 
 @pytest.mark.slow
-def test_wandb_run_records_the_resolved_config_seed_and_versions(tmp_path, monkeypatch, capsys):
+def test_wandb_run_records_the_resolved_config_seed_and_versions(in_tmp, capsys):
     import wandb
 
-    monkeypatch.chdir(tmp_path)
     i = TINY.index("--trainer.logger")
     args = TINY[:i] + TINY[i + 2:]  # the config's WandbLogger
     cli = run_cli(["fit", "--config", "maml_sinusoid", *args])
@@ -200,13 +207,12 @@ def test_head_out_features_follows_n_way_and_an_explicit_different_value_is_an_e
             with pytest.raises(SystemExit) as exc:
                 run_cli(["fit", "--config", "maml_omniglot", "--data.init_args.n_way", "20", *explicit, *printing])
             assert exc.value.code == 2
-            err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tasklight:")]
+            err = _ours(capsys.readouterr().err)
             assert err == [err[0]] and "out_features=5 but --data.init_args.n_way=20" in err[0], err
 
 
 @pytest.mark.slow
-def test_a_fit_with_another_n_way_builds_the_head_it_needs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_a_fit_with_another_n_way_builds_the_head_it_needs(in_tmp):
     cli = run_cli(["fit", "--config", "maml_omniglot", *_tiny_omniglot(), "--data.init_args.n_way", "3",
                    "--test_after_fit", "false"])
     assert cli.trainer.global_step == 2 and cli.model.net.out_features == 3

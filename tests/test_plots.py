@@ -123,7 +123,6 @@ def test_without_wandb_the_figures_are_pngs_in_the_run_folder(tmp_path):
 
 def test_pareto_plot_needs_the_toy():
     from tasklight.nn.nets import MLP
-    from tasklight.data.multitask import MultiTaskDataModule  # noqa: F401  (the module's usual data)
 
     with pytest.raises(TypeError, match="trunk is a ToyPoint"):
         fit(MultiTaskModule(MLP(1, [4], 2)), TwoObjectiveToyDataModule("nashmtl", steps_per_epoch=1), 1, False,

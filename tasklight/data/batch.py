@@ -9,8 +9,19 @@ import torch
 from torch import Tensor, nn
 
 
+class _TensorFields:
+    """A dataclass of tensors (``None`` allowed): one way to apply a function to every field."""
+
+    def _map(self, fn, skip: tuple[str, ...] = ()):
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return type(self)(**{k: v if v is None or k in skip else fn(v) for k, v in values.items()})
+
+    def to(self, *args, **kwargs):
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+
 @dataclass
-class MetaBatch:
+class MetaBatch(_TensorFields):
     """A batch of T tasks, task dimension first.
 
     ``support_x [T, S, ...]``, ``support_y [T, S, ...]``, ``query_x [T, Q, ...]``,
@@ -31,21 +42,15 @@ class MetaBatch:
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
 
-    def to(self, *args, **kwargs) -> "MetaBatch":
-        return MetaBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(*args, **kwargs))
-                            for f in fields(self)})
-
     def float_(self, dtype: torch.dtype) -> "MetaBatch":
         """Cast the floating inputs (and floating targets) to ``dtype``."""
-        cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
-        return MetaBatch(cast(self.support_x), cast(self.support_y), cast(self.query_x), cast(self.query_y), self.index)
+        return self._map(lambda t: t.to(dtype) if t.is_floating_point() else t, skip=("index",))
 
     __iter__ = None  # not iterable: indexing selects tasks, iteration would silently split the batch
 
     def __getitem__(self, item) -> "MetaBatch":
         """Select tasks, e.g. ``batch[:2]``."""
-        idx = None if self.index is None else self.index[item]
-        return MetaBatch(self.support_x[item], self.support_y[item], self.query_x[item], self.query_y[item], idx)
+        return self._map(lambda t: t[item])
 
     @staticmethod
     def cat(batches: list["MetaBatch"]) -> "MetaBatch":
@@ -58,6 +63,12 @@ class MetaBatch:
 def collate_tasks(tasks: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> MetaBatch:
     """Stack per-task ``(support_x, support_y, query_x, query_y)`` tuples into a MetaBatch."""
     return MetaBatch(*(torch.stack([t[i] for t in tasks]) for i in range(4)))
+
+
+def _same_leading(name: str, t: Tensor, other_name: str, other: Tensor, lead: int, dims: str, layout: str) -> None:
+    if t.shape[:lead] != other.shape[:lead]:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {other_name} has {tuple(other.shape)}: "
+                         f"their leading ({dims}) dims must agree; {layout}.")
 
 
 def check_episode_shapes(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Optional[Tensor] = None,
@@ -80,18 +91,14 @@ def check_episode_shapes(support_x: Tensor, support_y: Tensor, query_x: Tensor, 
     lead = 2 if batched else 1
     if support_x.dim() < lead:
         raise ValueError(f"support_x has shape {tuple(support_x.shape)}; {layout}.")
-    if support_y.shape[:lead] != support_x.shape[:lead]:
-        raise ValueError(f"support_y has shape {tuple(support_y.shape)} but support_x has {tuple(support_x.shape)}: "
-                         f"their leading (task, shot) dims must agree; {layout}.")
+    _same_leading("support_y", support_y, "support_x", support_x, lead, "task, shot", layout)
     if support_x.shape[lead:] != query_x.shape[lead:]:
         raise ValueError(f"support_x features {tuple(support_x.shape[lead:])} differ from query_x features "
                          f"{tuple(query_x.shape[lead:])}; {layout}.")
     if batched and support_x.shape[0] != query_x.shape[0]:
         raise ValueError(f"support_x has {support_x.shape[0]} tasks but query_x has {query_x.shape[0]}; {layout}.")
     if query_y is not None:
-        if query_y.shape[:lead] != query_x.shape[:lead]:
-            raise ValueError(f"query_y has shape {tuple(query_y.shape)} but query_x has {tuple(query_x.shape)}: "
-                             f"their leading (task, query) dims must agree; {layout}.")
+        _same_leading("query_y", query_y, "query_x", query_x, lead, "task, query", layout)
         if query_y.shape[lead:] != support_y.shape[lead:]:
             raise ValueError(f"query_y target shape {tuple(query_y.shape[lead:])} differs from support_y's "
                              f"{tuple(support_y.shape[lead:])}; {layout}.")
@@ -105,7 +112,7 @@ TASK_KINDS = ("classification", "regression", "objective")
 
 # ----------------------------------------------------------------------------- contracts
 @dataclass
-class MultiTaskBatch:
+class MultiTaskBatch(_TensorFields):
     """Examples of several tasks: ``x [N, ...]``, ``y [N, ...]``, ``task [N]`` (long), ``z [N, d]``.
 
     ``index`` optionally records which training step of the stream this batch is.
@@ -127,17 +134,9 @@ class MultiTaskBatch:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def _map(self, fn, per_example_only: bool = False) -> "MultiTaskBatch":
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return MultiTaskBatch(**{k: v if v is None or (per_example_only and k == "index") else fn(v)
-                                 for k, v in values.items()})
-
-    def to(self, *args, **kwargs) -> "MultiTaskBatch":
-        return self._map(lambda t: t.to(*args, **kwargs))
-
     def select(self, mask: Tensor) -> "MultiTaskBatch":
         """The examples where ``mask`` is True (a bool ``[N]`` tensor)."""
-        return self._map(lambda t: t[mask], per_example_only=True)
+        return self._map(lambda t: t[mask], skip=("index",))  # the step index is not per example
 
 
 @dataclass

@@ -101,6 +101,26 @@ def _transformed(x: Tensor, transform: Optional[Callable[[Tensor], Tensor]], bat
         return torch.cat([transform(x[s]) for s in _batches(len(x), batch_size)])
 
 
+def _with_linear_head(expert: nn.Module, network: Optional[str], head: Optional[str], xtr: Tensor, ytr: Tensor,
+                      xte: Tensor, n_classes: int, head_steps: int, head_weight_decay: float, batch_size: int):
+    """The expert's body with the training examples' BatchNorm statistics and a linear head fitted on
+    its frozen features; the data moved to the expert's device."""
+    adapter = ProbeAdapter(expert, network, head)
+    dev = next((p.device for p in adapter.network.parameters()), torch.device("cpu"))
+    xtr, ytr, xte = xtr.to(dev), ytr.to(dev), xte.to(dev)
+    body = adapter.body(xtr[:8])
+    set_batchnorm_stats(body, xtr, batch_size)
+    fit = fit_linear_head(adapter.features(body, xtr, batch_size), ytr, n_classes, head_steps, head_weight_decay)
+    return adapter, body, fit, xtr, ytr, xte
+
+
+def _test_error(adapter, body: nn.Module, fit, xte: Tensor, yte: Tensor, classes: Tensor, batch_size: int) -> float:
+    with torch.no_grad():
+        logits = fit.head(adapter.features(body, xte, batch_size))
+    pred = classes.to(logits.device)[logits.argmax(-1)]
+    return float((pred.cpu() != yte).float().mean())
+
+
 def transfer_error(expert: nn.Module, train: TaskData, test: TaskData, network: Optional[str] = None,
                    head: Optional[str] = "auto", head_steps: int = 100, head_weight_decay: float = 1e-2,
                    batch_size: int = 256, input_transform: Optional[Callable[[Tensor], Tensor]] = None) -> float:
@@ -110,15 +130,9 @@ def transfer_error(expert: nn.Module, train: TaskData, test: TaskData, network: 
     """
     xtr, ytr, xte, yte, classes = _split(train, test)
     xtr, xte = _transformed(xtr, input_transform, batch_size), _transformed(xte, input_transform, batch_size)
-    adapter = ProbeAdapter(expert, network, head)
-    dev = next((p.device for p in adapter.network.parameters()), torch.device("cpu"))
-    xtr, ytr, xte = xtr.to(dev), ytr.to(dev), xte.to(dev)
-    body = adapter.body(xtr[:8])
-    set_batchnorm_stats(body, xtr, batch_size)
-    fit = fit_linear_head(adapter.features(body, xtr, batch_size), ytr, len(classes), head_steps, head_weight_decay)
-    with torch.no_grad():
-        pred = classes.to(dev)[fit.head(adapter.features(body, xte, batch_size)).argmax(-1)]
-    return float((pred.cpu() != yte).float().mean())
+    adapter, body, fit, xtr, ytr, xte = _with_linear_head(expert, network, head, xtr, ytr, xte, len(classes),
+                                                          head_steps, head_weight_decay, batch_size)
+    return _test_error(adapter, body, fit, xte, yte, classes, batch_size)
 
 
 def finetune_error(expert: Optional[nn.Module], train: TaskData, test: TaskData, steps: int = 30, lr: float = 1e-3,
@@ -138,12 +152,8 @@ def finetune_error(expert: Optional[nn.Module], train: TaskData, test: TaskData,
             raise ValueError("finetune_error with expert=None needs `init`, a function building the untrained network")
         torch.manual_seed(seed)
         expert = init()
-    adapter = ProbeAdapter(expert, network, head)
-    dev = next((p.device for p in adapter.network.parameters()), torch.device("cpu"))
-    xtr, ytr, xte = xtr.to(dev), ytr.to(dev), xte.to(dev)
-    body = adapter.body(xtr[:8])
-    set_batchnorm_stats(body, xtr, batch_size)
-    fit = fit_linear_head(adapter.features(body, xtr, batch_size), ytr, len(classes), head_steps, head_weight_decay)
+    adapter, body, fit, xtr, ytr, xte = _with_linear_head(expert, network, head, xtr, ytr, xte, len(classes),
+                                                          head_steps, head_weight_decay, batch_size)
     params = [p for p in body.parameters()] + [p for p in fit.head.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -154,9 +164,7 @@ def finetune_error(expert: Optional[nn.Module], train: TaskData, test: TaskData,
             opt.zero_grad()
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        pred = classes.to(dev)[fit.head(adapter.features(body, xte, batch_size)).argmax(-1)]
-    return float((pred.cpu() != yte).float().mean())
+    return _test_error(adapter, body, fit, xte, yte, classes, batch_size)
 
 
 @dataclass
