@@ -194,6 +194,33 @@ def test_head_out_features_follows_n_way_and_an_explicit_different_value_is_an_e
     cfg = _printed_config(["--config", "maml_omniglot", "--data.init_args.n_way", "20"], capsys)
     assert cfg["data"]["init_args"]["n_way"] == 20
     assert cfg["model"]["init_args"]["net"]["init_args"]["out_features"] == 20
+    for printing in ([], ["--print_config"]):  # the check runs before printing and before building
+        with pytest.raises(SystemExit) as exc:
+            run_cli(["fit", "--config", "maml_omniglot", "--data.init_args.n_way", "20",
+                     "--model.init_args.net.init_args.out_features", "5", *printing])
+        assert exc.value.code == 2
+        err = _ours(capsys.readouterr().err)
+        assert err == [err[0]] and "out_features=5 but --data.init_args.n_way=20" in err[0], err
+
+
+def test_explicitly_set_finds_an_option_in_flags_and_config_files(tmp_path):
+    from tasklight.cli import expand_config, explicitly_set
+
+    key = "model.net.out_features"
+    assert not explicitly_set(expand_config("maml_omniglot"), key)  # the shipped config leaves it to n_way
+    assert explicitly_set(expand_config("protonet_omniglot"), key)  # an embedding: out_features 0
+    for flags in (["--model.init_args.net.init_args.out_features", "5"], ["--model.net.out_features=5"],
+                  ["--model.net", "{class_path: Conv4, init_args: {out_features: 3}}"]):
+        assert explicitly_set(["fit", *flags], key), flags
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  init_args:\n    net:\n      init_args: {out_features: 7}\n")
+    assert explicitly_set(["fit", "--config", str(cfg)], key)
+    assert not explicitly_set(["fit", "--model.net", "Conv4", "--data.init_args.n_way", "20",
+                               "--model.init_args.net.init_args.hidden", "8"], key)
+
+
+@pytest.mark.slow
+def test_head_size_cases_through_the_cli(capsys):
     cfg = _printed_config(["--config", "maml_omniglot"], capsys)
     assert cfg["model"]["init_args"]["net"]["init_args"]["out_features"] == cfg["data"]["init_args"]["n_way"] == 5
     # an explicit value equal to n_way is fine; prototype learners' embedding nets are left alone
@@ -202,13 +229,9 @@ def test_head_out_features_follows_n_way_and_an_explicit_different_value_is_an_e
     assert cfg["model"]["init_args"]["net"]["init_args"]["out_features"] == 3
     cfg = _printed_config(["--config", "protonet_omniglot", "--data.init_args.n_way", "20"], capsys)
     assert cfg["model"]["init_args"]["net"]["init_args"]["out_features"] == 0
-    for explicit in (["--model.init_args.net.init_args.out_features", "5"], ["--model.net.out_features=5"]):
-        for printing in ([], ["--print_config"]):
-            with pytest.raises(SystemExit) as exc:
-                run_cli(["fit", "--config", "maml_omniglot", "--data.init_args.n_way", "20", *explicit, *printing])
-            assert exc.value.code == 2
-            err = _ours(capsys.readouterr().err)
-            assert err == [err[0]] and "out_features=5 but --data.init_args.n_way=20" in err[0], err
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["fit", "--config", "maml_omniglot", "--data.init_args.n_way", "20", "--model.net.out_features=5"])
+    assert exc.value.code == 2 and "out_features=5 but" in capsys.readouterr().err
 
 
 @pytest.mark.slow
