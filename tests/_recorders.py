@@ -25,3 +25,17 @@ class RecordRun(Callback):
         torch.save({"final": self._state(pl_module), "batches": self.batches,
                     "consumed": trainer.datamodule.consumed if trainer.datamodule is not None else None},
                    os.path.join(self.out_dir, f"end_rank{trainer.global_rank}.pt"))
+
+
+class RecordTaskOutputs(Callback):
+    """Saves each rank's per-task training sums of every step (``task_loss_sum``, ``task_count``)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append({k: outputs[k].detach().cpu().double() for k in ("task_loss_sum", "task_count")})
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(self.rows, os.path.join(self.out_dir, f"task_outputs_rank{trainer.global_rank}.pt"))
