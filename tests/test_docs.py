@@ -13,6 +13,7 @@ def test_there_are_guides():
     assert {p.stem for p in GUIDES} >= {"episodic_datamodule", "weighting", "subclass_learner"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guide", GUIDES, ids=lambda p: p.stem)
 def test_guide_examples_run(guide, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -103,6 +103,7 @@ def test_taskmet_learned_metric_is_a_wandb_image(tmp_path):
         assert_png(p)
 
 
+@pytest.mark.slow
 def test_without_wandb_the_figures_are_pngs_in_the_run_folder(tmp_path):
     seed_everything(0)
     logger = CSVLogger(str(tmp_path), name="toy")

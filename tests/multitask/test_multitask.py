@@ -354,6 +354,7 @@ def test_regression_heads_with_a_histogram_loss():
 
 
 # ----------------------------------------------------------------------------- task sampling
+@pytest.mark.slow
 def test_task_sampling_uniform_and_proportional_with_temperature():
     tasks = [TaskSpec(f"t{i}", 3, size=n) for i, n in enumerate([10, 30, 60])]
     counts = {}
@@ -485,6 +486,7 @@ def test_logger_and_gradient_conflict_monitor_with_wandb_offline(tmp_path, monke
 
 
 # ----------------------------------------------------------------------------- the two-objective toy
+@pytest.mark.slow
 def test_toy_through_the_module_matches_the_plain_descent():
     start, steps = TOY_STARTS["nashmtl"][2], 30
     model = MultiTaskModule(ToyPoint(start), head_type="identity", weighting=MGDA(),

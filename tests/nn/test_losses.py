@@ -116,6 +116,7 @@ def test_bad_arguments_raise_one_clear_error(kwargs, match):
         HistogramLoss(**kwargs)
 
 
+@pytest.mark.slow
 def test_hlgauss_regression_learns():
     """A small MLP trained with HL-Gauss fits y = sin(3x): the prediction error must go down."""
     torch.manual_seed(0)

@@ -142,6 +142,7 @@ def test_cubic_topk_mse_is_poor_and_taskmet_clearly_better():
     assert taskmet["test/ndq"] > mse["test/ndq"] + 0.8
 
 
+@pytest.mark.slow
 def test_dfl_lowers_the_task_loss_on_budget_allocation():
     L.seed_everything(0)
     dm = DecisionDataModule(BudgetAllocation(), num_train=64, num_val=8, num_test=8, steps_per_epoch=10)
