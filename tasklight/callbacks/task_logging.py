@@ -103,6 +103,14 @@ class TaskLossLogger(Callback):
         self.history: list[dict[str, Any]] = []  # validation results per epoch (rank-independent)
         self.last: dict[str, dict[str, Any]] = {}  # the last computed results per stage
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        import warnings
+
+        # the epoch values logged here are already summed over the ranks (TaskMeans' gather):
+        # Lightning's advice to add sync_dist=True for them does not apply (it would reduce them twice)
+        warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(train|val|test)/"
+                                                  r"(tasks/[^']*|loss|acc|mse)', \.\.\., sync_dist=True\)`")
+
     # ------------------------------------------------------------------ accumulation
     def _metric(self, stage: str, pl_module: LightningModule) -> TaskMeans:
         T = pl_module.num_tasks
