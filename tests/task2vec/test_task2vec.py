@@ -324,9 +324,11 @@ def test_rank_statistics_over_task_pairs():
 
 
 @pytest.mark.slow
-def test_callback_in_a_meta_learning_run_logs_heatmap_and_table_to_wandb(tmp_path):
+def test_callback_in_a_meta_learning_run_logs_heatmap_and_table_to_wandb(tmp_path, monkeypatch):
     from tasklight.callbacks.task2vec import Task2VecCallback
     from tasklight.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)  # the CLI's run folder (runs/) goes here, not into the repository
 
     cli = run_cli([
         "fit", "--seed_everything", "0", "--test_after_fit", "false",
