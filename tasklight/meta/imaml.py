@@ -49,9 +49,12 @@ class IMAMLModule(MetaLearner):
                  eval_inner_steps: Optional[int] = None, extra_eval_steps: Sequence[int] = (0,),
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[LRSchedulerCallable] = None,
                  clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise",
-                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+                 strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
-                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
+                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips,
+                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
         if lam <= 0:
             raise ValueError(f"lam (the proximal weight) must be > 0, got {lam}")
         if cg_steps < 1 or cg_damping < 0:

@@ -43,9 +43,12 @@ class MAMLModule(MetaLearner):
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
                  nonfinite: Literal["raise", "skip"] = "raise",
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
-                 adapt: Optional[Sequence[str]] = None) -> None:
+                 adapt: Optional[Sequence[str]] = None,
+                 strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
-                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips, adapt=adapt)
+                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips, adapt=adapt,
+                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
         if backend not in ("functorch", "higher"):
             raise ValueError(f"backend must be 'functorch' or 'higher', got {backend!r}")
         if inner_optimizer not in ("sgd", "adam"):
@@ -90,9 +93,13 @@ class MAMLModule(MetaLearner):
     def meta_objective(self, batch: MetaBatch) -> MetaOutput:
         if self.backend == "higher":
             return self._higher_objective(batch)
-        out, qloss, inner = self._adapt(batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-                                        self.inner_steps, self.first_order)
-        return MetaOutput(qloss.mean(), qloss, inner)
+        params, buffers = split_state(self.net)
+        objective, qloss, inner, task_buffers = self.core.meta_objective_tasks(
+            params, buffers, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+            steps=self.inner_steps, lr=self.lr_for_core(), first_order=self.first_order)
+        if self.net.training and task_buffers:
+            merge_task_buffers(self.net, task_buffers)
+        return MetaOutput(objective, qloss.detach(), inner)
 
     def adapt_and_predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                           steps: int) -> tuple[Tensor, Tensor]:

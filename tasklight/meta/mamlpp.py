@@ -87,9 +87,12 @@ class MAMLPlusPlusModule(MetaLearner):
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
                  nonfinite: Literal["raise", "skip"] = "raise",
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
-                 adapt: Optional[Sequence[str]] = None) -> None:
+                 adapt: Optional[Sequence[str]] = None,
+                 strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
-                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
+                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips,
+                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
         if inner_steps < 1:
             raise ValueError(f"MAML++ needs inner_steps >= 1 (per-step parameters), got {inner_steps}")
         if msl_epochs < 0 or first_order_epochs < 0 or min_outer_lr < 0:

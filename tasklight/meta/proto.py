@@ -74,9 +74,12 @@ class ProtoNetModule(MetaLearner):
     def __init__(self, net: nn.Module, optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
                  nonfinite: Literal["raise", "skip"] = "raise",
-                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+                 strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
         super().__init__(net, "cross_entropy", 0, 0.0, 0, (0,), optimizer, lr_scheduler, clip_grad_norm, nonfinite,
-                         max_consecutive_skips)
+                         max_consecutive_skips,
+                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
 
     def logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Query logits ``[T, Q, N]`` of episodes with the task dimension first."""
@@ -136,9 +139,12 @@ class ProtoMAMLModule(MetaLearner):
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[LRSchedulerCallable] = None,
                  clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise",
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
-                 adapt: Optional[Sequence[str]] = None) -> None:
+                 adapt: Optional[Sequence[str]] = None,
+                 strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
         super().__init__(net, "cross_entropy", inner_steps, inner_lr, eval_inner_steps, extra_eval_steps,
-                         optimizer, lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
+                         optimizer, lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips,
+                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
         self.first_order = first_order
         # the core runs on body + prototype head; it is kept off the module tree (the body is self.net)
         self.head_core = FunctionalLearner(_ProtoHead(self.net), self.checked_loss)

@@ -44,9 +44,12 @@ class ReptileModule(MetaLearner):
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
                  nonfinite: Literal["raise", "skip"] = "raise",
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
-                 adapt: Optional[Sequence[str]] = None) -> None:
+                 adapt: Optional[Sequence[str]] = None,
+                 strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
-                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips, adapt=adapt)
+                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips, adapt=adapt,
+                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
         if inner_steps < 1:
             raise ValueError(f"Reptile needs inner_steps >= 1 (its meta-gradient is theta - phi), got {inner_steps}")
         self.train_on_query = train_on_query
