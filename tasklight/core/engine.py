@@ -457,9 +457,12 @@ class Engine:
             raise ValueError("strategy='compiled' needs a network without buffers (BatchNorm running statistics: "
                              "build it with track_running_stats=False), or use strategy='stacked'/'auto'")
         lr = kw.pop("lr", None)
-        if kw.get("update") is not None:
-            raise ValueError("strategy='compiled' runs SGD / Meta-SGD inner steps; use strategy='stacked'/'vmap' "
-                             "for another inner update rule")
+        upd = kw.pop("update", None)
+        if upd is not None and type(upd) is not SGD:
+            raise ValueError(f"strategy='compiled' runs SGD / Meta-SGD inner steps, not {type(upd).__name__}: use "
+                             f"strategy='stacked' or 'vmap' for another inner update rule")
+        if upd is not None:
+            lr = upd.lr
         names = list(params)
         lr_names = list(lr) if isinstance(lr, Mapping) else []
         lr_tensor = isinstance(lr, Tensor)
