@@ -288,6 +288,69 @@ def per_task_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, y: T
     return torch.vmap(loss_fn)(out, y)
 
 
+_MANUAL_ACTS = (nn.ReLU, nn.Tanh, nn.Identity)
+#: write the inner gradient of MSE MLPs out by hand in the stacked strategy (False: torch.autograd.grad)
+MANUAL_MLP_GRADS = True
+
+
+def manual_mlp_ok(plan: StackPlan, loss_fn) -> bool:
+    """Whether the inner gradient can be written out by hand: Linear layers and ReLU/Tanh under a
+    mean-squared-error loss (:func:`_manual_mlp_grads`)."""
+    from tasklight.nn.losses import TargetChecked
+
+    base = loss_fn.loss if isinstance(loss_fn, TargetChecked) else loss_fn
+    if type(base) is not nn.MSELoss or base.reduction != "mean" or not plan.ops or plan.ops[-1].kind != "linear":
+        return False
+    return all(op.kind == "linear" or (op.kind == "act" and type(op.module) in _MANUAL_ACTS) for op in plan.ops)
+
+
+def _manual_mlp_grads(plan: StackPlan, P: Mapping[str, Tensor], x: Tensor, y: Tensor, loss_fn,
+                      names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-task MSE losses ``[T]`` and their gradients for a stacked MLP, by explicit backprop.
+
+    A few ``bmm``/``baddbmm`` and elementwise ops per layer instead of the autograd engine's
+    (double-)backward nodes; autograd still differentiates *through* these ops, so the
+    meta-gradient stays exact second order (ReLU's derivative mask is a constant almost everywhere).
+    """
+    from tasklight.nn.losses import align_target
+
+    T = x.shape[0]
+    h = x.reshape(T, -1, x.shape[-1])
+    saved = []  # (op, input) for each layer
+    for op in plan.ops:
+        if op.kind == "linear":
+            saved.append((op, h))
+            w, b = P[op.prefix + "weight"], P.get(op.prefix + "bias") if op.module.bias is not None else None
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)) if b is not None else torch.bmm(h, w.transpose(1, 2))
+        else:
+            h = op.module(h)
+            saved.append((op, h))  # activations keep their output (ReLU mask, 1 - tanh^2)
+    out = h.reshape(*x.shape[:-1], h.shape[-1])
+    target = align_target(out, y, loss_fn.loss if hasattr(loss_fn, "loss") else loss_fn,
+                          getattr(loss_fn, "what", "the network"))
+    diff = (out - target).reshape(T, -1, h.shape[-1])
+    per_elem = diff[0].numel()
+    losses = diff.pow(2).reshape(T, -1).mean(1)
+    d = diff * (2.0 / per_elem)
+    grads: dict[str, Tensor] = {}
+    wanted = set(names)
+    for i in range(len(saved) - 1, -1, -1):
+        op, val = saved[i]
+        if op.kind == "linear":
+            w = P[op.prefix + "weight"]
+            if op.prefix + "weight" in wanted:
+                grads[op.prefix + "weight"] = torch.bmm(d.transpose(1, 2), val)
+            if op.module.bias is not None and op.prefix + "bias" in wanted:
+                grads[op.prefix + "bias"] = d.sum(1)
+            if i > 0:
+                d = torch.bmm(d, w)
+        elif type(op.module) is nn.ReLU:
+            d = torch.ops.aten.threshold_backward(d, val, 0.0)  # relu's backward; differentiable in d
+        elif type(op.module) is nn.Tanh:
+            d = d * (1 - val * val)
+    return losses, grads
+
+
 def stacked_adapt_tasks(core, plan: StackPlan, params, buffers, support_x, support_y, query_x=None, query_y=None, *,
                         steps: int, lr=None, first_order: bool = False, proximal: float = 0.0, anchor=None,
                         update=None):
@@ -308,7 +371,18 @@ def stacked_adapt_tasks(core, plan: StackPlan, params, buffers, support_x, suppo
     bufs = {k: v.detach().unsqueeze(0).expand(T, *v.shape).clone() for k, v in buffers.items()}
     state = rule.init({k: P[k] for k in names})
     losses = []
+    manual = MANUAL_MLP_GRADS and manual_mlp_ok(plan, core.loss_fn)
     for _ in range(steps):
+        if manual:
+            task, grads = _manual_mlp_grads(plan, P, support_x, support_y, core.loss_fn, names)
+            if proximal:
+                grads = {k: g + proximal * (P[k] - anchor[k]) for k, g in grads.items()}
+            if first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+            losses.append(task.detach())
+            new, state = rule.step({k: P[k] for k in names}, grads, state)
+            P = {**P, **new}
+            continue
         out = stacked_forward(plan, P, bufs, support_x, T)
         task = per_task_loss(core.loss_fn, out, support_y)
         total = task.sum()
