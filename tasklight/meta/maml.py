@@ -24,6 +24,8 @@ from tasklight.meta.base import MetaLearner, MetaOutput
 class MAMLModule(MetaLearner):
     """Model-Agnostic Meta-Learning.
 
+    Every ``strategy`` of the engine applies, ``compiled`` included (functorch backend).
+
     Args (besides :class:`MetaLearner`'s):
         first_order: drop second-order terms (FOMAML).
         learn_inner_lr: Meta-SGD: learn one inner learning rate per parameter element
@@ -37,6 +39,8 @@ class MAMLModule(MetaLearner):
             ANIL (Raghu et al. 2020), ``["features"]`` BOIL (Oh et al. 2021) on ``Conv4``. With
             ``learn_inner_lr`` only the adapted parameters get inner learning rates.
     """
+
+    engine_strategies = ("auto", "vmap", "stacked", "loop", "compiled")
 
     def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 1,
                  inner_lr: float = 0.01, first_order: bool = False, learn_inner_lr: bool = False,
@@ -55,6 +59,9 @@ class MAMLModule(MetaLearner):
                          strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
         if backend not in ("functorch", "higher"):
             raise ValueError(f"backend must be 'functorch' or 'higher', got {backend!r}")
+        if backend == "higher" and (strategy != "auto" or chunk_size is not None):
+            raise ValueError(f"strategy={strategy!r} / chunk_size={chunk_size!r} are settings of the core's engine; "
+                             f"backend='higher' loops over tasks itself: leave them at their defaults")
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
         if adapt is not None and backend == "higher":

@@ -398,3 +398,16 @@ def test_mamlpp_multi_step_loss_per_step_batchnorm_agrees_across_strategies(use_
         assert rel_err(got, base) < TOL, (strategy, chunk)
         for k in stats:
             assert torch.allclose(stats[k], base_stats[k], atol=1e-12), (strategy, chunk, k)
+
+
+def test_learners_refuse_strategies_they_do_not_run_on():
+    from tasklight.meta.proto import ProtoMAMLModule, ProtoNetModule
+
+    with pytest.raises(ValueError, match="IMAMLModule runs on the strategies"):
+        IMAMLModule(MLP(1, [4], 1), strategy="compiled")
+    with pytest.raises(ValueError, match="ProtoMAMLModule runs on the strategies"):
+        ProtoMAMLModule(Conv4(1, 0, hidden=4, image_size=16), strategy="stacked")
+    with pytest.raises(ValueError, match="ProtoNetModule does not run in chunks"):
+        ProtoNetModule(Conv4(1, 0, hidden=4, image_size=16), chunk_size=2)
+    with pytest.raises(ValueError, match="backend='higher' loops over tasks itself"):
+        MAMLModule(MLP(1, [4], 1), backend="higher", strategy="stacked")
