@@ -294,11 +294,10 @@ def _stacked_batch_norm(m: nn.Module, pre: str, params: Mapping[str, Tensor], bu
         momentum = m.momentum if m.momentum is not None else 1.0 / float(nbt.reshape(-1)[0])
     w = params.get(pre + "weight") if m.affine else None
     b = params.get(pre + "bias") if m.affine else None
-    rm_flat = rm.view(-1) if tracking else None  # views: F.batch_norm's in-place update lands in the buffers
+    # views of the per-task buffers: F.batch_norm's in-place running-statistics update lands in them
+    rm_flat = rm.view(-1) if tracking else None
     rv_flat = rv.view(-1) if tracking else None
-    return F.batch_norm(x, rm_flat if (tracking and (m.training or not use_batch)) else None,
-                        rv_flat if (tracking and (m.training or not use_batch)) else None,
-                        None if w is None else w.reshape(-1), None if b is None else b.reshape(-1),
+    return F.batch_norm(x, rm_flat, rv_flat, None if w is None else w.reshape(-1), None if b is None else b.reshape(-1),
                         training=use_batch, momentum=momentum, eps=m.eps)
 
 
