@@ -338,6 +338,11 @@ def manual_mlp_ok(plan: StackPlan, loss_fn) -> bool:
     return all(op.kind == "linear" or (op.kind == "act" and type(op.module) in _MANUAL_ACTS) for op in plan.ops)
 
 
+def _shared(t: Tensor) -> bool:
+    """Whether a stacked parameter is still one tensor expanded over the tasks (stride 0)."""
+    return t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0
+
+
 def _manual_mlp_grads(plan: StackPlan, P: Mapping[str, Tensor], x: Tensor, y: Tensor, loss_fn,
                       names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-task MSE losses ``[T]`` and their gradients for a stacked MLP, by explicit backprop.
@@ -355,7 +360,12 @@ def _manual_mlp_grads(plan: StackPlan, P: Mapping[str, Tensor], x: Tensor, y: Te
         if op.kind == "linear":
             saved.append((op, h))
             w, b = P[op.prefix + "weight"], P.get(op.prefix + "bias") if op.module.bias is not None else None
-            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)) if b is not None else torch.bmm(h, w.transpose(1, 2))
+            if _shared(w) and (b is None or _shared(b)):  # the first step, at the shared theta: one matmul
+                h = F.linear(h.reshape(-1, h.shape[-1]), w[0], None if b is None else b[0]).reshape(T, -1, w.shape[1])
+            elif b is not None:
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            else:
+                h = torch.bmm(h, w.transpose(1, 2))
         else:
             h = op.module(h)
             saved.append((op, h))  # activations keep their output (ReLU mask, 1 - tanh^2)
@@ -377,7 +387,7 @@ def _manual_mlp_grads(plan: StackPlan, P: Mapping[str, Tensor], x: Tensor, y: Te
             if op.module.bias is not None and op.prefix + "bias" in wanted:
                 grads[op.prefix + "bias"] = d.sum(1)
             if i > 0:
-                d = torch.bmm(d, w)
+                d = (d.reshape(-1, d.shape[-1]) @ w[0]).reshape(T, -1, w.shape[2]) if _shared(w) else torch.bmm(d, w)
         elif type(op.module) is nn.ReLU:
             d = torch.ops.aten.threshold_backward(d, val, 0.0)  # relu's backward; differentiable in d
         elif type(op.module) is nn.Tanh:
