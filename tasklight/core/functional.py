@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from tasklight.core.update_rules import SGD
+
 ParamDict = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 LearningRate = Union[float, Tensor, Mapping[str, Tensor]]
@@ -95,12 +97,24 @@ class FunctionalLearner:
             adaptation and stay in the graph, so they receive outer gradients.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, adapt: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, adapt: Optional[Sequence[str]] = None,
+                 strategy: str = "auto", chunk_size: Optional[int] = None,
+                 compile_cache_dir: Optional[str] = None) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.adapted: Optional[frozenset[str]] = None
         if adapt is not None:
             self.adapted = match_names((n for n, p in model.named_parameters() if p.requires_grad), adapt)
+        self.configure_engine(strategy, chunk_size, compile_cache_dir)
+
+    def configure_engine(self, strategy: str = "auto", chunk_size: Optional[int] = None,
+                         compile_cache_dir: Optional[str] = None) -> "Engine":
+        """How meta-batches run (see :mod:`tasklight.core.engine`): ``strategy``, ``chunk_size``
+        (tasks per chunk) and ``compile_cache_dir``."""
+        from tasklight.core.engine import Engine
+
+        self.engine = Engine(self, strategy, chunk_size, compile_cache_dir)
+        return self.engine
 
     def is_adapted(self, name: str) -> bool:
         """Whether the inner loop adapts the parameter ``name``."""
@@ -125,12 +139,15 @@ class FunctionalLearner:
         first_order: bool = False,
         proximal: float = 0.0,
         anchor: Optional[ParamDict] = None,
+        update=None,
     ) -> AdaptResult:
         """``steps`` gradient steps on the task loss of one task (vmappable).
 
         With ``proximal > 0`` the inner loss is ``task_loss + proximal/2 * ||p - anchor||^2`` with
-        ``anchor`` (default: the starting ``params``) treated as a constant.
+        ``anchor`` (default: the starting ``params``) treated as a constant. ``update`` is an
+        update rule of :mod:`tasklight.core.update_rules` (default: ``SGD(lr)``).
         """
+        rule = update if update is not None else SGD(lr)
         if proximal and anchor is None:
             anchor = {k: v.detach() for k, v in params.items()}
         names = [k for k in params if self.is_adapted(k)]
@@ -144,17 +161,39 @@ class FunctionalLearner:
             return total, task
 
         losses = []
+        state = rule.init({k: params[k] for k in names})
         for _ in range(steps):
             grads, task = grad(inner_loss, has_aux=True)({k: params[k] for k in names}, buffers)
             losses.append(task.detach())
             if first_order:
                 grads = {k: g.detach() for k, g in grads.items()}
-            params = {k: (p - _lr_for(lr, k) * grads[k]) if k in grads else p for k, p in params.items()}
+            new, state = rule.step({k: params[k] for k in names}, grads, state)
+            params = {**params, **new}
         inner = torch.stack(losses) if losses else torch.zeros(0, device=x.device)
         return AdaptResult(params, buffers, inner)
 
-    # ----------------------------------------------------------------- a meta-batch, vmapped
-    def adapt_tasks(
+    # ----------------------------------------------------------------- a meta-batch, by the engine
+    def adapt_tasks(self, params: ParamDict, buffers: ParamDict, support_x: Tensor, support_y: Tensor,
+                    query_x: Optional[Tensor] = None, query_y: Optional[Tensor] = None,
+                    **adapt_kwargs) -> tuple[AdaptResult, Optional[Tensor], Optional[Tensor]]:
+        """Adapt to every task of a meta-batch, by the engine's strategy (see :mod:`tasklight.core.engine`).
+
+        ``params`` are shared by all tasks (unbatched) and stay in the autograd graph: a backward
+        pass through the returned query losses gives the meta-gradient. Returns the per-task
+        adaptation result (leading dim T), the query predictions ``[T, Q, ...]`` (or None) and the
+        per-task query losses ``[T]`` (or None).
+        """
+        return self.engine.adapt_tasks(params, buffers, support_x, support_y, query_x, query_y, **adapt_kwargs)
+
+    def meta_objective_tasks(self, params: ParamDict, buffers: ParamDict, support_x: Tensor, support_y: Tensor,
+                             query_x: Tensor, query_y: Tensor, outer: Optional[Sequence[Tensor]] = None,
+                             **adapt_kwargs) -> tuple[Tensor, Tensor, Tensor, ParamDict]:
+        """The mean query loss of a meta-batch as an objective for one backward (chunked: a surrogate of
+        the accumulated meta-gradient). Returns ``(objective, query_losses, inner_losses, task_buffers)``."""
+        return self.engine.meta_objective(params, buffers, support_x, support_y, query_x, query_y, outer=outer,
+                                          **adapt_kwargs)
+
+    def _vmap_adapt_tasks(
         self,
         params: ParamDict,
         buffers: ParamDict,
@@ -167,31 +206,32 @@ class FunctionalLearner:
         """Adapt to every task of a meta-batch in one vmapped call.
 
         ``params`` are shared by all tasks (unbatched) and stay in the autograd graph: a backward
-        pass through the returned query losses gives the meta-gradient. Returns the per-task
-        adaptation result (leading dim T), the query predictions ``[T, Q, ...]`` (or None) and the
-        per-task query losses ``[T]`` (or None).
+        pass through the returned query losses gives the meta-gradient. ``task_params`` (a keyword)
+        holds parameters that already have a task dimension (a previous step's adapted ones) and
+        override ``params``; ``buffers_per_task=True`` says ``buffers`` have one too. Returns the
+        per-task adaptation result (leading dim T), the query predictions ``[T, Q, ...]`` (or None)
+        and the per-task query losses ``[T]`` (or None).
         """
         num_tasks = support_x.shape[0]
-        task_buffers = _batched_buffers(buffers, num_tasks)
+        task_params = adapt_kwargs.pop("task_params", None) or {}
+        if adapt_kwargs.pop("buffers_per_task", False):
+            task_buffers = {k: v.clone() for k, v in buffers.items()}
+        else:
+            task_buffers = _batched_buffers(buffers, num_tasks)
         with_query = query_x is not None
         with_loss = query_y is not None
 
-        def one_task(bufs, sx, sy, qx, qy):
-            res = self.adapt(params, bufs, sx, sy, **adapt_kwargs)
+        def one_task(tp, bufs, sx, sy, qx, qy):
+            res = self.adapt({**params, **tp}, bufs, sx, sy, **adapt_kwargs)
             out = self.forward(res.params, res.buffers, qx) if with_query else qx.new_zeros(())
             loss = self.loss_fn(out, qy) if with_loss else qx.new_zeros(())
             return res.params, res.buffers, res.inner_losses, out, loss
 
         qx = query_x if with_query else support_x[:, :0]
         qy = query_y if with_loss else support_y[:, :0]
-        p, b, inner, out, loss = vmap(one_task, randomness="different")(task_buffers, support_x, support_y, qx, qy)
+        p, b, inner, out, loss = vmap(one_task, randomness="different")(task_params, task_buffers, support_x,
+                                                                        support_y, qx, qy)
         return AdaptResult(p, b, inner), (out if with_query else None), (loss if with_loss else None)
-
-
-def _lr_for(lr: LearningRate, name: str):
-    if isinstance(lr, Mapping):
-        return lr[name]
-    return lr
 
 
 def check_finite_inner(inner_losses: Tensor, query_losses: Optional[Tensor] = None) -> Optional[str]:

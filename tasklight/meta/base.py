@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tasklight.data.batch import MetaBatch, check_episode_shapes
 from tasklight.metrics import MeanCI, unshare_state
 from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
+from tasklight.core.engine import check_engine_settings
 from tasklight.core.functional import FunctionalLearner, check_finite_inner
 from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_metrics, configure_outer_optimizers,
                                   default_optimizer, outer_step, setup_outer_step)
@@ -77,6 +78,19 @@ class MetaLearner(SelfDescribing, LightningModule):
         adapt: which parameters of ``net`` the inner loop adapts: names, module prefixes or globs
             (``["head"]``: ANIL, ``["features"]``: BOIL, for ``Conv4``); ``None`` adapts all. The
             others are held fixed in the inner loop and trained by the outer step only.
+        strategy: how the inner loops of a meta-batch run (:mod:`tasklight.core.engine`):
+            ``"auto"`` (default: ``"stacked"`` when the net is made of supported layers, else
+            ``"vmap"``; the choice is logged), ``"vmap"`` (any module), ``"stacked"`` (task-stacked
+            grouped convolutions / bmm, native BatchNorm), ``"loop"`` (per-task or chunked) or
+            ``"compiled"`` (the meta-gradient under ``torch.compile``). All give the same meta-gradient.
+        chunk_size: tasks per chunk (1: a per-task loop; None: all tasks at once). Each chunk's
+            meta-gradient is taken and its graph freed before the next: memory is bounded by one chunk.
+        compile_cache_dir: where ``strategy="compiled"`` keeps torch.compile's cache
+            (``TORCHINDUCTOR_CACHE_DIR``; None: torch's default).
+
+    BatchNorm layers of ``net`` are swapped for the elementary-op BatchNorm (same parameters and
+    state-dict keys) because the ``vmap`` and ``compiled`` strategies need it for exact
+    second-order gradients; the ``stacked`` strategy runs the native ``F.batch_norm`` itself.
 
     The outer step itself is :func:`tasklight.core.outer.outer_step`, shared by every learner.
     """
@@ -84,6 +98,10 @@ class MetaLearner(SelfDescribing, LightningModule):
     #: whether ``net``'s outputs are one logit per class (checked against ``n_way`` and the labels);
     #: learners whose ``net`` is an embedding (prototype learners) set it to False
     net_is_classifier: bool = True
+    #: the engine strategies this learner runs on (``compiled`` compiles MAML's meta-gradient only)
+    engine_strategies: tuple = ("auto", "vmap", "stacked", "loop")
+    #: whether ``chunk_size`` applies to this learner
+    engine_chunks: bool = True
 
     def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 1,
                  inner_lr: float = 0.01, eval_inner_steps: Optional[int] = None,
@@ -91,8 +109,18 @@ class MetaLearner(SelfDescribing, LightningModule):
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
                  nonfinite: Literal["raise", "skip"] = "raise",
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
-                 adapt: Optional[Sequence[str]] = None) -> None:
+                 adapt: Optional[Sequence[str]] = None,
+                 strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
         super().__init__()
+        check_engine_settings(strategy, chunk_size, compile_cache_dir)
+        if strategy not in type(self).engine_strategies:
+            raise ValueError(f"{type(self).__name__} runs on the strategies {list(type(self).engine_strategies)}, not "
+                             f"strategy={strategy!r} ('compiled' compiles MAML's second-order meta-gradient): use "
+                             f"strategy='auto'")
+        if chunk_size is not None and not type(self).engine_chunks:
+            raise ValueError(f"{type(self).__name__} does not run in chunks: set chunk_size=None (lower "
+                             f"meta_batch_size to bound memory)")
         self.automatic_optimization = False
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner steps must be >= 0, got inner_steps={inner_steps}, "
@@ -107,7 +135,9 @@ class MetaLearner(SelfDescribing, LightningModule):
         self.loss_fn, self.task_type = resolve_loss(loss)
         # the loss the learner trains with: targets checked against outputs (no silent broadcasting)
         self.checked_loss = TargetChecked(self.loss_fn, f"the network {type(net).__name__}")
-        self.core = FunctionalLearner(self.net, self.checked_loss, adapt=adapt)
+        self.core = FunctionalLearner(self.net, self.checked_loss, adapt=adapt, strategy=strategy,
+                                      chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
+        self.strategy, self.chunk_size, self.compile_cache_dir = strategy, chunk_size, compile_cache_dir
         self.inner_steps, self.inner_lr = inner_steps, inner_lr
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.eval_steps = sorted({self.eval_inner_steps, *extra_eval_steps})
@@ -173,8 +203,9 @@ class MetaLearner(SelfDescribing, LightningModule):
         T, S, Q = batch.support_x.shape[0], batch.support_x.shape[1], batch.query_x.shape[1]
         return MemoryError(
             f"the {stage} meta-batch does not fit in memory ({T} tasks x {S} support + {Q} query examples, "
-            f"inner_steps={self.inner_steps}): lower meta_batch_size (or eval_batch_size), inner_steps or the "
-            f"shots, use first_order=True, or IMAMLModule, whose memory does not grow with inner_steps. "
+            f"inner_steps={self.inner_steps}, chunk_size={self.chunk_size}): set chunk_size (tasks per chunk; each "
+            f"chunk's graph is freed before the next, 1 = a per-task loop) to a value below {T}, lower "
+            f"meta_batch_size (or eval_batch_size), inner_steps or the shots, use first_order=True, or IMAMLModule, whose memory does not grow with inner_steps. "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
 
     def training_step(self, batch: MetaBatch, batch_idx: int) -> Tensor:

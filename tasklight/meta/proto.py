@@ -70,13 +70,18 @@ class ProtoNetModule(MetaLearner):
     """
 
     net_is_classifier = False  # ``net`` is an embedding: any number of classes per episode
+    engine_strategies = ("auto", "vmap")  # embeddings of every task in one vmapped forward
+    engine_chunks = False
 
     def __init__(self, net: nn.Module, optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
                  nonfinite: Literal["raise", "skip"] = "raise",
-                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
+                 max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+                 strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
         super().__init__(net, "cross_entropy", 0, 0.0, 0, (0,), optimizer, lr_scheduler, clip_grad_norm, nonfinite,
-                         max_consecutive_skips)
+                         max_consecutive_skips,
+                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
 
     def logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Query logits ``[T, Q, N]`` of episodes with the task dimension first."""
@@ -130,15 +135,20 @@ class ProtoMAMLModule(MetaLearner):
     """
 
     net_is_classifier = False  # ``net`` is an embedding; the head is built from the prototypes
+    engine_strategies = ("auto", "vmap")  # body + prototype head: vmapped inner loop
+    engine_chunks = False
 
     def __init__(self, net: nn.Module, inner_steps: int = 1, inner_lr: float = 0.1, first_order: bool = False,
                  eval_inner_steps: Optional[int] = None, extra_eval_steps: Sequence[int] = (0,),
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[LRSchedulerCallable] = None,
                  clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise",
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
-                 adapt: Optional[Sequence[str]] = None) -> None:
+                 adapt: Optional[Sequence[str]] = None,
+                 strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
         super().__init__(net, "cross_entropy", inner_steps, inner_lr, eval_inner_steps, extra_eval_steps,
-                         optimizer, lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
+                         optimizer, lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips,
+                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
         self.first_order = first_order
         # the core runs on body + prototype head; it is kept off the module tree (the body is self.net)
         self.head_core = FunctionalLearner(_ProtoHead(self.net), self.checked_loss)

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from tasklight.core.engine import surrogate_objective
 from tasklight.core.functional import merge_task_buffers, split_state
 from tasklight.data.batch import MetaBatch
 from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS
@@ -44,9 +45,12 @@ class ReptileModule(MetaLearner):
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
                  nonfinite: Literal["raise", "skip"] = "raise",
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
-                 adapt: Optional[Sequence[str]] = None) -> None:
+                 adapt: Optional[Sequence[str]] = None,
+                 strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
-                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips, adapt=adapt)
+                         lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips, adapt=adapt,
+                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
         if inner_steps < 1:
             raise ValueError(f"Reptile needs inner_steps >= 1 (its meta-gradient is theta - phi), got {inner_steps}")
         self.train_on_query = train_on_query
@@ -67,7 +71,8 @@ class ReptileModule(MetaLearner):
         res, _, qloss = self._adapt(sx, sy, batch.query_x, batch.query_y, self.inner_steps)
         params, _ = split_state(self.net)
         # d objective / d theta = theta - mean_i phi_i
-        objective = sum((p * (p.detach() - res.params[k].detach().mean(0))).sum() for k, p in params.items())
+        objective = surrogate_objective(list(params.values()),
+                                        [p.detach() - res.params[k].detach().mean(0) for k, p in params.items()])
         return MetaOutput(objective, qloss.detach(), res.inner_losses)
 
     def adapt_and_predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
