@@ -55,6 +55,14 @@ MAML_INNER_LR = {"mse": 0.01, "hlgauss": 0.1}
 OUTER_LR = 3e-3
 TRAIN_INNER_STEPS = 1
 SEED_OFFSET = 100
+SINUSOID_NOTE = (
+    'Why HL-Gauss ties after 1 step and loses after 10: its later cross-entropy steps gain far less than '
+    "MSE's (steps 2-5) and then make the query error worse (steps 6-10), at every inner learning rate "
+    "tried on the validation tasks (0.03-0.1), while MSE's small steps keep improving it; no published "
+    "result covers a histogram loss as MAML's inner loss (the published gains, Imani & White 2018, Imani "
+    'et al. 2024, Farebrother et al. 2024, are for networks trained by many steps on it). Measurements: '
+    '[histogram_losses.md](histogram_losses.md#bins-sigma-and-the-inner-learning-rate-in-a-few-shot-inner-loop).'
+)
 
 # Tabular: every loss gets the same number of candidate settings; per seed, the candidate with the lowest
 # validation RMSE is reported (its test RMSE). MSE's only knob is the learning rate; HL-Gauss keeps the
@@ -257,6 +265,8 @@ def main(argv=None) -> None:
         f"RMSE ratio HL-Gauss / MSE after 10 steps, per seed (the same test tasks): {sin_paired}.",
         "",
         "Reference (Finn et al. 2017, 70k meta-steps): MAML 0.67 / 0.38 / 0.35 after 1 / 5 / 10 steps.",
+        "",
+        SINUSOID_NOTE,
         "",
         f"## Tabular regression (scikit-learn data, 64-64 MLP, Adam, batch {BATCH}, early stopping)",
         "",
