@@ -56,7 +56,10 @@ class HistogramLoss(RecordsInit, nn.Module):
             The default 0.1 keeps every training target at least 3 sigma from the edges for
             ``num_bins >= 27`` with ``sigma = 0.75`` bins, so no training target's Gaussian is truncated.
         sigma: width of the Gaussian target (HL-Gauss only), > 0. The default 0.75 bin widths is the
-            ratio recommended by Farebrother et al. (2024).
+            ratio recommended by Farebrother et al. (2024). With ``sigma_unit="bin"`` the number of bins
+            also sets the absolute width ``sigma * (v_max - v_min) / num_bins``, and that width is what
+            the results depend on (docs/histogram_losses.md: on small tabular data 2 bin widths of 16
+            bins beat 0.75; 0.75 of 64 bins was far worse); choose it on validation data.
         sigma_unit: ``"bin"`` (``sigma`` is a multiple of the bin width) or ``"absolute"`` (in the units
             of ``y``).
         kind: ``"gauss"`` or ``"onebin"``.

@@ -277,6 +277,75 @@ def test_mahalanobis_metric_dimension_mismatch_raises():
 
 
 # ---------------------------------------------------------------- HL-Gauss in the meta-learners, through the CLI
+
+
+def test_hlgauss_gradient_wrt_logits_is_softmax_minus_target():
+    """Closed form: d/dz of the mean cross-entropy is (softmax(z) - q(y)) / N, the step the inner loop takes."""
+    loss = HistogramLoss(num_bins=12, v_min=-3.0, v_max=3.0, sigma=2.0).double()
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(7, 12, generator=gen, dtype=torch.float64)
+    y = torch.rand(7, generator=gen, dtype=torch.float64) * 5 - 2.5
+    g = grad(lambda z: loss(z, y))(logits)
+    torch.testing.assert_close(g, (torch.softmax(logits, -1) - loss.target_probs(y)) / 7)
+
+
+def _fit_noisy_sine(loss_name: str, seed: int = 0) -> tuple[float, float]:
+    """A 1-32-k MLP fitted (300 Adam steps) to y = sin(2x) + N(0, 0.2^2) on 128 points; the RMSE to the
+    noiseless function before and after training."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(128, 1, generator=gen) * 4 - 2
+    y = torch.sin(2 * x[:, 0]) + 0.2 * torch.randn(128, generator=gen)
+    x_test = torch.linspace(-2, 2, 401).unsqueeze(-1)
+    torch.manual_seed(seed)
+    if loss_name == "mse":
+        net = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+        loss, predict, target = torch.nn.MSELoss(), (lambda out: out[:, 0]), y[:, None]
+    else:
+        hl = HistogramLoss(num_bins=16, sigma=2.0).fit_support(y)
+        net = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
+        loss, predict, target = hl, (lambda out: hl.predict(out, keepdim=False)), y
+
+    def rmse() -> float:
+        with torch.no_grad():
+            return float(((predict(net(x_test)) - torch.sin(2 * x_test[:, 0])) ** 2).mean().sqrt())
+
+    start = rmse()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        loss(net(x), target).backward()
+        opt.step()
+    return start, rmse()
+
+
+@pytest.mark.parametrize("loss_name", ["hlgauss", "mse"])
+def test_hlgauss_head_learns_a_noisy_1d_function_to_below_the_noise(loss_name):
+    """The histogram head's mean recovers the noiseless function to half the noise std (0.2) or better, as
+    the same network trained with MSE does (measured: 0.057 for HL-Gauss, 0.033 for MSE)."""
+    start, end = _fit_noisy_sine(loss_name)
+    assert end < 0.1 < 0.3 < start
+
+
+def test_one_cross_entropy_step_moves_the_predicted_mean_towards_the_support_targets():
+    """A MAML-style inner step (torch.func.grad of HL-Gauss on 5 support points, SGD on all parameters) lowers
+    the squared error of the histogram means on those points, and the loss itself."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10))
+    hl = HistogramLoss(num_bins=10, v_min=-6.0, v_max=6.0)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    x = torch.linspace(-4, 4, 5).unsqueeze(-1)
+    y = 3.0 * torch.sin(x[:, 0] + 0.5)
+    inner = lambda p: hl(functional_call(net, p, (x,)), y)  # noqa: E731
+    sq_err = lambda p: float(((hl.predict(functional_call(net, p, (x,)), keepdim=False) - y) ** 2).mean())  # noqa: E731
+    before_loss, before_err = float(inner(params)), sq_err(params)
+    g = grad(inner)(params)
+    adapted = {k: params[k] - 0.1 * g[k] for k in params}
+    assert float(inner(adapted)) < before_loss
+    assert sq_err(adapted) < before_err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["maml_sinusoid_hlgauss.yaml", "imaml_sinusoid_hlgauss.yaml"])
 def test_hlgauss_sinusoid_config_runs_end_to_end(config, tmp_path):
