@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -167,6 +168,8 @@ def per_task_loop_meta_grad(net: nn.Module, loss_fn: Callable, batch: MetaBatch,
 def available(peer: str) -> Optional[str]:
     """``None`` when ``peer`` can be used here, else the reason it cannot."""
     mod = {"learn2learn": "learn2learn", "higher": "higher", "pml": "metalearn"}[peer]
+    if peer == "learn2learn" and "learn2learn.algorithms.maml" in sys.modules:
+        return None
     if importlib.util.find_spec(mod) is None:
         return f"{mod} is not installed (scripts/install_peers.sh installs it)"
     if peer == "learn2learn":
@@ -189,6 +192,8 @@ def learn2learn_maml():
         if name not in sys.modules:
             pkg = types.ModuleType(name)
             pkg.__path__ = [path]
+            pkg.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            pkg.__spec__.submodule_search_locations = [path]
             sys.modules[name] = pkg
     return importlib.import_module("learn2learn.algorithms.maml").MAML
 
@@ -207,13 +212,18 @@ class _AnyKwargs(nn.Module):
 def _pml_losses():
     from metalearn.loss import CrossEntropy
     from metalearn.loss.base import BaseLoss
+    from metalearn.loss.categorical_accuracy import CategoricalAccuracy
+
+    class CE(CrossEntropy):  # its default metric_fn is the class, which it then calls as a function
+        def __init__(self):
+            super().__init__(metric_fn=CategoricalAccuracy())
 
     class MSE(BaseLoss):
         def forward(self, out_dict, targets, model_states=None, **kwargs):
             loss = F.mse_loss(out_dict["logits"], targets["labels"])
             return loss, loss.detach()
 
-    return CrossEntropy, MSE
+    return CE, MSE
 
 
 def make_method(name: str, setting: Setting, ref: nn.Module) -> Method:
@@ -260,6 +270,10 @@ def make_method(name: str, setting: Setting, ref: nn.Module) -> Method:
         model = MAML_Model(backbone=_AnyKwargs(net), head=_AnyKwargs(nn.Identity()))
         fast = model.get_fast_weights()
         inner_opt = InnerSGD(fast, first_order=False, inner_lr=lr, max_inner_steps=max(steps, 1), learn_lr=False)
+        inner_opt.to(next(ref.parameters()).dtype)  # its lr is made a float32 tensor: refill it in the net's dtype
+        with torch.no_grad():
+            for p in inner_opt.parameters():
+                p.fill_(lr)
         CrossEntropy, MSE = _pml_losses()
         loss = CrossEntropy() if setting.loss == "ce" else MSE()
         algo = PMAML(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), inner_optimizer=inner_opt,

@@ -38,6 +38,7 @@ for f in learn2learn/data/*.pyx; do
     python -m cython -3 "$f" -o "${f%.pyx}.c"
 done
 python -m pip install --no-deps --no-build-isolation .
+cd /
 python - <<'PY'
 import importlib.util, metalearn.algorithms, higher
 print("installed:", importlib.util.find_spec("learn2learn").origin, metalearn.algorithms.__name__, higher.__name__)
