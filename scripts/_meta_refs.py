@@ -49,6 +49,8 @@ from tasklight.data.sinusoid import sinusoid_task
 from tasklight.nn.nets import MLP, Conv4, make_vmap_safe
 
 PEERS = ("learn2learn", "higher", "pml")
+LABEL = {"loop": "loop ref (per-task autograd)", "learn2learn": "learn2learn 0.2.0", "higher": "higher 0.2.1",
+         "pml": "parallel-metalearn 0.5.6"}
 
 
 # ============================================================================ settings
@@ -227,18 +229,22 @@ def _pml_losses():
 
 
 def make_method(name: str, setting: Setting, ref: nn.Module) -> Method:
-    """A :class:`Method` on a copy of ``ref`` (native BatchNorm) for ``setting``'s batch."""
-    b, steps, lr, loss_fn = setting.batch, setting.steps, setting.lr, setting.loss_fn()
-    T = b.num_tasks
+    """A :class:`Method` on a copy of ``ref`` (native BatchNorm) for ``setting``'s batch.
+
+    Each ``step()`` reads ``setting.batch`` anew, so a training loop can set the next meta-batch there.
+    """
+    steps, lr, loss_fn = setting.steps, setting.lr, setting.loss_fn()
     if name == "loop":
         net = copy.deepcopy(ref)
-        return Method(net, lambda: per_task_loop_meta_grad(net, loss_fn, b, steps, lr))
+        return Method(net, lambda: per_task_loop_meta_grad(net, loss_fn, setting.batch, steps, lr))
     if name == "learn2learn":
         MAML = learn2learn_maml()
         net = copy.deepcopy(ref)
         maml = MAML(net, lr=lr, first_order=False)
 
         def run() -> None:
+            b = setting.batch
+            T = b.num_tasks
             for t in range(T):
                 learner = maml.clone()
                 for _ in range(steps):
@@ -253,6 +259,8 @@ def make_method(name: str, setting: Setting, ref: nn.Module) -> Method:
         inner = torch.optim.SGD(net.parameters(), lr=lr)
 
         def run() -> None:
+            b = setting.batch
+            T = b.num_tasks
             for t in range(T):
                 with higher.innerloop_ctx(net, inner, copy_initial_weights=False, track_higher_grads=True) as (f, d):
                     for _ in range(steps):
@@ -277,12 +285,12 @@ def make_method(name: str, setting: Setting, ref: nn.Module) -> Method:
         CrossEntropy, MSE = _pml_losses()
         loss = CrossEntropy() if setting.loss == "ce" else MSE()
         algo = PMAML(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), inner_optimizer=inner_opt,
-                     support_loss_fn=loss, inner_steps=steps, chunk_size=T, device=torch.device("cpu"),
-                     backend="vmap")
-        data = (b.support_x, {"labels": b.support_y}, b.query_x, {"labels": b.query_y})
+                     support_loss_fn=loss, inner_steps=steps, chunk_size=setting.batch.num_tasks,
+                     device=torch.device("cpu"), backend="vmap")
 
         def run() -> None:
-            algo.step(iter([data]), training=True)
+            b = setting.batch
+            algo.step(iter([(b.support_x, {"labels": b.support_y}, b.query_x, {"labels": b.query_y})]), training=True)
 
         return Method(model, run, prefix="backbone.m.")
     if name.startswith("tasklight:"):
@@ -296,9 +304,11 @@ def make_method(name: str, setting: Setting, ref: nn.Module) -> Method:
         module = module.to(next(ref.parameters()).dtype)
 
         def run() -> None:
-            module.meta_objective(b).objective.backward()
+            module.meta_objective(setting.batch).objective.backward()
 
-        return Method(module.net, run)
+        meth = Method(module.net, run)
+        meth.module = module
+        return meth
     raise ValueError(f"unknown method {name!r}")
 
 

@@ -50,8 +50,7 @@ import _meta_refs as R  # noqa: E402
 
 MiB = 1024.0 * 1024.0
 STRATEGIES = ("auto", "vmap", "stacked", "loop")
-LABEL = {"loop": "loop ref (per-task autograd)", "learn2learn": "learn2learn 0.2.0", "higher": "higher 0.2.1",
-         "pml": "parallel-metalearn 0.5.6"}
+LABEL = R.LABEL
 
 
 def label(method: str) -> str:
