@@ -167,7 +167,18 @@ def stack_plan(model: nn.Module) -> StackPlan:
                 f"'auto' (picks vmap for this net)")
 
     walk(model, "")
+    if SWAP_RELU_POOL:
+        ops = plan.ops
+        for i in range(len(ops) - 1):
+            if ops[i].kind == "act" and type(ops[i].module) is nn.ReLU and ops[i + 1].kind == "pool":
+                ops[i], ops[i + 1] = ops[i + 1], ops[i]
     return plan
+
+
+#: run ReLU after (not before) a following max-pool, on a tensor k^2 times smaller: max-pool commutes
+#: with a non-decreasing function, and the gradients agree (a window whose maximum is <= 0 gets zero
+#: gradient either way; a positive maximum routes it to the same element)
+SWAP_RELU_POOL = True
 
 
 def _to_grouped(x: Tensor) -> Tensor:
@@ -233,7 +244,7 @@ def stacked_forward(plan: StackPlan, params: Mapping[str, Tensor], buffers: Mapp
         elif op.kind == "pool":
             if not grouped:
                 x, grouped = _to_grouped(x), True
-            x = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+            x = _max_pool(x, m)
         elif op.kind == "flatten":
             if grouped:
                 N = x.shape[0]
@@ -243,6 +254,30 @@ def stacked_forward(plan: StackPlan, params: Mapping[str, Tensor], buffers: Mapp
     if grouped:
         x = _to_batched(x, T)
     return x
+
+
+#: a 2x2 stride-2 max-pool as a reshape + amax (see :func:`_max_pool`)
+AMAX_POOL = False  # measured slower than F.max_pool2d (forward and double backward) on CPU
+
+
+def _max_pool(x: Tensor, m: nn.MaxPool2d) -> Tensor:
+    """``m``'s max-pool on ``x [N, C, H, W]``.
+
+    A non-overlapping k x k pool (stride k, no padding/dilation, floor mode) is the ``amax`` of a
+    reshaped view. Its value is max-pool's; its gradient differs only at exact ties inside a
+    window, where max-pool sends the gradient to the first maximum and ``amax`` splits it evenly
+    (both are subgradients); after a ReLU the ties are zeros, whose gradient the ReLU discards.
+    """
+    k = m.kernel_size if isinstance(m.kernel_size, int) else None
+    s = m.stride if isinstance(m.stride, int) else None
+    if (AMAX_POOL and k is not None and s == k and m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1))
+            and not m.ceil_mode and not m.return_indices):
+        N, C, H, W = x.shape
+        h, w = H // k, W // k
+        if H != h * k or W != w * k:
+            x = x[:, :, :h * k, :w * k]
+        return x.reshape(N, C, h, k, w, k).amax(dim=(3, 5))
+    return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
 
 
 def _stacked_batch_norm(m: nn.Module, pre: str, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
@@ -259,11 +294,10 @@ def _stacked_batch_norm(m: nn.Module, pre: str, params: Mapping[str, Tensor], bu
         momentum = m.momentum if m.momentum is not None else 1.0 / float(nbt.reshape(-1)[0])
     w = params.get(pre + "weight") if m.affine else None
     b = params.get(pre + "bias") if m.affine else None
-    rm_flat = rm.view(-1) if tracking else None  # views: F.batch_norm's in-place update lands in the buffers
+    # views of the per-task buffers: F.batch_norm's in-place running-statistics update lands in them
+    rm_flat = rm.view(-1) if tracking else None
     rv_flat = rv.view(-1) if tracking else None
-    return F.batch_norm(x, rm_flat if (tracking and (m.training or not use_batch)) else None,
-                        rv_flat if (tracking and (m.training or not use_batch)) else None,
-                        None if w is None else w.reshape(-1), None if b is None else b.reshape(-1),
+    return F.batch_norm(x, rm_flat, rv_flat, None if w is None else w.reshape(-1), None if b is None else b.reshape(-1),
                         training=use_batch, momentum=momentum, eps=m.eps)
 
 
@@ -288,9 +322,82 @@ def per_task_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, y: T
     return torch.vmap(loss_fn)(out, y)
 
 
+_MANUAL_ACTS = (nn.ReLU, nn.Tanh, nn.Identity)
+#: write the inner gradient of MSE MLPs out by hand in the stacked strategy (False: torch.autograd.grad)
+MANUAL_MLP_GRADS = True
+
+
+def manual_mlp_ok(plan: StackPlan, loss_fn) -> bool:
+    """Whether the inner gradient can be written out by hand: Linear layers and ReLU/Tanh under a
+    mean-squared-error loss (:func:`_manual_mlp_grads`)."""
+    from tasklight.nn.losses import TargetChecked
+
+    base = loss_fn.loss if isinstance(loss_fn, TargetChecked) else loss_fn
+    if type(base) is not nn.MSELoss or base.reduction != "mean" or not plan.ops or plan.ops[-1].kind != "linear":
+        return False
+    return all(op.kind == "linear" or (op.kind == "act" and type(op.module) in _MANUAL_ACTS) for op in plan.ops)
+
+
+def _shared(t: Tensor) -> bool:
+    """Whether a stacked parameter is still one tensor expanded over the tasks (stride 0)."""
+    return t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0
+
+
+def _manual_mlp_grads(plan: StackPlan, P: Mapping[str, Tensor], x: Tensor, y: Tensor, loss_fn,
+                      names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-task MSE losses ``[T]`` and their gradients for a stacked MLP, by explicit backprop.
+
+    A few ``bmm``/``baddbmm`` and elementwise ops per layer instead of the autograd engine's
+    (double-)backward nodes; autograd still differentiates *through* these ops, so the
+    meta-gradient stays exact second order (ReLU's derivative mask is a constant almost everywhere).
+    """
+    from tasklight.nn.losses import align_target
+
+    T = x.shape[0]
+    h = x.reshape(T, -1, x.shape[-1])
+    saved = []  # (op, input) for each layer
+    for op in plan.ops:
+        if op.kind == "linear":
+            saved.append((op, h))
+            w, b = P[op.prefix + "weight"], P.get(op.prefix + "bias") if op.module.bias is not None else None
+            if _shared(w) and (b is None or _shared(b)):  # the first step, at the shared theta: one matmul
+                h = F.linear(h.reshape(-1, h.shape[-1]), w[0], None if b is None else b[0]).reshape(T, -1, w.shape[1])
+            elif b is not None:
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            else:
+                h = torch.bmm(h, w.transpose(1, 2))
+        else:
+            h = op.module(h)
+            saved.append((op, h))  # activations keep their output (ReLU mask, 1 - tanh^2)
+    out = h.reshape(*x.shape[:-1], h.shape[-1])
+    target = align_target(out, y, loss_fn.loss if hasattr(loss_fn, "loss") else loss_fn,
+                          getattr(loss_fn, "what", "the network"))
+    diff = (out - target).reshape(T, -1, h.shape[-1])
+    per_elem = diff[0].numel()
+    losses = diff.pow(2).reshape(T, -1).mean(1)
+    d = diff * (2.0 / per_elem)
+    grads: dict[str, Tensor] = {}
+    wanted = set(names)
+    for i in range(len(saved) - 1, -1, -1):
+        op, val = saved[i]
+        if op.kind == "linear":
+            w = P[op.prefix + "weight"]
+            if op.prefix + "weight" in wanted:
+                grads[op.prefix + "weight"] = torch.bmm(d.transpose(1, 2), val)
+            if op.module.bias is not None and op.prefix + "bias" in wanted:
+                grads[op.prefix + "bias"] = d.sum(1)
+            if i > 0:
+                d = (d.reshape(-1, d.shape[-1]) @ w[0]).reshape(T, -1, w.shape[2]) if _shared(w) else torch.bmm(d, w)
+        elif type(op.module) is nn.ReLU:
+            d = torch.ops.aten.threshold_backward(d, val, 0.0)  # relu's backward; differentiable in d
+        elif type(op.module) is nn.Tanh:
+            d = d * (1 - val * val)
+    return losses, grads
+
+
 def stacked_adapt_tasks(core, plan: StackPlan, params, buffers, support_x, support_y, query_x=None, query_y=None, *,
                         steps: int, lr=None, first_order: bool = False, proximal: float = 0.0, anchor=None,
-                        update=None):
+                        update=None, task_params=None, buffers_per_task: bool = False):
     """The stacked strategy's ``adapt_tasks`` (same contract as ``FunctionalLearner.adapt_tasks``)."""
     from tasklight.core.functional import AdaptResult
 
@@ -299,16 +406,31 @@ def stacked_adapt_tasks(core, plan: StackPlan, params, buffers, support_x, suppo
     if proximal and anchor is None:
         anchor = {k: v.detach() for k, v in params.items()}
     P = {}
-    names = [k for k in params if core.is_adapted(k)]
-    for k, v in params.items():
-        p = v.unsqueeze(0).expand(T, *v.shape)
+    task_params = task_params or {}
+    names = [k for k in {**params, **task_params} if core.is_adapted(k)]
+    for k, v in {**params, **task_params}.items():
+        p = task_params[k] if k in task_params else v.unsqueeze(0).expand(T, *v.shape)
         if k in names and not p.requires_grad:
             p = p.detach().requires_grad_()  # evaluation: the inner gradient still needs a graph to it
         P[k] = p
-    bufs = {k: v.detach().unsqueeze(0).expand(T, *v.shape).clone() for k, v in buffers.items()}
+    if buffers_per_task:
+        bufs = {k: v.detach().clone() for k, v in buffers.items()}
+    else:
+        bufs = {k: v.detach().unsqueeze(0).expand(T, *v.shape).clone() for k, v in buffers.items()}
     state = rule.init({k: P[k] for k in names})
     losses = []
+    manual = MANUAL_MLP_GRADS and manual_mlp_ok(plan, core.loss_fn)
     for _ in range(steps):
+        if manual:
+            task, grads = _manual_mlp_grads(plan, P, support_x, support_y, core.loss_fn, names)
+            if proximal:
+                grads = {k: g + proximal * (P[k] - anchor[k]) for k, g in grads.items()}
+            if first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+            losses.append(task.detach())
+            new, state = rule.step({k: P[k] for k in names}, grads, state)
+            P = {**P, **new}
+            continue
         out = stacked_forward(plan, P, bufs, support_x, T)
         task = per_task_loss(core.loss_fn, out, support_y)
         total = task.sum()
@@ -391,6 +513,15 @@ class Engine:
             return stacked_adapt_tasks(self.core, self._plan, params, buffers, sx, sy, qx, qy, **kw)
         return self.core._vmap_adapt_tasks(params, buffers, sx, sy, qx, qy, **kw)
 
+    @staticmethod
+    def _chunk_args(buffers, kw, sl):
+        """The per-task inputs of tasks ``sl``: buffers (when per task) and ``task_params``."""
+        if kw.get("buffers_per_task"):
+            buffers = {k: v[sl] for k, v in buffers.items()}
+        if kw.get("task_params"):
+            kw = {**kw, "task_params": {k: v[sl] for k, v in kw["task_params"].items()}}
+        return buffers, kw
+
     def adapt_tasks(self, params, buffers, sx, sy, qx=None, qy=None, **kw):
         """``FunctionalLearner.adapt_tasks`` by the strategy; chunks are concatenated (graphs kept)."""
         from tasklight.core.functional import AdaptResult
@@ -403,11 +534,11 @@ class Engine:
         if c >= T:
             return self._run(executor, params, buffers, sx, sy, qx, qy, **kw)
         parts = []
-        cur = dict(buffers)
         for s in range(0, T, c):
             sl = slice(s, s + c)
+            cur, ckw = self._chunk_args(buffers, kw, sl)
             parts.append(self._run(executor, params, cur, sx[sl], sy[sl], None if qx is None else qx[sl],
-                                   None if qy is None else qy[sl], **kw))
+                                   None if qy is None else qy[sl], **ckw))
         res = AdaptResult({k: torch.cat([p[0].params[k] for p in parts]) for k in parts[0][0].params},
                           {k: torch.cat([p[0].buffers[k] for p in parts]) for k in parts[0][0].buffers},
                           torch.cat([p[0].inner_losses for p in parts]))
@@ -432,24 +563,41 @@ class Engine:
         executor = self._executor()
         if executor == "compiled":
             return self._compiled_objective(params, buffers, sx, sy, qx, qy, outer, **kw)
+
+        def chunk(sl: slice):
+            cur, ckw = self._chunk_args(buffers, kw, sl)
+            res, _, ql = self._run(executor, params, cur, sx[sl], sy[sl], qx[sl], qy[sl], **ckw)
+            return ql.sum(), (ql, res.inner_losses, res.buffers)
+
+        objective, parts = self.chunked_objective(T, chunk, outer)
+        qls, inners, bufs = zip(*parts)
+        buffers_out = {k: torch.cat([b[k] for b in bufs]) for k in bufs[0]}
+        return objective, torch.cat(qls), torch.cat(inners), buffers_out
+
+    def chunked_objective(self, num_tasks: int, chunk_fn: Callable[[slice], tuple[Tensor, Any]],
+                          outer: Sequence[Tensor]) -> tuple[Tensor, list]:
+        """``sum_chunks chunk_fn(tasks)[0] / num_tasks`` as an objective for one backward.
+
+        ``chunk_fn(slice)`` returns the *sum over those tasks* of their objectives and anything
+        else (``aux``). With one chunk, the objective is returned as is; with several, each chunk's
+        gradient with respect to ``outer`` is taken and its graph freed before the next chunk, and
+        the result is :func:`surrogate_objective` of the accumulated gradient. Returns the
+        objective and the list of the chunks' ``aux`` (detached when chunked).
+        """
+        T = num_tasks
         c = self._chunk(T)
         if c >= T or not outer or not torch.is_grad_enabled():
-            res, _, ql = self._run(executor, params, buffers, sx, sy, qx, qy, **kw)
-            return ql.mean(), ql, res.inner_losses, res.buffers
+            part, aux = chunk_fn(slice(0, T))
+            return part / T, [aux]
         acc: list[Optional[Tensor]] = [None] * len(outer)
-        qls, inners, bufs = [], [], []
-        cur = dict(buffers)
+        auxes = []
         for s in range(0, T, c):
-            sl = slice(s, s + c)
-            res, _, ql = self._run(executor, params, cur, sx[sl], sy[sl], qx[sl], qy[sl], **kw)
-            grads = torch.autograd.grad(ql.sum() / T, outer, allow_unused=True)
+            part, aux = chunk_fn(slice(s, s + c))
+            grads = torch.autograd.grad(part / T, outer, allow_unused=True)
             acc = [a if g is None else (g if a is None else a + g) for a, g in zip(acc, grads)]
-            qls.append(ql.detach())
-            inners.append(res.inner_losses.detach())
-            bufs.append({k: v.detach() for k, v in res.buffers.items()})
-            del res, ql, grads  # this chunk's graph is freed before the next chunk runs
-        buffers_out = {k: torch.cat([b[k] for b in bufs]) for k in bufs[0]} if bufs else {}
-        return surrogate_objective(outer, acc), torch.cat(qls), torch.cat(inners), buffers_out
+            auxes.append(torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, aux))
+            del part, aux, grads  # this chunk's graph is freed before the next chunk runs
+        return surrogate_objective(outer, acc), auxes
 
     # ----------------------------------------------------------------- compiled
     def _compiled_objective(self, params, buffers, sx, sy, qx, qy, outer, **kw):
@@ -457,9 +605,12 @@ class Engine:
             raise ValueError("strategy='compiled' needs a network without buffers (BatchNorm running statistics: "
                              "build it with track_running_stats=False), or use strategy='stacked'/'auto'")
         lr = kw.pop("lr", None)
-        if kw.get("update") is not None:
-            raise ValueError("strategy='compiled' runs SGD / Meta-SGD inner steps; use strategy='stacked'/'vmap' "
-                             "for another inner update rule")
+        upd = kw.pop("update", None)
+        if upd is not None and type(upd) is not SGD:
+            raise ValueError(f"strategy='compiled' runs SGD / Meta-SGD inner steps, not {type(upd).__name__}: use "
+                             f"strategy='stacked' or 'vmap' for another inner update rule")
+        if upd is not None:
+            lr = upd.lr
         names = list(params)
         lr_names = list(lr) if isinstance(lr, Mapping) else []
         lr_tensor = isinstance(lr, Tensor)

@@ -206,24 +206,31 @@ class FunctionalLearner:
         """Adapt to every task of a meta-batch in one vmapped call.
 
         ``params`` are shared by all tasks (unbatched) and stay in the autograd graph: a backward
-        pass through the returned query losses gives the meta-gradient. Returns the per-task
-        adaptation result (leading dim T), the query predictions ``[T, Q, ...]`` (or None) and the
-        per-task query losses ``[T]`` (or None).
+        pass through the returned query losses gives the meta-gradient. ``task_params`` (a keyword)
+        holds parameters that already have a task dimension (a previous step's adapted ones) and
+        override ``params``; ``buffers_per_task=True`` says ``buffers`` have one too. Returns the
+        per-task adaptation result (leading dim T), the query predictions ``[T, Q, ...]`` (or None)
+        and the per-task query losses ``[T]`` (or None).
         """
         num_tasks = support_x.shape[0]
-        task_buffers = _batched_buffers(buffers, num_tasks)
+        task_params = adapt_kwargs.pop("task_params", None) or {}
+        if adapt_kwargs.pop("buffers_per_task", False):
+            task_buffers = {k: v.clone() for k, v in buffers.items()}
+        else:
+            task_buffers = _batched_buffers(buffers, num_tasks)
         with_query = query_x is not None
         with_loss = query_y is not None
 
-        def one_task(bufs, sx, sy, qx, qy):
-            res = self.adapt(params, bufs, sx, sy, **adapt_kwargs)
+        def one_task(tp, bufs, sx, sy, qx, qy):
+            res = self.adapt({**params, **tp}, bufs, sx, sy, **adapt_kwargs)
             out = self.forward(res.params, res.buffers, qx) if with_query else qx.new_zeros(())
             loss = self.loss_fn(out, qy) if with_loss else qx.new_zeros(())
             return res.params, res.buffers, res.inner_losses, out, loss
 
         qx = query_x if with_query else support_x[:, :0]
         qy = query_y if with_loss else support_y[:, :0]
-        p, b, inner, out, loss = vmap(one_task, randomness="different")(task_buffers, support_x, support_y, qx, qy)
+        p, b, inner, out, loss = vmap(one_task, randomness="different")(task_params, task_buffers, support_x,
+                                                                        support_y, qx, qy)
         return AdaptResult(p, b, inner), (out if with_query else None), (loss if with_loss else None)
 
 

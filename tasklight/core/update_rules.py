@@ -47,7 +47,15 @@ class SGD:
         return ()
 
     def step(self, params: ParamDict, grads: ParamDict, state: tuple) -> tuple[ParamDict, tuple]:
-        return {k: (p - lr_for(self.lr, k) * grads[k]) if k in grads else p for k, p in params.items()}, state
+        new = {}
+        for k, p in params.items():
+            if k not in grads:
+                new[k] = p
+                continue
+            lr = lr_for(self.lr, k)
+            # a number: one fused op (p + (-lr) * g); a tensor rate stays in the graph
+            new[k] = torch.add(p, grads[k], alpha=-lr) if isinstance(lr, (int, float)) else p - lr * grads[k]
+        return new, state
 
 
 def _safe_sqrt(v: Tensor) -> Tensor:

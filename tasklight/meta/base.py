@@ -97,6 +97,10 @@ class MetaLearner(SelfDescribing, LightningModule):
     #: whether ``net``'s outputs are one logit per class (checked against ``n_way`` and the labels);
     #: learners whose ``net`` is an embedding (prototype learners) set it to False
     net_is_classifier: bool = True
+    #: the engine strategies this learner runs on (``compiled`` compiles MAML's meta-gradient only)
+    engine_strategies: tuple = ("auto", "vmap", "stacked", "loop")
+    #: whether ``chunk_size`` applies to this learner
+    engine_chunks: bool = True
 
     def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 1,
                  inner_lr: float = 0.01, eval_inner_steps: Optional[int] = None,
@@ -109,6 +113,13 @@ class MetaLearner(SelfDescribing, LightningModule):
                  chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
         super().__init__()
         check_engine_settings(strategy, chunk_size, compile_cache_dir)
+        if strategy not in type(self).engine_strategies:
+            raise ValueError(f"{type(self).__name__} runs on the strategies {list(type(self).engine_strategies)}, not "
+                             f"strategy={strategy!r} ('compiled' compiles MAML's second-order meta-gradient): use "
+                             f"strategy='auto'")
+        if chunk_size is not None and not type(self).engine_chunks:
+            raise ValueError(f"{type(self).__name__} does not run in chunks: set chunk_size=None (lower "
+                             f"meta_batch_size to bound memory)")
         self.automatic_optimization = False
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner steps must be >= 0, got inner_steps={inner_steps}, "

@@ -4,7 +4,7 @@ The inner problem of task i is ``min_phi L_train(phi) + lam/2 ||phi - theta||^2`
 approximately by ``inner_steps`` gradient steps from ``theta`` with no graph kept. The meta-gradient
 is ``(I + H/lam)^-1 grad L_query(phi)``, ``H`` the Hessian of ``L_train`` at ``phi``, computed by
 conjugate gradient on Hessian-vector products. Memory does not grow with the number of inner steps.
-All tasks of a meta-batch are solved in one ``vmap``-ed call.
+The inner problems of a meta-batch run on the core's engine (``strategy``); the CG solves are vmapped.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from tasklight.data.batch import MetaBatch
-from tasklight.core.functional import _batched_buffers, merge_task_buffers, split_state
+from tasklight.core.engine import surrogate_objective
+from tasklight.core.functional import merge_task_buffers, split_state
 from tasklight.core.implicit import gauss_newton_vp, proximal_meta_gradient
 from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS, default_optimizer
 from tasklight.meta.base import MetaLearner, MetaOutput
@@ -70,19 +71,23 @@ class IMAMLModule(MetaLearner):
         self.last_cg: Optional[dict] = None
         self._cg_warned: set = set()
 
-    def _proximal_adapt(self, theta, bufs, sx, sy, steps):
-        return self.core.adapt(theta, bufs, sx, sy, steps=steps, lr=self.inner_lr, first_order=True,
-                               proximal=self.lam, anchor=theta)
+    def _proximal_adapt(self, theta, buffers, sx, sy, qx, steps):
+        """The proximal inner problem of every task, by the core's engine (no graph kept)."""
+        return self.core.adapt_tasks(theta, buffers, sx, sy, qx, None, steps=steps, lr=self.inner_lr,
+                                     first_order=True, proximal=self.lam, anchor=theta)
 
     def task_meta_gradients(self, batch: MetaBatch):
-        """Per-task implicit meta-gradients ``[T, ...]``, query losses ``[T]``, inner losses, buffers."""
+        """Per-task implicit meta-gradients ``[T, ...]``, query losses ``[T]``, inner losses, buffers.
+
+        The inner problems run on the engine (``strategy``); the conjugate-gradient solves on
+        Hessian- (or Gauss-Newton-) vector products at each task's ``phi`` are vmapped over tasks."""
         params, buffers = split_state(self.net)
         theta = {k: v.detach() for k, v in params.items()}
         core = self.core
+        res, _, _ = self._proximal_adapt(theta, buffers, batch.support_x, batch.support_y, None, self.inner_steps)
+        phis = {k: v.detach() for k, v in res.params.items()}
 
-        def one_task(bufs, sx, sy, qx, qy):
-            res = self._proximal_adapt(theta, bufs, sx, sy, self.inner_steps)
-            phi = res.params
+        def one_task(phi, bufs, sx, sy, qx, qy):
             # losses at phi that do not touch the running statistics (buffers cloned inside)
             train_loss = lambda p: core.task_loss(p, _clone(bufs), sx, sy)  # noqa: E731
             g, qloss = grad(lambda p: _with_value(core.task_loss(p, _clone(bufs), qx, qy)), has_aux=True)(phi)
@@ -93,13 +98,12 @@ class IMAMLModule(MetaLearner):
                     lambda p: core.forward(p, _clone(bufs), sx), lambda o: core.loss_fn(o, sy), frozen, v)
             v, info = proximal_meta_gradient(train_loss, phi, g, self.lam, self.cg_steps, self.cg_damping,
                                              return_info=True, curvature_vp=curvature)
-            return v, qloss, res.inner_losses, res.buffers, info
+            return v, qloss, info
 
-        task_bufs = _batched_buffers(buffers, batch.num_tasks)
-        v, qloss, inner, new_bufs, info = vmap(one_task, randomness="different")(
-            task_bufs, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        v, qloss, info = vmap(one_task, randomness="different")(
+            phis, res.buffers, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         self.last_cg = info
-        return v, qloss, inner, new_bufs
+        return v, qloss, res.inner_losses, res.buffers
 
     def check_cg(self, info: dict) -> None:
         """Log CG's worst relative residual; warn or raise if it did not converge (see ``cg_check``)."""
@@ -138,20 +142,15 @@ class IMAMLModule(MetaLearner):
         params, _ = split_state(self.net)
         # a surrogate whose gradient is the task-mean implicit meta-gradient: one backward, so
         # DDP all-reduces it like any other gradient
-        objective = sum((p * v[k].mean(0).detach()).sum() for k, p in params.items())
+        objective = surrogate_objective(list(params.values()), [v[k].mean(0) for k in params])
         return MetaOutput(objective, qloss, inner)
 
     def adapt_and_predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                           steps: int) -> tuple[Tensor, Tensor]:
         params, buffers = split_state(self.net)
         theta = {k: v.detach() for k, v in params.items()}
-
-        def one_task(bufs, sx, sy, qx):
-            res = self._proximal_adapt(theta, bufs, sx, sy, steps)
-            return self.core.forward(res.params, res.buffers, qx), res.inner_losses
-
-        return vmap(one_task, randomness="different")(_batched_buffers(buffers, support_x.shape[0]), support_x,
-                                                      support_y, query_x)
+        res, out, _ = self._proximal_adapt(theta, buffers, support_x, support_y, query_x, steps)
+        return out, res.inner_losses
 
 
 def _clone(bufs):

@@ -1,8 +1,9 @@
 """MAML (Finn et al. 2017): second order, first order (FOMAML) and Meta-SGD inner learning rates.
 
-The default backend is tasklight's functional core: all tasks of a meta-batch are adapted in one
-``vmap``-ed call. ``backend="higher"`` runs the same algorithm with the ``higher`` library (a loop
-over tasks), which also allows a differentiable inner optimiser other than SGD (``inner_optimizer="adam"``).
+The default backend is tasklight's functional core and its engine (``strategy``: all tasks of a
+meta-batch in one stacked or vmapped call, or in chunks). ``backend="higher"`` runs the same
+algorithm with the optional ``higher`` library (a loop over tasks), kept as a checked alternative.
+Both take differentiable inner SGD or Adam steps (``inner_optimizer``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from tasklight.data.batch import MetaBatch
+from tasklight.core.engine import surrogate_objective
 from tasklight.core.functional import merge_task_buffers, split_state
+from tasklight.core.update_rules import Adam, SGD
 from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS, default_optimizer
 from tasklight.meta.base import MetaLearner, MetaOutput
 
@@ -21,18 +24,23 @@ from tasklight.meta.base import MetaLearner, MetaOutput
 class MAMLModule(MetaLearner):
     """Model-Agnostic Meta-Learning.
 
+    Every ``strategy`` of the engine applies, ``compiled`` included (functorch backend).
+
     Args (besides :class:`MetaLearner`'s):
         first_order: drop second-order terms (FOMAML).
         learn_inner_lr: Meta-SGD: learn one inner learning rate per parameter element
             (``inner_lr_granularity="element"``) or per parameter tensor (``"tensor"``), initialised
             to ``inner_lr`` and trained by the outer optimiser.
         backend: ``"functorch"`` (vmapped core) or ``"higher"``.
-        inner_optimizer: the differentiable inner optimiser of the ``higher`` backend: ``"sgd"`` or
-            ``"adam"`` (the functorch backend takes plain SGD steps).
+        inner_optimizer: the differentiable inner optimiser: ``"sgd"`` (with ``learn_inner_lr``:
+            Meta-SGD) or ``"adam"`` (:class:`tasklight.core.update_rules.Adam`, ``torch.optim.Adam``'s
+            arithmetic, second order through its steps; the ``higher`` backend uses higher's Adam).
         adapt: the parameters the inner loop adapts (see :class:`MetaLearner`): ``["head"]`` gives
             ANIL (Raghu et al. 2020), ``["features"]`` BOIL (Oh et al. 2021) on ``Conv4``. With
             ``learn_inner_lr`` only the adapted parameters get inner learning rates.
     """
+
+    engine_strategies = ("auto", "vmap", "stacked", "loop", "compiled")
 
     def __init__(self, net: nn.Module, loss: Union[str, nn.Module] = "mse", inner_steps: int = 1,
                  inner_lr: float = 0.01, first_order: bool = False, learn_inner_lr: bool = False,
@@ -51,11 +59,11 @@ class MAMLModule(MetaLearner):
                          strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
         if backend not in ("functorch", "higher"):
             raise ValueError(f"backend must be 'functorch' or 'higher', got {backend!r}")
+        if backend == "higher" and (strategy != "auto" or chunk_size is not None):
+            raise ValueError(f"strategy={strategy!r} / chunk_size={chunk_size!r} are settings of the core's engine; "
+                             f"backend='higher' loops over tasks itself: leave them at their defaults")
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
-        if inner_optimizer != "sgd" and backend != "higher":
-            raise ValueError(f"inner_optimizer={inner_optimizer!r} needs backend='higher' (the functorch backend "
-                             f"takes SGD steps)")
         if adapt is not None and backend == "higher":
             raise ValueError("adapt (a subset of adapted parameters) needs backend='functorch'")
         if learn_inner_lr and first_order and backend == "higher":
@@ -78,6 +86,11 @@ class MAMLModule(MetaLearner):
         return {n: (self.inner_lrs[_key(n)].detach() if detach else self.inner_lrs[_key(n)])
                 for n, _ in self.net.named_parameters() if self.core.is_adapted(n)}
 
+    def update_rule(self, detach: bool = False):
+        """The inner update rule of the core backend (:mod:`tasklight.core.update_rules`)."""
+        lr = self.lr_for_core(detach=detach)
+        return Adam(lr) if self.inner_optimizer == "adam" else SGD(lr)
+
     # ----------------------------------------------------------------- core backend
     def _adapt(self, sx, sy, qx, qy, steps: int, first_order: bool, outer_graph: bool = True):
         params, buffers = split_state(self.net)
@@ -85,7 +98,7 @@ class MAMLModule(MetaLearner):
             params = {k: v.detach() for k, v in params.items()}
         res, out, qloss = self.core.adapt_tasks(params, buffers, sx, sy, qx, qy, steps=steps,
                                                 lr=self.lr_for_core(detach=not outer_graph),
-                                                first_order=first_order)
+                                                first_order=first_order, update=self.update_rule(not outer_graph))
         if self.net.training and res.buffers:
             merge_task_buffers(self.net, res.buffers)
         return out, qloss, res.inner_losses
@@ -96,7 +109,8 @@ class MAMLModule(MetaLearner):
         params, buffers = split_state(self.net)
         objective, qloss, inner, task_buffers = self.core.meta_objective_tasks(
             params, buffers, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-            steps=self.inner_steps, lr=self.lr_for_core(), first_order=self.first_order)
+            steps=self.inner_steps, lr=self.lr_for_core(), first_order=self.first_order,
+            update=self.update_rule())
         if self.net.training and task_buffers:
             merge_task_buffers(self.net, task_buffers)
         return MetaOutput(objective, qloss.detach(), inner)
@@ -156,7 +170,7 @@ class MAMLModule(MetaLearner):
         params = list(self.net.parameters())
         mean_grads = [sum(g[i] if g[i] is not None else torch.zeros_like(p) for _, g in qlosses) / T
                       for i, p in enumerate(params)]
-        surrogate = sum((p * g.detach()).sum() for p, g in zip(params, mean_grads))
+        surrogate = surrogate_objective(params, mean_grads)
         return MetaOutput(surrogate, torch.stack([q for q, _ in qlosses]), inner)
 
 

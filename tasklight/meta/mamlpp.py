@@ -16,9 +16,9 @@ MAML with the paper's five changes, each a switch here:
 * **cosine-annealed outer learning rate** (CA): from the optimiser's lr down to ``min_outer_lr``
   over the run's meta-steps (unless an ``lr_scheduler`` is given).
 
-Each inner step is one step of the core's update rule (``FunctionalLearner.adapt`` with
-``steps=1``) with that step's BatchNorm parameters and learning rates; all tasks of a meta-batch
-run in one ``vmap``-ed call. Steps past the trained count (``eval_inner_steps > inner_steps``)
+Each inner step is one call of the core's engine (``steps=1``, every ``strategy``) with that
+step's BatchNorm parameters and learning rates on the previous step's per-task parameters; the
+multi-step objective goes through the engine's chunking (``chunk_size``) like MAML's. Steps past the trained count (``eval_inner_steps > inner_steps``)
 reuse the last step's BatchNorm parameters and learning rates.
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ from typing import Literal, Optional, Sequence, Union
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.func import vmap
 
 from tasklight.core.functional import _batched_buffers, match_names, merge_task_buffers, split_state
 from tasklight.data.batch import MetaBatch
@@ -159,74 +158,77 @@ class MAMLPlusPlusModule(MetaLearner):
     def _tasks(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Optional[Tensor], steps: int, first_order: bool,
                outer_graph: bool, all_steps: bool):
         """Adapt every task; returns query outputs [T, Q, ...] after ``steps`` steps, the query loss
-        after each step [T, steps] (``all_steps``) or after the last [T, 1], and inner losses."""
+        after each step [T, steps] (``all_steps``) or after the last [T, 1], inner losses, and the
+        per-task buffers and per-step statistics (for :meth:`_merge`).
+
+        Each inner step is one engine call (``steps=1``) with that step's BatchNorm parameters,
+        statistics and learning rates, on the previous step's per-task parameters."""
         params, buffers = split_state(self.net)
         if not outer_graph:
             params = {k: v.detach() for k, v in params.items()}
         step_stats = {n: getattr(self.bn_stats, _key(n)) for n in self._bn_stat_names}
         buffers = {k: v for k, v in buffers.items() if k not in step_stats}
-        lrs = [self._lr(self._step(i), not outer_graph) for i in range(max(steps, 1))]
-        bns = [self._bn(self._step(i), not outer_graph) for i in range(max(steps, 1))]
-        core, loss_fn, with_loss = self.core, self.checked_loss, qy is not None
-
-        def one_task(bufs, stats, sx, sy, qx, qy):
-            stats = {n: list(v.unbind(0)) for n, v in stats.items()}  # per step, updated in place below
-
-            def state(j):
-                s = {n: stats[n][j].clone() for n in stats}
-                return s
-
-            p, inner, qlosses = params, [], []
-            out = None
-            for i in range(steps):
-                j = self._step(i)
-                st = state(j)
-                res = core.adapt({**p, **bns[j]}, {**bufs, **st}, sx, sy, steps=1, lr=lrs[j],
-                                 first_order=first_order)
-                p = {k: res.params[k] for k in p}
-                inner.append(res.inner_losses[0])
-                if all_steps or i == steps - 1:
-                    out = core.forward({**p, **bns[j]}, {**bufs, **st}, qx)
-                    if with_loss:
-                        qlosses.append(loss_fn(out, qy))
+        T, core, with_loss = sx.shape[0], self.core, qy is not None
+        bufs = _batched_buffers(buffers, T)
+        stats = _batched_buffers(step_stats, T)  # [T, steps, C]
+        task_params: dict[str, Tensor] = {}
+        inner, qlosses, out = [], [], None
+        for i in range(max(steps, 1)):
+            j = self._step(i)
+            query = steps == 0 or all_steps or i == steps - 1
+            st = {n: stats[n][:, j] for n in stats}
+            res, o, ql = core.adapt_tasks({**params, **self._bn(j, not outer_graph)}, {**bufs, **st}, sx, sy,
+                                          qx if query else None, qy if (query and with_loss) else None,
+                                          steps=min(steps, 1), lr=self._lr(j, not outer_graph),
+                                          first_order=first_order, task_params=task_params, buffers_per_task=True)
+            task_params = {k: res.params[k] for k in params}
+            bufs = {k: res.buffers[k] for k in bufs}
+            if stats:
+                stats = {n: v.clone() for n, v in stats.items()}
                 for n in stats:
-                    stats[n][j] = st[n]
-            if steps == 0:
-                st = state(0)
-                out = core.forward({**p, **bns[0]}, {**bufs, **st}, qx)
+                    stats[n][:, j] = res.buffers[n]
+            if steps:
+                inner.append(res.inner_losses[:, 0])
+            if query:
+                out = o
                 if with_loss:
-                    qlosses.append(loss_fn(out, qy))
-            inner_t = torch.stack(inner) if inner else sx.new_zeros(0)
-            q = torch.stack(qlosses) if qlosses else sx.new_zeros(0)
-            new_stats = {n: torch.stack(v) for n, v in stats.items()}
-            return out, q, inner_t, bufs, new_stats
+                    qlosses.append(ql)
+        inner_t = torch.stack(inner, 1) if inner else sx.new_zeros(T, 0)
+        q = torch.stack(qlosses, 1) if qlosses else sx.new_zeros(T, 0)
+        return out, q, inner_t, bufs, stats
 
-        T = sx.shape[0]
-        out, q, inner, new_bufs, new_stats = vmap(one_task, randomness="different")(
-            _batched_buffers(buffers, T), _batched_buffers(step_stats, T), sx, sy, qx,
-            qy if with_loss else sy[:, :0])
+    def _merge(self, new_bufs: dict, new_stats: dict) -> None:
+        """Per-task buffers and per-step statistics written back as their task average (training)."""
         if self.net.training:
             if new_bufs:
                 merge_task_buffers(self.net, new_bufs)
             if new_stats:
                 merge_task_buffers(self.bn_stats, {_key(n): v for n, v in new_stats.items()})
-        return out, q, inner
 
     def meta_objective(self, batch: MetaBatch) -> MetaOutput:
         w = self.loss_weights()
         use_all = bool((w[:-1] > 0).any())
-        _, q, inner = self._tasks(batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-                                  self.inner_steps, self.first_order_now(), outer_graph=True, all_steps=use_all)
-        if use_all:
-            objective = (q.mean(0) * w.to(q)).sum()
-        else:
-            objective = q[:, -1].mean()
-        return MetaOutput(objective, q[:, -1].detach(), inner)
+        first_order = self.first_order_now()
+
+        def chunk(sl: slice):
+            _, q, inner, bufs, stats = self._tasks(batch.support_x[sl], batch.support_y[sl], batch.query_x[sl],
+                                                   batch.query_y[sl], self.inner_steps, first_order,
+                                                   outer_graph=True, all_steps=use_all)
+            part = (q.sum(0) * w.to(q)).sum() if use_all else q[:, -1].sum()
+            return part, (q[:, -1], inner, bufs, stats)
+
+        outer = [p for p in self.parameters() if p.requires_grad]
+        objective, parts = self.core.engine.chunked_objective(batch.num_tasks, chunk, outer)
+        qlast, inner, bufs, stats = zip(*parts)
+        self._merge({k: torch.cat([b[k] for b in bufs]) for k in bufs[0]},
+                    {k: torch.cat([s[k] for s in stats]) for k in stats[0]})
+        return MetaOutput(objective, torch.cat(qlast).detach(), torch.cat(inner))
 
     def adapt_and_predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                           steps: int) -> tuple[Tensor, Tensor]:
-        out, _, inner = self._tasks(support_x, support_y, query_x, None, steps, True, outer_graph=False,
-                                    all_steps=False)
+        out, _, inner, bufs, stats = self._tasks(support_x, support_y, query_x, None, steps, True, outer_graph=False,
+                                                 all_steps=False)
+        self._merge(bufs, stats)
         return out, inner
 
     # ----------------------------------------------------------------- outer learning rate

@@ -70,6 +70,8 @@ class ProtoNetModule(MetaLearner):
     """
 
     net_is_classifier = False  # ``net`` is an embedding: any number of classes per episode
+    engine_strategies = ("auto", "vmap")  # embeddings of every task in one vmapped forward
+    engine_chunks = False
 
     def __init__(self, net: nn.Module, optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
@@ -133,6 +135,8 @@ class ProtoMAMLModule(MetaLearner):
     """
 
     net_is_classifier = False  # ``net`` is an embedding; the head is built from the prototypes
+    engine_strategies = ("auto", "vmap")  # body + prototype head: vmapped inner loop
+    engine_chunks = False
 
     def __init__(self, net: nn.Module, inner_steps: int = 1, inner_lr: float = 0.1, first_order: bool = False,
                  eval_inner_steps: Optional[int] = None, extra_eval_steps: Sequence[int] = (0,),

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from tasklight.core.engine import surrogate_objective
 from tasklight.core.functional import merge_task_buffers, split_state
 from tasklight.data.batch import MetaBatch
 from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS
@@ -70,7 +71,8 @@ class ReptileModule(MetaLearner):
         res, _, qloss = self._adapt(sx, sy, batch.query_x, batch.query_y, self.inner_steps)
         params, _ = split_state(self.net)
         # d objective / d theta = theta - mean_i phi_i
-        objective = sum((p * (p.detach() - res.params[k].detach().mean(0))).sum() for k, p in params.items())
+        objective = surrogate_objective(list(params.values()),
+                                        [p.detach() - res.params[k].detach().mean(0) for k, p in params.items()])
         return MetaOutput(objective, qloss.detach(), res.inner_losses)
 
     def adapt_and_predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,

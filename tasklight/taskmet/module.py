@@ -32,7 +32,9 @@ from torchmetrics import Metric
 
 from tasklight.taskmet.problems import DecisionProblem, normalize_dq
 from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
+from tasklight.core.engine import surrogate_objective
 from tasklight.core.implicit import implicit_gradient
+from tasklight.core.update_rules import make_update_rule
 from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_metrics, configure_outer_optimizers,
                                   default_optimizer, outer_step, setup_outer_step)
 from tasklight.metrics import unshare_state
@@ -371,21 +373,19 @@ class TaskMetModule(DecisionLearner):
         """``steps`` functional optimiser steps on the inner loss under ``lam``. Differentiable in
         ``lam`` (and hence in the metric's parameters) when ``lam`` carries a graph."""
         g_fn = grad(lambda th: self.prediction_loss(th, lam, x, y))
+        # the core's functional update rules (tasklight.core.update_rules), state carried across calls
+        rule = make_update_rule(self.inner_optimizer, self.inner_lr)
         if state is None:
             state = {"t": 0, "m": {k: torch.zeros_like(v) for k, v in theta.items()},
                      "v": {k: torch.zeros_like(v) for k, v in theta.items()}}
         t, m, v = state["t"], dict(state["m"]), dict(state["v"])
         for _ in range(steps):
             g = g_fn(theta)
-            t += 1
             if self.inner_optimizer == "sgd":
-                theta = {k: theta[k] - self.inner_lr * g[k] for k in theta}
-                continue
-            b1, b2 = 0.9, 0.999
-            m = {k: b1 * m[k] + (1 - b1) * g[k] for k in theta}
-            v = {k: b2 * v[k] + (1 - b2) * g[k] * g[k] for k in theta}
-            theta = {k: theta[k] - self.inner_lr * (m[k] / (1 - b1 ** t)) / ((v[k] / (1 - b2 ** t)).sqrt() + 1e-8)
-                     for k in theta}
+                theta, _ = rule.step(theta, g, ())
+                t += 1
+            else:
+                theta, (t, m, v) = rule.step(theta, g, (t, m, v))
         return theta, {"t": t, "m": m, "v": v}
 
     def metric_gradient(self, x: Tensor, y: Tensor) -> tuple[ParamDict, dict]:
@@ -433,7 +433,8 @@ class TaskMetModule(DecisionLearner):
             y = self._checked_target(self(x), y)
         hyper, logs = self.metric_gradient(x, y)
         # one backward of <phi, hypergradient> puts the hypergradient in .grad (and syncs it under DDP)
-        surrogate = sum((p * hyper[k]).sum() for k, p in self.metric.named_parameters())
+        named = list(self.metric.named_parameters())
+        surrogate = surrogate_objective([p for _, p in named], [hyper[k] for k, _ in named])
         task = logs["task_loss"]
         problem = None if bool(torch.isfinite(task)) else f"non-finite task loss ({float(task)})"
         self._step(surrogate, problem)
