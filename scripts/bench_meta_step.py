@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also time strategy='compiled' on these settings (compiles take minutes per shape)")
     p.add_argument("--skip", nargs="*", default=[], choices=list(R.PEERS), help="peers not to run")
     p.add_argument("--no-memory", action="store_true", help="skip the memory table of B")
+    p.add_argument("--tag", default=None, help="results section name (default: quick / default)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-child", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -372,7 +373,7 @@ return freed memory). `loop` is `chunk_size=1`.
             targets.append(f"{dict(sin='(A)', conv='(B)', conv20='(C)')[name]} `auto` is {x:.2f}x faster than the loop"
                            + (f" and {l2l:.2f}x faster than learn2learn" if l2l is not None else "")
                            + f" (target {goal:.0f}x: {'met' if x >= goal and (l2l is None or l2l >= goal) else 'missed'})")
-    body = f"""## {'Quick run' if args.quick else 'Default run'}
+    body = f"""## {'Quick run' if args.quick else 'Default run'}{f' ({args.tag})' if args.tag else ''}
 
 Command: `{B.command_line()}`
 Date: {B.today()}
@@ -396,7 +397,7 @@ Targets: {'; '.join(targets)}.
 each strategy) against a plain per-task autograd loop and the peer libraries learn2learn, higher and
 parallel-metalearn, all on the same batch and initial weights, with every meta-gradient checked against the
 loop's. Produced by `scripts/bench_meta_step.py` (peers installed by `scripts/install_peers.sh`)."""
-    path = B.write_section("step", "MAML meta-step time", intro, "quick" if args.quick else "default", body)
+    path = B.write_section("step", "MAML meta-step time", intro, args.tag or ("quick" if args.quick else "default"), body)
     print(f"wrote {path} ({total:.0f} s); os.getloadavg() = {tuple(round(x, 2) for x in load1)}")
     print(summary)
     return {"summary": summary, "grads_match": grads_match}
