@@ -60,13 +60,13 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def write_section(name: str, title: str, intro: str, section: str, body: str) -> Path:
-    """Create or refresh ``docs/bench_meta_<name>.md``: one ``## section`` per run mode.
+def write_section(name: str, title: str, intro: str, section: str, body: str, path: Path | None = None) -> Path:
+    """Create or refresh ``docs/bench_meta_<name>.md`` (or ``path``): one ``## section`` per run mode.
 
     The file starts with ``# title`` and ``intro``; each mode (e.g. ``--quick`` and the default run)
     owns the text between its markers, so a quick run does not erase the numbers of a longer one.
     """
-    path = DOCS / f"bench_meta_{name}.md"
+    path = path or DOCS / f"bench_meta_{name}.md"
     begin, end = f"<!-- section: {section} -->", f"<!-- end section: {section} -->"
     block = f"{begin}\n{body.strip()}\n{end}"
     sections: list[str] = []

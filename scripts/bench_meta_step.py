@@ -1,361 +1,406 @@
-"""Time per second-order MAML meta-step: the vmapped core vs ``higher`` vs a per-task autograd loop.
+"""Time per second-order MAML meta-step: tasklight's engine strategies vs learn2learn, higher, parallel-metalearn and a per-task loop.
 
-    python scripts/bench_meta_step.py --quick     # the main setting, 15 interleaved rounds (< 1 min)
-    python scripts/bench_meta_step.py             # 40 rounds, plus a sweep over the number of tasks
+    python scripts/bench_meta_step.py --quick     # A, B and C with Conv4-32, few rounds, memory of B
+    python scripts/bench_meta_step.py             # Conv4-64, more rounds (long: run it with nohup)
 
-Setting (default): sinusoid regression, meta-batch of 25 tasks x 10 shots (10 queries), 5 inner
-SGD steps (lr 0.01), MLP 1-40-40-1 ReLU, second order, float32. One meta-step is
-``meta_objective(batch)`` + ``backward()`` (the meta-gradient lands in ``.grad``); the outer
-optimiser step is not timed (it is the same for all methods).
+Settings (one meta-step = the meta-gradient of one meta-batch in ``.grad``; no outer optimiser step):
 
-Methods, all on the same batch and the same initial weights:
+* (A) ``sin``: sinusoid, 25 tasks x 10 shots (10 queries), 5 inner SGD steps (lr 0.01), MLP 1-40-40-1;
+* (B) ``conv``: Omniglot 5-way 1-shot, 15 queries per class, T=32, Conv4-64 (32 with ``--quick``), 1 step (lr 0.4);
+* (C) ``conv20``: Omniglot 20-way 1-shot, 5 queries per class, T=16, Conv4-64 (32 quick), 5 steps (lr 0.1).
 
-* ``core``: ``MAMLModule(..., backend="functorch")``, all tasks in one ``vmap``-ed call;
-* ``higher``: ``MAMLModule(..., backend="higher")``, a Python loop over tasks with ``higher``;
-* ``loop``: a plain per-task autograd loop (the learn2learn way): clone the parameters (graph
-  kept), take the inner steps with ``torch.autograd.grad(create_graph=True)``, backward the task's
-  query loss, next task;
-* ``func``: a reference, not a tasklight API: the smallest ``torch.func`` version of the same
-  computation (``vmap`` over tasks of ``grad`` steps on a hand-written functional MLP, no
-  ``functional_call``, no Lightning module), to separate tasklight's own overhead from torch.func's;
-* ``bmm``: a reference, not a tasklight API: the same computation hand-batched over tasks with
-  ``bmm`` and plain autograd (no ``torch.func``), to show what batching alone buys on this machine.
+All second order, float32, BatchNorm in training mode (batch statistics, as MAML does), real Omniglot
+images from the small sets shipped in ``tasklight/data/assets/omniglot`` (training characters).
 
-Timing: the methods are interleaved (core, higher, loop, bmm, core, ...), after warm-up; the table
-gives medians and quartiles, and the ratios are medians of the per-round ratios (each round times
-all methods back to back, so a change of load hits them alike). Gradients: the meta-gradients of
-every method are compared with the core's (float32 as timed, and float64 with tight tolerances).
+Methods, on the same batch and the same initial weights (``scripts/_meta_refs.py``): tasklight's
+``MAMLModule`` with ``strategy="auto"`` and each strategy (``vmap``, ``stacked``, ``loop`` (per task),
+``compiled`` with ``--compiled``), the plain per-task autograd loop (``loop ref``), learn2learn 0.2.0
+(``learn2learn.algorithms.MAML``, its examples' loop), higher 0.2.1 and parallel-metalearn 0.5.6 where
+installed (``scripts/install_peers.sh``; a peer that is missing is named in the results).
+
+Gradients: every method's meta-gradient is compared with the loop's, in float64 on a small instance of
+each setting and in float32 on the timed one. Timing: interleaved rounds (the order of the methods is
+rotated each round), 1 thread; ratios are medians of per-round ratios. Arithmetic limit: the FLOPs of
+one meta-step (``torch.utils.flop_counter.FlopCounterMode`` over the loop's step) over the single-thread
+throughput of conv2d (A: matmul) measured here by a small calibration run. Memory (``--quick`` and
+default): peak memory of one B meta-step for each strategy and ``chunk_size`` in (1, 4, 8, T), each in
+its own process, measured as ``scripts/bench_memory.py`` does. Profile: the fastest tasklight
+strategy on B and C under ``torch.profiler``, top 10 operators by self CPU time.
 
 Writes ``docs/bench_meta_step.md``; the last line printed is
-``SUMMARY loop_over_core=<x> higher_over_core=<y> grads_match=<true|false>``.
+``SUMMARY sin_loop_over_core=<x> conv_loop_over_core=<y> conv20_loop_over_core=<z> grads_match=<true|false>``
+(per-task loop time / tasklight ``auto`` time).
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
+import json
+import os
+import subprocess
 import sys
 import time
-from typing import Callable
+from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_meta as B  # noqa: E402
+import _meta_refs as R  # noqa: E402
 
-from tasklight.data.batch import MetaBatch, collate_tasks  # noqa: E402
-from tasklight.data.sinusoid import sinusoid_task  # noqa: E402
-from tasklight.meta.maml import MAMLModule  # noqa: E402
-from tasklight.nn.nets import MLP  # noqa: E402
-
-METHODS = ("core", "higher", "loop", "func", "bmm")
+MiB = 1024.0 * 1024.0
+STRATEGIES = ("auto", "vmap", "stacked", "loop")
+LABEL = R.LABEL
 
 
-# --------------------------------------------------------------------------------- baselines
-def per_task_loop_meta_grad(net: nn.Module, loss_fn: Callable, batch: MetaBatch, steps: int, lr: float) -> None:
-    """Second-order MAML meta-gradient by an explicit loop over tasks (clone, adapt, loop).
-
-    For each task: clone the parameters (the clone stays in the graph), take ``steps`` SGD steps with
-    ``torch.autograd.grad(create_graph=True)``, and backward the query loss divided by the number of
-    tasks, so ``.grad`` accumulates the task-mean meta-gradient, as learn2learn's examples do.
-    """
-    params = dict(net.named_parameters())
-    T = batch.num_tasks
-    for t in range(T):
-        fast = {n: p.clone() for n, p in params.items()}
-        for _ in range(steps):
-            loss = loss_fn(functional_call(net, fast, (batch.support_x[t],)), batch.support_y[t])
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
-            fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
-        query = loss_fn(functional_call(net, fast, (batch.query_x[t],)), batch.query_y[t])
-        (query / T).backward()
+def label(method: str) -> str:
+    if method.startswith("tasklight:"):
+        parts = method.split(":")
+        return f"tasklight `{parts[1]}`" + (f" chunk {parts[2]}" if len(parts) > 2 else "")
+    return LABEL[method]
 
 
-def batched_bmm_meta_grad(net: MLP, batch: MetaBatch, steps: int, lr: float) -> None:
-    """The same meta-gradient, hand-batched over tasks with ``baddbmm`` and plain autograd (MSE, ReLU MLP).
-
-    Every task gets an expanded view of the shared weights; the inner gradients are taken of the
-    sum of the per-task losses (tasks are independent, so each task's block is its own gradient).
-    """
-    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    T = batch.num_tasks
-    shared = [p for lin in linears for p in (lin.weight, lin.bias)]
-    fast = [p.expand(T, *p.shape) for p in shared]
-
-    def forward(ps: list[Tensor], x: Tensor) -> Tensor:
-        h = x
-        for i in range(len(linears)):
-            w, b = ps[2 * i], ps[2 * i + 1]
-            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-            if i < len(linears) - 1:
-                h = torch.relu(h)
-        return h
-
-    for _ in range(steps):
-        loss = ((forward(fast, batch.support_x) - batch.support_y) ** 2).mean((1, 2)).sum()
-        grads = torch.autograd.grad(loss, fast, create_graph=True)
-        fast = [p - lr * g for p, g in zip(fast, grads)]
-    query = ((forward(fast, batch.query_x) - batch.query_y) ** 2).mean((1, 2)).mean()
-    query.backward()
+def settings_for(args, name: str, dtype=torch.float32, small: bool = False) -> R.Setting:
+    if small:  # the float64 check instance
+        kw = {"sin": dict(tasks=4, steps=3, hidden=12, shots=5), "conv": dict(tasks=3, steps=1, hidden=4, queries=2),
+              "conv20": dict(tasks=2, steps=2, hidden=4, queries=1)}[name]
+        return R.make_setting(name, dtype=dtype, seed=args.seed, **kw)
+    if name == "sin":
+        return R.make_setting("sin", tasks=25, steps=5, hidden=40, shots=10, dtype=dtype, seed=args.seed)
+    if name == "conv":
+        return R.make_setting("conv", tasks=args.conv_tasks, steps=1, hidden=args.hidden, queries=15, dtype=dtype,
+                              seed=args.seed)
+    return R.make_setting("conv20", tasks=args.conv20_tasks, steps=5, hidden=args.hidden, queries=args.conv20_queries,
+                          dtype=dtype, seed=args.seed)
 
 
-def _mlp_params(net: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    return [(m.weight, m.bias) for m in net.modules() if isinstance(m, nn.Linear)]
+# ============================================================================ calibration, FLOPs
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
 
 
-def minimal_func_meta_grad(net: nn.Module, batch: MetaBatch, steps: int, lr: float) -> None:
-    """The same meta-gradient with bare ``torch.func``: ``vmap`` over tasks of ``grad`` steps on a functional MLP."""
-    from torch.func import grad, vmap
+def calibrate(hidden: int, repeats: int = 5) -> dict[str, float]:
+    """Single-thread FLOP/s of conv2d (3x3, ``hidden`` channels, 14x14, forward + both backward) and of a 256 matmul."""
+    x = torch.randn(64, hidden, 14, 14, requires_grad=True)
+    w = torch.randn(hidden, hidden, 3, 3, requires_grad=True)
+    a = torch.randn(256, 256, requires_grad=True)
+    bm = torch.randn(256, 256, requires_grad=True)
 
-    layers = _mlp_params(net)
-    shared = [t for wb in layers for t in wb]
+    def conv():
+        torch.nn.functional.conv2d(x, w, padding=1).sum().backward()
 
-    def forward(ps: list[Tensor], x: Tensor) -> Tensor:
-        h = x
-        for i in range(len(layers)):
-            h = torch.nn.functional.linear(h, ps[2 * i], ps[2 * i + 1])
-            if i < len(layers) - 1:
-                h = torch.relu(h)
-        return h
+    def mm():
+        (a @ bm).sum().backward()
 
-    def loss(ps, x, y):
-        return ((forward(ps, x) - y) ** 2).mean()
-
-    def one_task(sx, sy, qx, qy):
-        ps = shared
-        for _ in range(steps):
-            g = grad(loss)(ps, sx, sy)
-            ps = [p - lr * gi for p, gi in zip(ps, g)]
-        return loss(ps, qx, qy)
-
-    vmap(one_task)(batch.support_x, batch.support_y, batch.query_x, batch.query_y).mean().backward()
-
-
-# --------------------------------------------------------------------------------- set-up
-def make_batch(tasks: int, shots: int, queries: int, seed: int, dtype: torch.dtype) -> MetaBatch:
-    gen = torch.Generator().manual_seed(seed)
-    return collate_tasks([sinusoid_task(gen, shots, queries) for _ in range(tasks)]).float_(dtype)
-
-
-def make_modules(hidden: list[int], steps: int, lr: float, seed: int, dtype: torch.dtype) -> dict[str, MAMLModule]:
-    torch.manual_seed(seed)
-    core = MAMLModule(MLP(1, hidden, 1), loss="mse", inner_steps=steps, inner_lr=lr).to(dtype)
-    hig = MAMLModule(MLP(1, hidden, 1), loss="mse", inner_steps=steps, inner_lr=lr, backend="higher").to(dtype)
-    hig.load_state_dict(core.state_dict())
-    plain = copy.deepcopy(core)  # the loop and bmm baselines use a plain copy of the same weights
-    return {"core": core, "higher": hig, "plain": plain}
-
-
-def step_fns(mods: dict[str, MAMLModule], batch: MetaBatch, steps: int, lr: float,
-             core_split: dict[str, list[float]] | None = None) -> dict[str, Callable[[], None]]:
-    core, hig, plain = mods["core"], mods["higher"], mods["plain"]
-
-    def run_core() -> None:
-        core.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        out = core.meta_objective(batch)
-        t1 = time.perf_counter()
-        out.objective.backward()
-        if core_split is not None:
-            core_split["forward"].append(t1 - t0)
-            core_split["backward"].append(time.perf_counter() - t1)
-
-    def run_higher() -> None:
-        hig.zero_grad(set_to_none=True)
-        hig.meta_objective(batch).objective.backward()
-
-    def run_loop() -> None:
-        plain.zero_grad(set_to_none=True)
-        per_task_loop_meta_grad(plain.net, plain.loss_fn, batch, steps, lr)
-
-    def run_func() -> None:
-        plain.zero_grad(set_to_none=True)
-        minimal_func_meta_grad(plain.net, batch, steps, lr)
-
-    def run_bmm() -> None:
-        plain.zero_grad(set_to_none=True)
-        batched_bmm_meta_grad(plain.net, batch, steps, lr)
-
-    return {"core": run_core, "higher": run_higher, "loop": run_loop, "func": run_func, "bmm": run_bmm}
-
-
-def grads_of(module: nn.Module) -> dict[str, Tensor]:
-    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-
-
-def compare_grads(tasks: int, shots: int, queries: int, hidden: list[int], steps: int, lr: float, seed: int,
-                  dtype: torch.dtype) -> dict[str, tuple[bool, float]]:
-    """Each method's meta-gradient against the core's: (allclose, max |diff| / max |core grad|)."""
-    batch = make_batch(tasks, shots, queries, seed, dtype)
-    mods = make_modules(hidden, steps, lr, seed, dtype)
-    fns = step_fns(mods, batch, steps, lr)
-    rtol, atol = (1e-4, 1e-6) if dtype == torch.float32 else (1e-9, 1e-12)
-    fns["core"]()
-    ref = grads_of(mods["core"])
-    scale = max(float(g.abs().max()) for g in ref.values())
     out = {}
-    for name in METHODS[1:]:
-        fns[name]()
-        got = grads_of(mods["higher"] if name == "higher" else mods["plain"])
-        assert set(got) == set(ref), (name, sorted(set(got) ^ set(ref)))
-        ok = all(torch.allclose(got[k], ref[k], rtol=rtol, atol=atol * scale) for k in ref)
-        err = max(float((got[k] - ref[k]).abs().max()) for k in ref) / scale
-        out[name] = (ok, err)
+    for name, fn in (("conv", conv), ("matmul", mm)):
+        fn()
+        flops = count_flops(fn)
+        ts = []
+        for _ in range(repeats * (20 if name == "matmul" else 1)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        out[name] = flops / B.median(ts)
     return out
 
 
-def count_ops(fn: Callable[[], None]) -> int:
-    """Top-level aten operators dispatched by one call (torch.profiler; nested aten calls not counted)."""
-    from torch.profiler import profile
+# ============================================================================ memory children
+def memory_child(args) -> dict:
+    import bench_memory as M
 
-    with profile() as prof:
-        fn()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::")
-               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    B.set_threads(args.threads)
+    can_reset = M._reset_hwm()
+    strategy, chunk = args.memory_child
+    s = settings_for(args, "conv")
+    if strategy == "ref":
+        m = R.make_method("loop", s, s.make_net())
+    else:
+        m = R.make_method(f"tasklight:{strategy}" + ("" if chunk == "none" else f":{chunk}"), s, s.make_net())
+    m.step()  # warm-up (lazy initialisation), then keep .grad allocated: it is state before the step
+    gc.collect()
+    if can_reset:
+        before = M._status_kb("VmRSS")
+        M._reset_hwm()
+        t0 = time.perf_counter()
+        m._step()
+        dt = time.perf_counter() - t0
+        peak, method = (M._status_kb("VmHWM") - before) * 1024, "VmHWM - VmRSS before"
+    else:
+        before = max(M._maxrss_kb(), M._status_kb("VmRSS"))
+        t0 = time.perf_counter()
+        m._step()
+        dt = time.perf_counter() - t0
+        peak, method = max(0, M._maxrss_kb() - before) * 1024, "ru_maxrss rise (lower bound)"
+    return {"peak_bytes": peak, "seconds": dt, "method": method}
 
 
-def time_methods(tasks: int, shots: int, queries: int, hidden: list[int], steps: int, lr: float, seed: int,
-                 rounds: int, warmup: int, methods=METHODS) -> dict:
-    batch = make_batch(tasks, shots, queries, seed, torch.float32)
-    mods = make_modules(hidden, steps, lr, seed, torch.float32)
-    split: dict[str, list[float]] = {"forward": [], "backward": []}
-    fns = step_fns(mods, batch, steps, lr, split)
-    for _ in range(warmup):
-        for m in methods:
-            fns[m]()
-    split["forward"].clear()
-    split["backward"].clear()
-    times: dict[str, list[float]] = {m: [] for m in methods}
+def run_memory_child(args, strategy: str, chunk: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", strategy, chunk, "--hidden", str(args.hidden),
+           "--conv-tasks", str(args.conv_tasks), "--seed", str(args.seed), "--threads", str(args.threads)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+# ============================================================================ one setting
+def methods_for(args, name: str) -> tuple[list[str], dict[str, str]]:
+    methods = [f"tasklight:{s}" for s in STRATEGIES]
+    if args.compiled and name in args.compiled:
+        methods.append("tasklight:compiled")
+    methods.append("loop")
+    missing = {}
+    for peer in R.PEERS:
+        if peer in args.skip:
+            missing[peer] = "skipped (--skip)"
+            continue
+        reason = R.available(peer)
+        if reason is None:
+            methods.append(peer)
+        else:
+            missing[peer] = reason
+    return methods, missing
+
+
+def grad_check(args, name: str, methods: list[str]) -> dict[str, float]:
+    s = settings_for(args, name, torch.float64, small=True)
+    ref = s.make_net()
+    out = {}
+    loop = R.make_method("loop", s, ref)
+    loop.step()
+    g0 = loop.grads()
+    for m in methods:
+        if m in ("loop", "tasklight:compiled"):
+            continue  # the reference itself; compiled is checked in float32 (a float64 compile costs minutes)
+        try:
+            meth = R.make_method(m, s, ref)
+            meth.step()
+            out[m] = R.compare(meth.grads(), g0)
+        except Exception as err:  # noqa: BLE001 - reported in the table
+            print(f"  {name} {m}: float64 check failed: {type(err).__name__}: {err}", flush=True)
+            out[m] = float("inf")
+    return out
+
+
+def bench_setting(args, name: str, rounds: int) -> dict:
+    methods, missing = methods_for(args, name)
+    print(f"\n[{name}] methods: {', '.join(methods)}" + (f"; not run: {missing}" if missing else ""), flush=True)
+    f64 = grad_check(args, name, methods)
+    for m, e in f64.items():
+        print(f"  grads {label(m):>32} vs loop (f64, small): max rel diff {e:.1e}", flush=True)
+    s = settings_for(args, name)
+    ref = s.make_net()
+    built = {}
+    for m in methods:
+        try:
+            built[m] = R.make_method(m, s, ref)
+        except Exception as err:  # noqa: BLE001
+            print(f"  {m}: cannot build: {type(err).__name__}: {err}", flush=True)
+    compile_s = None
+    # first call of each: warm-up (and the compile of `compiled`), and the float32 gradient check
+    first = {}
+    for m, meth in built.items():
+        t0 = time.perf_counter()
+        try:
+            meth.step()
+        except Exception as err:  # noqa: BLE001
+            print(f"  {m}: step failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            continue
+        first[m] = time.perf_counter() - t0
+        if m == "tasklight:compiled":
+            compile_s = first[m]
+    built = {m: v for m, v in built.items() if m in first}
+    g32 = built["loop"].grads()
+    f32 = {m: R.compare(meth.grads(), g32) for m, meth in built.items() if m != "loop"}
+    flops = count_flops(built["loop"]._step)
+    print(f"  {s.describe}; {flops / 1e9:.2f} GFLOP per meta-step; load {os.getloadavg()[0]:.1f}", flush=True)
+    order = list(built)
+    times: dict[str, list[float]] = {m: [] for m in order}
     for r in range(rounds):
-        order = methods[r % len(methods):] + methods[:r % len(methods)]  # rotate who goes first
-        for m in order:
+        rot = order[r % len(order):] + order[:r % len(order)]
+        for m in rot:
             t0 = time.perf_counter()
-            fns[m]()
+            built[m].step()
             times[m].append(time.perf_counter() - t0)
-    ratios = {m: B.median([a / c for a, c in zip(times[m], times["core"])]) for m in methods}
-    return {"times": times, "ratios": ratios, "split": split, "fns": fns}
+        print(f"  round {r + 1}/{rounds} (load {os.getloadavg()[0]:.1f}): "
+              + ", ".join(f"{m.replace('tasklight:', '')} {times[m][-1]:.3f}s" for m in order), flush=True)
+    loop_over = {m: B.median([a / b for a, b in zip(times["loop"], times[m])]) for m in order}
+    return {"name": name, "setting": s, "methods": order, "missing": missing, "times": times, "loop_over": loop_over,
+            "f64": f64, "f32": f32, "flops": flops, "compile_s": compile_s, "built": built}
 
 
+def profile_best(res: dict, top: int = 10) -> tuple[str, str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    cands = [m for m in res["methods"] if m.startswith("tasklight:") and m != "tasklight:compiled"]
+    best = max(cands, key=lambda m: res["loop_over"][m])
+    meth = res["built"][best]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        meth.step()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    table = B.table(["op", "self CPU (ms)", "share", "calls"],
+                    [[f"`{e.key}`", f"{e.self_cpu_time_total / 1e3:.0f}", f"{100 * e.self_cpu_time_total / total:.1f} %",
+                      str(e.count)] for e in rows])
+    return best, table
+
+
+# ============================================================================ main
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="main setting only, 15 rounds (< 1 min)")
-    p.add_argument("--tasks", type=int, default=25, help="tasks per meta-batch")
-    p.add_argument("--shots", type=int, default=10, help="support examples per task")
-    p.add_argument("--queries", type=int, default=10, help="query examples per task")
-    p.add_argument("--inner-steps", type=int, default=5)
-    p.add_argument("--inner-lr", type=float, default=0.01)
-    p.add_argument("--hidden", type=int, nargs="+", default=[40, 40])
-    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 15 quick, 40)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--sweep-tasks", type=int, nargs="*", default=None,
-                   help="also time these meta-batch sizes (default: none with --quick, else 5 25 100)")
+    p.add_argument("--quick", action="store_true", help="Conv4-32 for B and C, few rounds")
+    p.add_argument("--settings", nargs="+", default=["sin", "conv", "conv20"], choices=["sin", "conv", "conv20"])
+    p.add_argument("--hidden", type=int, default=None, help="Conv4 filters for B and C (32 quick, 64)")
+    p.add_argument("--conv-tasks", type=int, default=32, help="B's tasks per meta-batch")
+    p.add_argument("--conv20-tasks", type=int, default=16, help="C's tasks per meta-batch")
+    p.add_argument("--conv20-queries", type=int, default=5, help="C's query images per class")
+    p.add_argument("--rounds", type=int, nargs=3, default=None, metavar=("A", "B", "C"),
+                   help="interleaved rounds per setting (quick: 10 3 2; default: 30 6 4)")
+    p.add_argument("--compiled", nargs="*", default=None, choices=["sin", "conv", "conv20"],
+                   help="also time strategy='compiled' on these settings (compiles take minutes per shape)")
+    p.add_argument("--skip", nargs="*", default=[], choices=list(R.PEERS), help="peers not to run")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory table of B")
+    p.add_argument("--tag", default=None, help="results section name (default: quick / default)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.hidden = args.hidden or (32 if args.quick else 64)
+    if args.compiled is None:
+        args.compiled = []
     B.set_threads(args.threads)
+    if args.memory_child:
+        print("RESULT " + json.dumps(memory_child(args)))
+        return {}
+    rounds = dict(zip(("sin", "conv", "conv20"), args.rounds or ((10, 3, 2) if args.quick else (30, 6, 4))))
     machine = B.machine(args.threads)
-    rounds = args.rounds or (15 if args.quick else 40)
-    sweep = args.sweep_tasks if args.sweep_tasks is not None else ([] if args.quick else [5, 25, 100])
     t_start = time.perf_counter()
-    setting = (f"{args.tasks} tasks x {args.shots} shots ({args.queries} queries), {args.inner_steps} inner SGD steps "
-               f"(lr {args.inner_lr}), MLP 1-{'-'.join(map(str, args.hidden))}-1 ReLU, second order, float32")
-    print(f"{machine}\n{setting}", flush=True)
+    load0 = os.getloadavg()
+    print(f"{machine}; os.getloadavg() = {tuple(round(x, 2) for x in load0)}", flush=True)
+    rates = calibrate(args.hidden)
+    print(f"calibration (1 thread): conv2d {rates['conv'] / 1e9:.1f} GFLOP/s, matmul {rates['matmul'] / 1e9:.1f} GFLOP/s",
+          flush=True)
+    results = {name: bench_setting(args, name, rounds[name]) for name in args.settings}
 
-    # ------------------------------------------------------------------ gradients agree
-    checks = {dt: compare_grads(args.tasks, args.shots, args.queries, args.hidden, args.inner_steps, args.inner_lr,
-                                args.seed, dt) for dt in (torch.float32, torch.float64)}
-    grads_match = all(ok for c in checks.values() for ok, _ in c.values())
-    for dt, c in checks.items():
-        for m, (ok, err) in c.items():
-            print(f"  grads {m:>6} vs core ({str(dt)[6:]}): allclose={ok}  max rel diff={err:.1e}", flush=True)
+    grads_match = True
+    sections = []
+    for name, res in results.items():
+        rate = rates["matmul" if name == "sin" else "conv"]
+        limit = res["flops"] / rate
+        auto = res["times"]["tasklight:auto"]
+        rows = []
+        for m in res["methods"]:
+            ts = res["times"][m]
+            med = B.median(ts)
+            e64, e32 = res["f64"].get(m), res["f32"].get(m)
+            ok = (e64 is None or e64 < 1e-9) and (e32 is None or e32 < 1e-3)
+            grads_match &= ok
+            agree = "reference" if m == "loop" else (
+                f"{'yes' if ok else 'NO'} ({'-' if e64 is None else f'{e64:.0e}'} / {e32:.0e})")
+            over_auto = B.median([a / b for a, b in zip(ts, auto)])
+            rows.append([label(m), f"{1000 * med:.1f}", f"{res['loop_over'][m]:.2f}x", f"{over_auto:.2f}x",
+                         f"{med / limit:.1f}x", agree])
+        header = ["method", "ms / meta-step (median)", "loop ref time / this", "this / tasklight auto",
+                  "time / arithmetic limit", "meta-grad = loop's (max rel diff f64 small / f32 timed)"]
+        missing = "".join(f"\n- {LABEL[k]}: not run: {v}." for k, v in res["missing"].items())
+        extra = (f" The compiled strategy's first call (compile included) took {res['compile_s']:.0f} s."
+                 if res["compile_s"] is not None else "")
+        sections.append(f"""### {dict(sin='(A)', conv='(B)', conv20='(C)')[name]} {res['setting'].describe}
 
-    # ------------------------------------------------------------------ timing, interleaved
-    res = time_methods(args.tasks, args.shots, args.queries, args.hidden, args.inner_steps, args.inner_lr, args.seed,
-                       rounds, args.warmup)
-    ops = {m: count_ops(res["fns"][m]) for m in METHODS}
-    rows = []
-    for m in METHODS:
-        ts = res["times"][m]
-        q1, q3 = B.quartiles(ts)
-        ok, err = checks[torch.float32].get(m, (True, 0.0))
-        ok64, err64 = checks[torch.float64].get(m, (True, 0.0))
-        agree = "reference" if m == "core" else f"{'yes' if ok and ok64 else 'NO'} ({err:.0e} / {err64:.0e})"
-        rows.append([m, f"{1000 * B.median(ts):.1f}", f"{1000 * q1:.1f}-{1000 * q3:.1f}",
-                     f"{res['ratios'][m]:.1f}x", str(ops[m]), agree])
-    header = ["method", "ms / meta-step (median)", "IQR (ms)", "time / core's", "aten ops / step",
-              "meta-grad = core's (max rel diff f32 / f64)"]
-    main_table = B.table(header, rows)
-    fwd, bwd = B.median(res["split"]["forward"]), B.median(res["split"]["backward"])
-    per_op = {m: 1e6 * B.median(res["times"][m]) / ops[m] for m in METHODS}
-    split_line = (f"core: meta_objective {1000 * fwd:.1f} ms + backward {1000 * bwd:.1f} ms; time per aten op: "
-                  + ", ".join(f"{m} {per_op[m]:.0f} us" for m in METHODS))
-    print(main_table)
-    print(split_line, flush=True)
+{len(res['times']['loop'])} interleaved rounds. One meta-step: {res['flops'] / 1e9:.2f} GFLOP (FlopCounterMode over
+the loop's step); arithmetic limit {1000 * limit:.1f} ms at the measured {'matmul' if name == 'sin' else 'conv2d'} rate.{extra}
 
-    # ------------------------------------------------------------------ sweep over tasks
-    sweep_rows = []
-    for T in sweep:
-        r = time_methods(T, args.shots, args.queries, args.hidden, args.inner_steps, args.inner_lr, args.seed,
-                         max(5, rounds // 4), 1)
-        med = {m: 1000 * B.median(r["times"][m]) for m in METHODS}
-        sweep_rows.append([str(T), *(f"{med[m]:.1f}" for m in METHODS),
-                           *(f"{r['ratios'][m]:.1f}x" for m in METHODS[1:])])
-        print(f"  T={T}: " + ", ".join(f"{m} {med[m]:.1f} ms" for m in METHODS), flush=True)
+{B.table(header, rows)}
+{missing}
+""")
+        print(B.table(header, rows), flush=True)
 
-    loop_x, higher_x = res["ratios"]["loop"], res["ratios"]["higher"]
-    target = 20.0
-    verdict = ("met" if min(loop_x, higher_x) >= target else
-               f"missed: the core is {loop_x:.1f}x faster than the loop and {higher_x:.1f}x faster than higher "
-               f"(target {target:.0f}x)")
+    profiles = []
+    for name in ("conv", "conv20"):
+        if name in results:
+            best, table = profile_best(results[name])
+            profiles.append(f"**{dict(conv='(B)', conv20='(C)')[name]}**, fastest tasklight strategy "
+                            f"`{best.split(':')[1]}`, one meta-step under `torch.profiler`, 1 thread, top 10 by self CPU "
+                            f"time:\n\n{table}\n")
+            print(f"profile {name} ({best}):\n{table}", flush=True)
+
+    memory = ""
+    if not args.no_memory and "conv" in results:
+        T = args.conv_tasks
+        configs = [("auto", "none"), ("ref", "none")] + [(s, c) for s in ("stacked", "vmap")
+                                                          for c in ("1", "4", "8", str(T))]
+        mrows = []
+        for strategy, chunk in configs:
+            r = run_memory_child(args, strategy, chunk)
+            name = "loop ref (per-task autograd)" if strategy == "ref" else f"tasklight `{strategy}`"
+            ch = "-" if chunk == "none" else chunk
+            if "error" in r:
+                mrows.append([name, ch, "failed", r["error"][:120]])
+            else:
+                mrows.append([name, ch, f"{r['peak_bytes'] / MiB:.0f}", f"{r['seconds']:.2f}"])
+            print(f"  memory {name} chunk={ch}: {mrows[-1][2]} MiB", flush=True)
+        memory = f"""### Peak memory of one (B) meta-step
+
+Each configuration in its own process (this script with `--memory-child`), measured as
+`scripts/bench_memory.py` does (peak resident set `VmHWM` over the step after a warm-up step, glibc made to
+return freed memory). `loop` is `chunk_size=1`.
+
+{B.table(["method", "chunk_size", "peak MiB over the step", "s (that step)"], mrows)}
+"""
+
+    summary = (f"SUMMARY sin_loop_over_core={results['sin']['loop_over']['tasklight:auto']:.2f} "
+               if "sin" in results else "SUMMARY sin_loop_over_core=nan ")
+    summary += (f"conv_loop_over_core={results['conv']['loop_over']['tasklight:auto']:.2f} " if "conv" in results
+                else "conv_loop_over_core=nan ")
+    summary += (f"conv20_loop_over_core={results['conv20']['loop_over']['tasklight:auto']:.2f} " if "conv20" in results
+                else "conv20_loop_over_core=nan ")
+    summary += f"grads_match={str(grads_match).lower()}"
     total = time.perf_counter() - t_start
-    summary = f"SUMMARY loop_over_core={loop_x:.2f} higher_over_core={higher_x:.2f} grads_match={str(grads_match).lower()}"
-    body = f"""## {'Quick run' if args.quick else 'Default run'}
+    load1 = os.getloadavg()
+    targets = []
+    for name, goal in (("sin", 50.0), ("conv", 2.0), ("conv20", 2.0)):
+        if name in results:
+            lo = results[name]["loop_over"]
+            x = lo["tasklight:auto"]
+            l2l = (x / lo["learn2learn"]) if "learn2learn" in lo else None
+            targets.append(f"{dict(sin='(A)', conv='(B)', conv20='(C)')[name]} `auto` is {x:.2f}x faster than the loop"
+                           + (f" and {l2l:.2f}x faster than learn2learn" if l2l is not None else "")
+                           + f" (target {goal:.0f}x: {'met' if x >= goal and (l2l is None or l2l >= goal) else 'missed'})")
+    body = f"""## {'Quick run' if args.quick else 'Default run'}{f' ({args.tag})' if args.tag else ''}
 
 Command: `{B.command_line()}`
 Date: {B.today()}
-Machine: {machine}; {rounds} interleaved rounds after {args.warmup} warm-up round(s); total {total:.0f} s.
+Machine: {machine}; os.getloadavg() {tuple(round(x, 1) for x in load0)} at the start, {tuple(round(x, 1) for x in load1)}
+at the end (2 cores shared with other jobs: absolute times are inflated, the ratios are measured within rounds);
+total {total:.0f} s. Calibration (1 thread): conv2d {rates['conv'] / 1e9:.1f} GFLOP/s, matmul {rates['matmul'] / 1e9:.1f} GFLOP/s.
 
-Setting: {setting}. One meta-step = `meta_objective(batch)` + `backward()`; the outer optimiser step is not timed.
+Targets: {'; '.join(targets)}.
 
-{main_table}
+{''.join(sections)}
+{memory}
+### Where the time goes
 
-Ratios are medians of per-round ratios (every round times all methods back to back). Gradient check: the
-meta-gradients of the same batch and initial weights, `allclose` with rtol 1e-4 (float32) and 1e-9
-(float64); the diff is max |g - g_core| / max |g_core|. {split_line}.
+{''.join(profiles)}
 
-Target (core >= 20x faster than the loop and than `higher` on CPU): {verdict}.
-
-Where the time goes: the core dispatches {ops['loop'] / ops['core']:.0f}x fewer aten operators than the loop
-({ops['core']} vs {ops['loop']}: one batched call per operator instead of one per task), but each of its
-operators costs {per_op['core'] / per_op['loop']:.1f}x as much ({per_op['core']:.0f} vs {per_op['loop']:.0f} us): at this size
-every operator is dominated by dispatch, not arithmetic, and an operator under `vmap(grad(...))` with the outer
-graph recorded passes through the batching and gradient transform layers on the way in and again in the
-double backward. The bare torch.func version (`func`) takes {res['ratios']['func']:.2f}x the core's time, so
-tasklight's own layer (functional_call on the module, parameter dicts, `F.mse_loss`, whose backward torch.func
-runs as a Python decomposition) accounts for about {100 * (1 - res['ratios']['func']):.0f}% of it; the hand-batched
-`bmm` version with plain autograd, which dispatches about as many operators as the core but without the
-transform layers, takes {res['ratios']['bmm']:.2f}x the core's time.
+```
+{summary}
+```
 """
-    if sweep_rows:
-        body += f"""
-### Meta-batch size sweep ({max(5, rounds // 4)} rounds each; ms per meta-step)
-
-{B.table(["tasks", *METHODS, *(f"{m} / core" for m in METHODS[1:])], sweep_rows)}
-
-The core's time grows slowly with the number of tasks (a fixed cost per meta-step dominates), while
-the loop and `higher` grow linearly: the ratio to the core rises with the meta-batch size.
-"""
-    body += f"\n```\n{summary}\n```\n"
-    intro = """Time per second-order MAML meta-step (meta-objective + backward) on sinusoid regression:
-tasklight's vmapped core against the `higher` backend, a plain per-task autograd loop (clone, adapt,
-loop: the learn2learn way), plus two references that are not tasklight APIs: the same computation in bare
-`torch.func` (`func`) and hand-batched with `bmm` and plain autograd (`bmm`). Produced by
-`scripts/bench_meta_step.py`."""
-    path = B.write_section("step", "MAML meta-step time", intro, "quick" if args.quick else "default", body)
-    print(f"wrote {path} ({total:.0f} s)")
+    intro = """Time per second-order MAML meta-step on three workloads: tasklight's engine (`strategy="auto"` and
+each strategy) against a plain per-task autograd loop and the peer libraries learn2learn, higher and
+parallel-metalearn, all on the same batch and initial weights, with every meta-gradient checked against the
+loop's. Produced by `scripts/bench_meta_step.py` (peers installed by `scripts/install_peers.sh`)."""
+    path = B.write_section("step", "MAML meta-step time", intro, args.tag or ("quick" if args.quick else "default"), body)
+    print(f"wrote {path} ({total:.0f} s); os.getloadavg() = {tuple(round(x, 2) for x in load1)}")
     print(summary)
-    return {"loop_over_core": loop_x, "higher_over_core": higher_x, "grads_match": grads_match}
+    return {"summary": summary, "grads_match": grads_match}
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["bench_meta_step", "bench_meta_memory", "bench_meta_sinusoid", "bench_meta_omniglot", "bench_multitask",
+ORDER = ["bench_meta_step", "bench_meta_memory", "bench_meta_sinusoid", "bench_meta_omniglot", "bench_omniglot_race", "bench_multitask",
          "bench_taskmet", "bench_hlgauss", "bench_task2vec"]
 
 
