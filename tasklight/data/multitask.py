@@ -302,14 +302,14 @@ class MultiTaskDataModule(RecordsInit, LightningDataModule):
                           collate_fn=_Collate(self.descriptors), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_sets, "val")
+        return self.eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_sets, "test")
+        return self.eval_dataloader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """The predict split is every task's test set (``tasklight predict``)."""
-        return self._eval_loader(self.test_sets, "test")
+        return self.eval_dataloader("test")
 
     # ------------------------------------------------------------------ resumption
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

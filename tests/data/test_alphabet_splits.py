@@ -52,3 +52,22 @@ def test_same_split_seed_same_split_and_other_seeds_differ():
 def test_negative_split_seed_is_refused():
     with pytest.raises(ValueError, match="split_seed must be a non-negative integer"):
         OmniglotAlphabetsDataModule(alphabets=["Greek"], split_seed=-1)
+
+
+def test_eval_loaders_before_setup_and_for_a_subset_of_tasks():
+    # the loaders set the DataModule up themselves (they used to read the still-empty split lists first and
+    # raise "no task has a val set")
+    kw = dict(alphabets=["Greek", "Tagalog"], image_size=SIZE, train_drawers=1, val_drawers=2, test_drawers=17,
+              eval_batch_size=1000)
+    dm = OmniglotAlphabetsDataModule(**kw)
+    val = next(iter(dm.val_dataloader()))
+    assert val.task.bincount().tolist() == [2 * 24, 2 * 17]
+    fresh = OmniglotAlphabetsDataModule(**kw)
+    assert next(iter(fresh.test_dataloader())).task.bincount().tolist() == [17 * 24, 17 * 17]
+    only = next(iter(dm.eval_dataloader("test", [1])))
+    assert only.task.unique().tolist() == [1] and len(only) == 17 * 17
+    torch.testing.assert_close(only.x, next(iter(dm.test_dataloader())).x[17 * 24:])
+    with pytest.raises(IndexError, match=r"tasks \[2\] out of range"):
+        dm.eval_dataloader("test", [2])
+    with pytest.raises(ValueError, match="split must be 'val' or 'test'"):
+        dm.eval_dataloader("train")
