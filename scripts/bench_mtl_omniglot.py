@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -274,11 +275,14 @@ def main(argv=None) -> None:
     curves: dict[str, list[dict]] = {}
     names: list[str] = []
     merged_s = 0.0
+    loads: list[float] = []
     if args.merge:
         seeds = []
         for f in args.merge.split(","):
             saved = json.loads(Path(f).read_text())
             names, seeds, merged_s = saved["names"], seeds + saved["seeds"], merged_s + saved["seconds"]
+            if saved.get("load") is not None:
+                loads.append(saved["load"])
             for label, rows in saved["curves"].items():
                 curves.setdefault(label, []).extend(rows)
         plan = []
@@ -300,7 +304,8 @@ def main(argv=None) -> None:
                   f"{sorted(set(at))}  ({fit_s:.0f} s)", flush=True)
     if args.save:
         Path(args.save).write_text(json.dumps({"names": names, "seeds": seeds, "curves": curves,
-                                               "seconds": time.perf_counter() - start}))
+                                               "seconds": time.perf_counter() - start,
+                                               "load": os.getloadavg()[0]}))
     total = time.perf_counter() - start + merged_s
     acc = {label: [c["test_selected"] for c in cs] for label, cs in curves.items()}
     chosen = {label: [c["selected_step"] for c in cs] for label, cs in curves.items()}
@@ -314,6 +319,10 @@ def main(argv=None) -> None:
     mode = "selected runs" if args.only else ("quick" if args.quick else "full")
     lines[0] = (f"## Omniglot alphabets, {args.train_drawers} training drawer(s) per character: multi-task vs "
                 f"single-task ({mode})")
+    if not args.merge:
+        loads.append(os.getloadavg()[0])
+    if loads:
+        lines[-2] += f" Load average (1 min) when the run(s) ended: {', '.join(f'{v:.1f}' for v in loads)}."
     lines += [f"Conv4 (width {hidden}, {size}x{size} images, running BatchNorm statistics at test time), Adam "
               f"{args.lr:g}, {n_steps[-1]} steps of {args.batch_size_per_task} images per alphabet (DWA's epoch: "
               f"{every} steps), {len(seeds)} seeds. Per seed and character, a seeded random split of the 20 "
