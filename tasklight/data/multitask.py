@@ -17,7 +17,7 @@ Task descriptors ``z_i`` are one-hot by default; ``task_descriptors`` takes any 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -279,6 +279,21 @@ class MultiTaskDataModule(RecordsInit, LightningDataModule):
                                              self.steps_per_epoch, self.seed, rank, world, start=self.consumed)
         return DataLoader(self._train_stream, batch_size=None, num_workers=self.num_workers)
 
+    def eval_dataloader(self, split: Literal["val", "test"], tasks: Optional[Sequence[int]] = None) -> DataLoader:
+        """The ``split`` (``"val"`` or ``"test"``) sets of the tasks ``tasks`` only (default: every task),
+        e.g. to evaluate each task at its own checkpoint."""
+        self.setup()
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        sets = self.val_sets if split == "val" else self.test_sets
+        if tasks is None:
+            return self._eval_loader(sets, split)
+        keep = {int(t) for t in tasks}
+        bad = sorted(t for t in keep if not 0 <= t < len(sets))
+        if bad:
+            raise IndexError(f"tasks {bad} out of range: there are {len(sets)} tasks")
+        return self._eval_loader([s if t in keep else None for t, s in enumerate(sets)], split)
+
     def _eval_loader(self, sets: list[Optional[Dataset]], split: str) -> DataLoader:
         self.setup()
         if all(s is None or len(s) == 0 for s in sets):
@@ -287,14 +302,14 @@ class MultiTaskDataModule(RecordsInit, LightningDataModule):
                           collate_fn=_Collate(self.descriptors), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_sets, "val")
+        return self.eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_sets, "test")
+        return self.eval_dataloader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """The predict split is every task's test set (``tasklight predict``)."""
-        return self._eval_loader(self.test_sets, "test")
+        return self.eval_dataloader("test")
 
     # ------------------------------------------------------------------ resumption
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -317,7 +332,10 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
 
     Drawers (20 per character) are split: drawers ``0 .. 19-val_drawers-test_drawers`` train (at most
     ``train_drawers`` of them when given, for a low-data regime), the next ``val_drawers`` validate,
-    the last ``test_drawers`` test. Labels are the character's index within its alphabet.
+    the last ``test_drawers`` test. With ``split_seed`` the drawers of every character are first put in
+    a seeded random order of their own (one permutation per character), so that the split itself is a
+    random draw that the seeds of a benchmark average over; the same ``split_seed`` gives the same
+    split to every model (paired comparisons). Labels are the character's index within its alphabet.
 
     Args:
         root: Omniglot folder or zips (default: the small sets shipped with tasklight, see
@@ -326,6 +344,9 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
         image_size: square image size (28 as in the literature).
         val_drawers, test_drawers: held-out drawers per character.
         train_drawers: use only this many training drawers (default: all the rest).
+        split_seed: when given, assign the drawers of each character to train / val / test in a seeded
+            random order (:func:`~tasklight.core.seeding.seeded_generator` ``(split_seed, character)``)
+            instead of by drawer number.
         Other arguments: see :class:`MultiTaskDataModule`.
     """
 
@@ -333,7 +354,7 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
                  val_drawers: int = 3, test_drawers: int = 3, train_drawers: Optional[int] = None,
                  batch_size_per_task: int = 16, steps_per_epoch: int = 100, eval_batch_size: int = 256,
                  task_descriptors: Optional[Union[Tensor, str]] = None, seed: int = 0, num_workers: int = 0,
-                 cache_dir: Optional[str] = None) -> None:
+                 cache_dir: Optional[str] = None, split_seed: Optional[int] = None) -> None:
         super().__init__(batch_size_per_task=batch_size_per_task, steps_per_epoch=steps_per_epoch,
                          eval_batch_size=eval_batch_size, task_descriptors=task_descriptors, seed=seed,
                          num_workers=num_workers)
@@ -345,6 +366,10 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
             raise ValueError(f"train_drawers must be between 1 and {available} (20 - val_drawers - test_drawers), "
                              f"got {train_drawers}")
         self.root, self.alphabets, self.image_size, self.cache_dir = root, alphabets, image_size, cache_dir
+        if split_seed is not None and int(split_seed) < 0:
+            raise ValueError(f"split_seed must be a non-negative integer (or None for the split by drawer number), "
+                             f"got {split_seed}")
+        self.split_seed = split_seed
         self.val_drawers, self.test_drawers = val_drawers, test_drawers
         self.train_drawers = train_drawers if train_drawers is not None else available
 
@@ -365,7 +390,7 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
             local = torch.full((data.num_characters,), -1, dtype=torch.long)
             local[chars] = torch.arange(len(chars))
             in_a = data.image_alphabet == a
-            d = data.image_drawer
+            d = self._drawer_ranks(data)
 
             def part(mask: Tensor) -> ImageTask:
                 idx = (in_a & mask).nonzero().flatten()
@@ -376,6 +401,24 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
             test.append(part(d >= first_test) if self.test_drawers else None)
             tasks.append(TaskSpec(name, int(len(chars)), "classification"))
         return tasks, train, val, test
+
+    def _drawer_ranks(self, data) -> Tensor:
+        """Each image's position in its character's drawer order: the drawer number, or its rank in the
+        character's seeded permutation of the drawers when ``split_seed`` is set."""
+        if self.split_seed is None:
+            return data.image_drawer
+        from tasklight.core.seeding import seeded_generator
+
+        drawers = data.image_drawer
+        top = int(drawers.max()) + 1
+        ranks = torch.empty_like(drawers)
+        for c in range(data.num_characters):
+            idx = (data.image_character == c).nonzero().flatten()
+            order = torch.randperm(top, generator=seeded_generator(int(self.split_seed), c))
+            rank_of = torch.empty(top, dtype=torch.long)
+            rank_of[order] = torch.arange(top)
+            ranks[idx] = rank_of[drawers[idx].long()].to(ranks.dtype)
+        return ranks
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
