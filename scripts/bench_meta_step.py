@@ -19,7 +19,11 @@ Methods, on the same batch and the same initial weights (``scripts/_meta_refs.py
 installed (``scripts/install_peers.sh``; a peer that is missing is named in the results).
 
 Gradients: every method's meta-gradient is compared with the loop's, in float64 on a small instance of
-each setting and in float32 on the timed one. Timing: interleaved rounds (the order of the methods is
+each setting (to 1e-9) and in float32 on the timed one (to 1e-3, or to twice the float32 noise floor
+where that is larger: the difference between the loop with and without oneDNN's kernels, two equally
+valid float32 evaluations; on C that floor is about 0.3, since a rounding-level change of the weights
+flips pooling choices along the five inner steps and moves the meta-gradient by as much even in float64).
+Timing: interleaved rounds (the order of the methods is
 rotated each round), 1 thread; ratios are medians of per-round ratios. Arithmetic limit: the FLOPs of
 one meta-step (``torch.utils.flop_counter.FlopCounterMode`` over the loop's step) over the single-thread
 throughput of conv2d (A: matmul) measured here by a small calibration run. Memory (``--quick`` and
@@ -219,6 +223,15 @@ def bench_setting(args, name: str, rounds: int) -> dict:
     built = {m: v for m, v in built.items() if m in first}
     g32 = built["loop"].grads()
     f32 = {m: R.compare(meth.grads(), g32) for m, meth in built.items() if m != "loop"}
+    # the float32 noise floor of this meta-gradient: the same loop with the other float32 convolution kernels
+    # (oneDNN off) is an equally valid float32 evaluation; where the meta-gradient is ill-conditioned (C: five
+    # inner steps through ReLU and max-pool, where a rounding-level change flips a pooling choice) the two
+    # differ by far more than 1e-3, and a float32 comparison cannot tell exact methods from inexact ones there
+    other = R.make_method("loop", s, ref)
+    with torch.backends.mkldnn.flags(enabled=False):
+        other.step()
+    floor32 = R.compare(other.grads(), g32)
+    print(f"  float32 noise floor (loop with / without oneDNN kernels): {floor32:.1e}", flush=True)
     flops = count_flops(built["loop"]._step)
     print(f"  {s.describe}; {flops / 1e9:.2f} GFLOP per meta-step; load {os.getloadavg()[0]:.1f}", flush=True)
     order = list(built)
@@ -233,7 +246,7 @@ def bench_setting(args, name: str, rounds: int) -> dict:
               + ", ".join(f"{m.replace('tasklight:', '')} {times[m][-1]:.3f}s" for m in order), flush=True)
     loop_over = {m: B.median([a / b for a, b in zip(times["loop"], times[m])]) for m in order}
     return {"name": name, "setting": s, "methods": order, "missing": missing, "times": times, "loop_over": loop_over,
-            "f64": f64, "f32": f32, "flops": flops, "compile_s": compile_s, "built": built}
+            "f64": f64, "f32": f32, "floor32": floor32, "flops": flops, "compile_s": compile_s, "built": built}
 
 
 def profile_best(res: dict, top: int = 10) -> tuple[str, str]:
@@ -300,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
             ts = res["times"][m]
             med = B.median(ts)
             e64, e32 = res["f64"].get(m), res["f32"].get(m)
-            ok = (e64 is None or e64 < 1e-9) and (e32 is None or e32 < 1e-3)
+            ok = (e64 is None or e64 < 1e-9) and (e32 is None or e32 < max(1e-3, 2 * res["floor32"]))
             grads_match &= ok
             agree = "reference" if m == "loop" else (
                 f"{'yes' if ok else 'NO'} ({'-' if e64 is None else f'{e64:.0e}'} / {e32:.0e})")

@@ -23,10 +23,13 @@ def _module(kind):
     sgd = functools.partial(torch.optim.SGD, lr=OUTER_LR)
     if kind == "maml":
         return MAMLModule(MLP(1, [16, 16], 1), inner_steps=2, inner_lr=0.05, optimizer=sgd)
+    if kind == "maml_chunked":  # chunks of 2 of each rank's 3 tasks: per-chunk meta-gradients, one surrogate backward
+        return MAMLModule(MLP(1, [16, 16], 1), inner_steps=2, inner_lr=0.05, optimizer=sgd, strategy="vmap",
+                          chunk_size=2)
     return IMAMLModule(MLP(1, [16, 16], 1), inner_steps=5, inner_lr=0.05, lam=1.0, cg_steps=5, optimizer=sgd)
 
 
-@pytest.mark.parametrize("kind", ["maml", "imaml"])
+@pytest.mark.parametrize("kind", ["maml", "imaml", "maml_chunked"])
 def test_ddp_two_ranks_equal_single_process_on_union(kind, tmp_path):
     module = _module(kind)
     dm = SinusoidDataModule(k_shot=5, q_queries=5, meta_batch_size=3, batches_per_epoch=10, seed=7)
@@ -45,7 +48,7 @@ def test_ddp_two_ranks_equal_single_process_on_union(kind, tmp_path):
     assert not torch.allclose(b0.support_x, b1.support_x)
     assert ends[0]["consumed"] == ends[1]["consumed"] == 1
     # the synced meta-step equals one process on the union of both ranks' tasks
-    ref = _module(kind)
+    ref = _module("maml" if kind == "maml_chunked" else kind)  # the reference: one unchunked process
     ref.load_state_dict(init)
     union = MetaBatch.cat([b0, b1])
     ref.zero_grad()
