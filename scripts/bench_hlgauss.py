@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # configs/maml_sinusoid_hlgauss.yaml. The benchmark's seeds (100, 101, ...) were not used to choose them.
 SINUSOID_BINS, SINUSOID_SIGMA = 10, 1.5  # sigma in bin widths
 MAML_INNER_LR = {"mse": 0.01, "hlgauss": 0.2}
+SINUSOID_INNER_LOSS = {"mse": None, "hlgauss": None}  # None: the inner loop descends the outer loss
 OUTER_LR = 3e-3
 TRAIN_INNER_STEPS = 1
 SEED_OFFSET = 100
@@ -92,22 +93,53 @@ def fmt_ci(values: list[float], digits: int = 3) -> str:
 
 
 # ------------------------------------------------------------------ sinusoid meta-learning
-def sinusoid_run(loss_name: str, seed: int, steps: int, test_episodes: int) -> dict:
+def sinusoid_run(loss_name: str, seed: int, steps: int, test_episodes: int, inner_loss=None, inner_lr=None,
+                 train_inner_steps: int = TRAIN_INNER_STEPS, validate: bool = False) -> dict:
+    """One MAML run; the query MSE after 1, 5, 10 steps on the test tasks (``validate``: on 100 validation
+    tasks instead, for choosing settings on seeds that the benchmark does not use)."""
     L.seed_everything(seed, verbose=False)
-    dm = SinusoidDataModule(k_shot=5, q_queries=10, meta_batch_size=25, batches_per_epoch=steps, val_episodes=25,
-                            test_episodes=test_episodes, seed=seed)
+    dm = SinusoidDataModule(k_shot=5, q_queries=10, meta_batch_size=25, batches_per_epoch=steps,
+                            val_episodes=100 if validate else 25, test_episodes=test_episodes, seed=seed)
     if loss_name == "mse":
         net, loss = MLP(1, [40, 40], 1), "mse"
     else:  # support auto: fitted to the training targets by the learner
         net, loss = MLP(1, [40, 40], SINUSOID_BINS), HistogramLoss(SINUSOID_BINS, sigma=SINUSOID_SIGMA)
-    module = MAMLModule(net, loss=loss, inner_steps=TRAIN_INNER_STEPS, inner_lr=MAML_INNER_LR[loss_name],
+    inner_loss = SINUSOID_INNER_LOSS[loss_name] if inner_loss is None else inner_loss
+    module = MAMLModule(net, loss=loss, inner_loss=inner_loss, inner_steps=train_inner_steps,
+                        inner_lr=MAML_INNER_LR[loss_name] if inner_lr is None else inner_lr,
                         eval_inner_steps=10, extra_eval_steps=[1, 5],
                         optimizer=functools.partial(torch.optim.Adam, lr=OUTER_LR))
-    res, fit_s = fit_and_test(module, dm, steps)
+    if validate:
+        trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0,
+                            limit_val_batches=0)
+        start = time.perf_counter()
+        trainer.fit(module, dm)
+        fit_s = time.perf_counter() - start
+        trainer.limit_val_batches = 1.0
+        res = {k.replace("val/", "test/"): v for k, v in trainer.validate(module, dm, verbose=False)[0].items()}
+    else:
+        res, fit_s = fit_and_test(module, dm, steps)
     out = {f"mse@{k}": res[f"test/mse@{k}"] for k in (1, 5, 10)} | {"fit_s": fit_s}
     if loss_name != "mse":
         out["support"] = (module.loss_fn.v_min, module.loss_fn.v_max)
     return out
+
+
+def validate_sinusoid(variants: dict, jobs: int, threads: int, steps: int = 1000) -> None:
+    """Each variant (name -> sinusoid_run keyword arguments) on the validation tasks of seeds 0 and 1."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:
+        futures = {(name, s): pool.submit(sinusoid_run, kw["loss_name"], s, steps, 25, kw.get("inner_loss"),
+                                          kw.get("inner_lr"), kw.get("train_inner_steps", TRAIN_INNER_STEPS), True)
+                   for name, kw in variants.items() for s in (0, 1)}
+        for (name, s), f in futures.items():
+            r = f.result()
+            print(f"VAL {name:40s} seed {s}: " + " / ".join(f"{r[f'mse@{k}']:.3f}" for k in (1, 5, 10))
+                  + f"  ({r['fit_s']:.0f} s)", flush=True)
 
 
 # ------------------------------------------------------------------ tabular regression
