@@ -2,9 +2,10 @@
 
 1. Sinusoid meta-learning (Finn et al. 2017): MAML with a 1-40-40-k MLP trained with HL-Gauss over k
    bins vs the same MAML with a 1-40-40-1 MLP and MSE; 5-shot MSE on the query points of the test
-   tasks (the same tasks for both losses) after 1, 5 and 10 adaptation steps. The inner learning rates
-   and the outer learning rate were chosen on the validation tasks of seeds 0 and 1 (not the
-   benchmark's seeds 100, 101, ...); see docs/histogram_losses.md.
+   tasks (the same tasks for both losses) after 1, 5 and 10 adaptation steps; both are meta-trained with
+   5 inner steps. The inner learning rates, the inner steps of meta-training and the outer learning rate
+   were chosen on the validation tasks of seeds 0 and 1 (not the benchmark's seeds 100, 101, ...; the
+   ``validate_sinusoid`` helper runs candidates on them); see docs/histogram_losses.md.
 2. Tabular regression on data that ships with scikit-learn: the diabetes data (442 patients, 10
    features) and Friedman's three regression problems (``make_friedman1/2/3``, 1000 points each).
    A 64-64 MLP; random 60/20/20 splits; every run stops early on the validation RMSE. Each loss gets
