@@ -54,9 +54,10 @@ def unrolled_meta_gradient(module, b, inner):
     return dict(zip(params, torch.autograd.grad(total, list(params.values()))))
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "stacked", "loop"])
-def test_mse_of_prediction_inner_loss_meta_gradient_equals_unrolled(strategy):
-    module, b = learner("mse_of_prediction", strategy), batch()
+@pytest.mark.parametrize("strategy, backend", [("vmap", "functorch"), ("stacked", "functorch"),
+                                               ("loop", "functorch"), ("auto", "higher")])
+def test_mse_of_prediction_inner_loss_meta_gradient_equals_unrolled(strategy, backend):
+    module, b = learner("mse_of_prediction", strategy, backend=backend), batch()
     module.zero_grad()
     module.meta_objective(b).objective.backward()
     want = unrolled_meta_gradient(module, b, mse_of_mean)
