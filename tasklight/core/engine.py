@@ -419,10 +419,10 @@ def stacked_adapt_tasks(core, plan: StackPlan, params, buffers, support_x, suppo
         bufs = {k: v.detach().unsqueeze(0).expand(T, *v.shape).clone() for k, v in buffers.items()}
     state = rule.init({k: P[k] for k in names})
     losses = []
-    manual = MANUAL_MLP_GRADS and manual_mlp_ok(plan, core.loss_fn)
+    manual = MANUAL_MLP_GRADS and manual_mlp_ok(plan, core.inner_loss_fn)
     for _ in range(steps):
         if manual:
-            task, grads = _manual_mlp_grads(plan, P, support_x, support_y, core.loss_fn, names)
+            task, grads = _manual_mlp_grads(plan, P, support_x, support_y, core.inner_loss_fn, names)
             if proximal:
                 grads = {k: g + proximal * (P[k] - anchor[k]) for k, g in grads.items()}
             if first_order:
@@ -432,7 +432,7 @@ def stacked_adapt_tasks(core, plan: StackPlan, params, buffers, support_x, suppo
             P = {**P, **new}
             continue
         out = stacked_forward(plan, P, bufs, support_x, T)
-        task = per_task_loss(core.loss_fn, out, support_y)
+        task = per_task_loss(core.inner_loss_fn, out, support_y)
         total = task.sum()
         if proximal:
             total = total + 0.5 * proximal * sum(((P[k] - anchor[k]) ** 2).sum() for k in names)

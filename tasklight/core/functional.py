@@ -91,7 +91,9 @@ class FunctionalLearner:
 
     Args:
         model: the network; it is only used as a stateless template by ``functional_call``.
-        loss_fn: ``loss_fn(prediction, target) -> scalar`` (mean over examples).
+        loss_fn: ``loss_fn(prediction, target) -> scalar`` (mean over examples): the query (outer) loss,
+            and the inner loss unless ``inner_loss_fn`` is given.
+        inner_loss_fn: the loss the inner loop descends on the support set (default: ``loss_fn``).
         adapt: the parameters the inner loop adapts (names, module prefixes or globs, see
             :func:`match_names`); ``None`` adapts all. The others keep their value during
             adaptation and stay in the graph, so they receive outer gradients.
@@ -99,9 +101,10 @@ class FunctionalLearner:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, adapt: Optional[Sequence[str]] = None,
                  strategy: str = "auto", chunk_size: Optional[int] = None,
-                 compile_cache_dir: Optional[str] = None) -> None:
+                 compile_cache_dir: Optional[str] = None, inner_loss_fn: Optional[LossFn] = None) -> None:
         self.model = model
         self.loss_fn = loss_fn
+        self.inner_loss_fn = loss_fn if inner_loss_fn is None else inner_loss_fn
         self.adapted: Optional[frozenset[str]] = None
         if adapt is not None:
             self.adapted = match_names((n for n, p in model.named_parameters() if p.requires_grad), adapt)
@@ -125,7 +128,12 @@ class FunctionalLearner:
         return functional_call(self.model, (params, buffers), (x,), strict=False)
 
     def task_loss(self, params: ParamDict, buffers: ParamDict, x: Tensor, y: Tensor) -> Tensor:
+        """The query (outer) loss."""
         return self.loss_fn(self.forward(params, buffers, x), y)
+
+    def inner_task_loss(self, params: ParamDict, buffers: ParamDict, x: Tensor, y: Tensor) -> Tensor:
+        """The loss the inner loop descends (``inner_loss_fn``)."""
+        return self.inner_loss_fn(self.forward(params, buffers, x), y)
 
     def adapt(
         self,
@@ -141,9 +149,9 @@ class FunctionalLearner:
         anchor: Optional[ParamDict] = None,
         update=None,
     ) -> AdaptResult:
-        """``steps`` gradient steps on the task loss of one task (vmappable).
+        """``steps`` gradient steps on the inner loss of one task (vmappable).
 
-        With ``proximal > 0`` the inner loss is ``task_loss + proximal/2 * ||p - anchor||^2`` with
+        With ``proximal > 0`` the inner loss is ``inner_task_loss + proximal/2 * ||p - anchor||^2`` with
         ``anchor`` (default: the starting ``params``) treated as a constant. ``update`` is an
         update rule of :mod:`tasklight.core.update_rules` (default: ``SGD(lr)``).
         """
@@ -154,7 +162,7 @@ class FunctionalLearner:
         fixed = {k: v for k, v in params.items() if k not in set(names)}
 
         def inner_loss(p: ParamDict, bufs: ParamDict) -> tuple[Tensor, Tensor]:
-            task = self.task_loss({**fixed, **p}, bufs, x, y)
+            task = self.inner_task_loss({**fixed, **p}, bufs, x, y)
             total = task
             if proximal:
                 total = total + 0.5 * proximal * sum(((p[k] - anchor[k]) ** 2).sum() for k in p)

@@ -30,7 +30,7 @@ from tasklight.core.engine import check_engine_settings
 from tasklight.core.functional import FunctionalLearner, check_finite_inner
 from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_metrics, configure_outer_optimizers,
                                   default_optimizer, outer_step, setup_outer_step)
-from tasklight.nn.losses import TargetChecked, align_target, fit_auto_support
+from tasklight.nn.losses import PredictionMSE, TargetChecked, align_target, fit_auto_support
 from tasklight.nn.nets import make_vmap_safe
 from tasklight.callbacks.task_logging import log_step_means
 from tasklight.config import SelfDescribing
@@ -58,6 +58,25 @@ def resolve_loss(loss: Union[str, nn.Module]) -> tuple[nn.Module, str]:
     return loss, kind
 
 
+def resolve_inner_loss(inner_loss: Union[None, str, nn.Module], loss_fn: nn.Module, task_type: str):
+    """The inner loop's loss: None (the outer loss), ``"mse_of_prediction"`` (:class:`PredictionMSE` of
+    ``loss_fn``) or the same forms as ``loss``; it must be of the outer loss's task type."""
+    if inner_loss is None:
+        return None
+    if isinstance(inner_loss, str) and inner_loss == "mse_of_prediction":
+        return PredictionMSE(loss_fn)
+    try:
+        fn, kind = resolve_loss(inner_loss)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"inner_loss={inner_loss!r} is not a loss: use None (the outer loss), 'mse_of_prediction' "
+                         f"(MSE of loss.predict(output), for a HistogramLoss), 'mse', 'cross_entropy' or an "
+                         f"nn.Module by class_path") from err
+    if kind != task_type:
+        raise ValueError(f"inner_loss={inner_loss!r} is a {kind} loss but the outer loss "
+                         f"{type(loss_fn).__name__} is a {task_type} loss: give an inner loss of the same kind")
+    return fn
+
+
 class MetaLearner(SelfDescribing, LightningModule):
     """Base class of the meta-learners (see the module docstring).
 
@@ -66,6 +85,11 @@ class MetaLearner(SelfDescribing, LightningModule):
             an elementary-op version that is exact under vmap).
         loss: ``"mse"``, ``"cross_entropy"`` or a loss module. A module with a ``predict(output)``
             method (e.g. ``HistogramLoss``) turns outputs into values for metrics and predictions.
+            It is the query (outer) loss, and the inner loss unless ``inner_loss`` is given.
+        inner_loss: the loss the inner loop descends on the support set, in training and evaluation
+            alike: None (default: ``loss``), the same forms as ``loss``, or ``"mse_of_prediction"``: the
+            mean squared error between ``loss.predict(output)`` and the targets (a histogram head adapted
+            by the squared error of its mean, meta-trained by its histogram loss).
         inner_steps, inner_lr: the inner loop used for meta-training.
         eval_inner_steps: inner steps for validation/test (default: ``inner_steps``).
         extra_eval_steps: more step counts evaluated at validation/test, logged as ``@k``.
@@ -111,7 +135,8 @@ class MetaLearner(SelfDescribing, LightningModule):
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
                  adapt: Optional[Sequence[str]] = None,
                  strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
-                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None,
+                 inner_loss: Union[None, str, nn.Module] = None) -> None:
         super().__init__()
         check_engine_settings(strategy, chunk_size, compile_cache_dir)
         if strategy not in type(self).engine_strategies:
@@ -135,8 +160,13 @@ class MetaLearner(SelfDescribing, LightningModule):
         self.loss_fn, self.task_type = resolve_loss(loss)
         # the loss the learner trains with: targets checked against outputs (no silent broadcasting)
         self.checked_loss = TargetChecked(self.loss_fn, f"the network {type(net).__name__}")
+        # the inner loop's loss (None: the outer loss); a module given here is a submodule (state_dict)
+        self.inner_loss_fn = resolve_inner_loss(inner_loss, self.loss_fn, self.task_type)
+        self.checked_inner_loss = self.checked_loss if self.inner_loss_fn is None else \
+            TargetChecked(self.inner_loss_fn, f"the network {type(net).__name__}")
         self.core = FunctionalLearner(self.net, self.checked_loss, adapt=adapt, strategy=strategy,
-                                      chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
+                                      chunk_size=chunk_size, compile_cache_dir=compile_cache_dir,
+                                      inner_loss_fn=self.checked_inner_loss)
         self.strategy, self.chunk_size, self.compile_cache_dir = strategy, chunk_size, compile_cache_dir
         self.inner_steps, self.inner_lr = inner_steps, inner_lr
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
@@ -173,6 +203,9 @@ class MetaLearner(SelfDescribing, LightningModule):
         unshare_state(self)
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         fit_auto_support(self.loss_fn, getattr(dm, "train_targets", None), f"the DataModule {type(dm).__name__}")
+        if isinstance(self.inner_loss_fn, nn.Module):
+            fit_auto_support(self.inner_loss_fn, getattr(dm, "train_targets", None),
+                             f"the DataModule {type(dm).__name__}")
         n_way = getattr(dm, "n_way", None)
         out = getattr(self.net, "out_features", None)
         if (self.task_type == "classification" and self.net_is_classifier and isinstance(n_way, int)

@@ -52,10 +52,12 @@ class IMAMLModule(MetaLearner):
                  clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise",
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
                  strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
-                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None,
+                 inner_loss: Union[None, str, nn.Module] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
                          lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips,
-                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
+                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir,
+                         inner_loss=inner_loss)
         if lam <= 0:
             raise ValueError(f"lam (the proximal weight) must be > 0, got {lam}")
         if cg_steps < 1 or cg_damping < 0:
@@ -89,13 +91,13 @@ class IMAMLModule(MetaLearner):
 
         def one_task(phi, bufs, sx, sy, qx, qy):
             # losses at phi that do not touch the running statistics (buffers cloned inside)
-            train_loss = lambda p: core.task_loss(p, _clone(bufs), sx, sy)  # noqa: E731
+            train_loss = lambda p: core.inner_task_loss(p, _clone(bufs), sx, sy)  # noqa: E731
             g, qloss = grad(lambda p: _with_value(core.task_loss(p, _clone(bufs), qx, qy)), has_aux=True)(phi)
             curvature = None
             if self.curvature == "gauss_newton":
                 frozen = {k: t.detach() for k, t in phi.items()}
                 curvature = lambda v: gauss_newton_vp(  # noqa: E731
-                    lambda p: core.forward(p, _clone(bufs), sx), lambda o: core.loss_fn(o, sy), frozen, v)
+                    lambda p: core.forward(p, _clone(bufs), sx), lambda o: core.inner_loss_fn(o, sy), frozen, v)
             v, info = proximal_meta_gradient(train_loss, phi, g, self.lam, self.cg_steps, self.cg_damping,
                                              return_info=True, curvature_vp=curvature)
             return v, qloss, info

@@ -53,10 +53,12 @@ class MAMLModule(MetaLearner):
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
                  adapt: Optional[Sequence[str]] = None,
                  strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
-                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None,
+                 inner_loss: Union[None, str, nn.Module] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
                          lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips, adapt=adapt,
-                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
+                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir,
+                         inner_loss=inner_loss)
         if backend not in ("functorch", "higher"):
             raise ValueError(f"backend must be 'functorch' or 'higher', got {backend!r}")
         if backend == "higher" and (strategy != "auto" or chunk_size is not None):
@@ -143,7 +145,7 @@ class MAMLModule(MetaLearner):
                                       track_higher_grads=track) as (fmodel, diffopt):
                 task_inner = []
                 for _ in range(steps):
-                    loss = self.checked_loss(fmodel(sx[t]), sy[t])
+                    loss = self.checked_inner_loss(fmodel(sx[t]), sy[t])
                     task_inner.append(loss.detach())
                     diffopt.step(loss, override=override)
                 out = fmodel(qx[t])

@@ -88,10 +88,12 @@ class MAMLPlusPlusModule(MetaLearner):
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
                  adapt: Optional[Sequence[str]] = None,
                  strategy: Literal["auto", "vmap", "stacked", "loop", "compiled"] = "auto",
-                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None) -> None:
+                 chunk_size: Optional[int] = None, compile_cache_dir: Optional[str] = None,
+                 inner_loss: Union[None, str, nn.Module] = None) -> None:
         super().__init__(net, loss, inner_steps, inner_lr, eval_inner_steps, extra_eval_steps, optimizer,
                          lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips,
-                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir)
+                         strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir,
+                         inner_loss=inner_loss)
         if inner_steps < 1:
             raise ValueError(f"MAML++ needs inner_steps >= 1 (per-step parameters), got {inner_steps}")
         if msl_epochs < 0 or first_order_epochs < 0 or min_outer_lr < 0:

@@ -308,6 +308,28 @@ def align_target(output: Tensor, target: Tensor, loss: object = None, what: str 
                      f"(e.g. HistogramLoss for one logit per bin).")
 
 
+class PredictionMSE:
+    """Mean squared error between ``loss.predict(output)`` and the targets, for a loss that turns outputs
+    into values (a :class:`HistogramLoss`): e.g. an inner loop that adapts a histogram head by the
+    squared error of its mean while the outer loss stays the histogram loss. A plain callable that
+    refers to ``loss`` (its support and bin centres) without owning it."""
+
+    def __init__(self, loss) -> None:
+        if not callable(getattr(loss, "predict", None)):
+            raise ValueError(f"'mse_of_prediction' needs a loss with a predict(output) method (e.g. HistogramLoss), "
+                             f"got {type(loss).__name__}: use inner_loss='mse' or None for it")
+        self.loss = loss
+
+    def predict(self, output: Tensor, keepdim: bool = True) -> Tensor:
+        return self.loss.predict(output, keepdim=keepdim)
+
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
+        return (self.loss.predict(output, keepdim=False) - target).pow(2).mean()
+
+    def __repr__(self) -> str:
+        return f"PredictionMSE({self.loss!r})"
+
+
 class TargetChecked:
     """``loss(output, target)`` after :func:`align_target` (a plain callable, not a module)."""
 
