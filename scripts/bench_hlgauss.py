@@ -111,17 +111,7 @@ def sinusoid_run(loss_name: str, seed: int, steps: int, test_episodes: int, inne
                         inner_lr=MAML_INNER_LR[loss_name] if inner_lr is None else inner_lr,
                         eval_inner_steps=10, extra_eval_steps=[1, 5],
                         optimizer=functools.partial(torch.optim.Adam, lr=OUTER_LR))
-    if validate:
-        trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0,
-                            limit_val_batches=0)
-        start = time.perf_counter()
-        trainer.fit(module, dm)
-        fit_s = time.perf_counter() - start
-        trainer.limit_val_batches = 1.0
-        res = {k.replace("val/", "test/"): v for k, v in trainer.validate(module, dm, verbose=False)[0].items()}
-    else:
-        res, fit_s = fit_and_test(module, dm, steps)
+    res, fit_s = fit_and_test(module, dm, steps, split="val" if validate else "test")
     out = {f"mse@{k}": res[f"test/mse@{k}"] for k in (1, 5, 10)} | {"fit_s": fit_s}
     if loss_name != "mse":
         out["support"] = (module.loss_fn.v_min, module.loss_fn.v_max)
