@@ -32,9 +32,17 @@ autograd loop with native ``nn.BatchNorm2d``):
     compile cache goes to ``compile_cache_dir`` (``TORCHINDUCTOR_CACHE_DIR``); compile time is
     logged. For nets without running statistics.
 ``"auto"``
-    ``stacked`` when the net supports it, else ``vmap``; never ``compiled`` (a compile costs
-    minutes per batch shape, which only long runs of a fixed shape repay: ask for it). The choice
-    and its reason are logged once, at INFO level, on the ``tasklight`` logger.
+    ``stacked`` when the net supports it, else ``vmap`` -- except a convolutional net on the CPU,
+    which gets ``loop``: there per-task convolutions are as fast as grouped ones, and the stacked
+    layout's large tensors cost page faults (glibc hands them back to the system on every free;
+    ``BENCHMARKS.md``). Never ``compiled`` (a compile costs from half a minute to minutes per batch
+    shape, which only long runs of a fixed shape repay: ask for it). The choice and its reason are
+    logged once, at INFO level, on the ``tasklight`` logger.
+
+For MLPs (Linear, ReLU / Tanh / Identity) under an MSE loss with (Meta-)SGD inner steps,
+``stacked`` and ``compiled`` compute the meta-gradient written out, with no autograd graph
+(:mod:`tasklight.core.mlp_explicit`); ``compiled`` then compiles that function (about 40 s for
+the sinusoid setting) instead of autograd's.
 
 ``chunk_size`` (tasks per chunk) works with every strategy but ``compiled``: with a meta-gradient
 to take, each chunk's meta-gradient is computed and its graph freed before the next chunk, the
@@ -322,77 +330,22 @@ def per_task_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, y: T
     return torch.vmap(loss_fn)(out, y)
 
 
-_MANUAL_ACTS = (nn.ReLU, nn.Tanh, nn.Identity)
 #: write the inner gradient of MSE MLPs out by hand in the stacked strategy (False: torch.autograd.grad)
 MANUAL_MLP_GRADS = True
+#: and, for (Meta-)SGD inner loops, the whole second-order meta-gradient (:mod:`tasklight.core.mlp_explicit`)
+EXPLICIT_MLP_META_GRAD = True
 
 
 def manual_mlp_ok(plan: StackPlan, loss_fn) -> bool:
-    """Whether the inner gradient can be written out by hand: Linear layers and ReLU/Tanh under a
-    mean-squared-error loss (:func:`_manual_mlp_grads`)."""
+    """Whether the gradient can be written out by hand: Linear layers and ReLU / Tanh / Identity
+    under a mean-squared-error loss (:mod:`tasklight.core.mlp_explicit`)."""
+    from tasklight.core.mlp_explicit import ACTIVATIONS
     from tasklight.nn.losses import TargetChecked
 
     base = loss_fn.loss if isinstance(loss_fn, TargetChecked) else loss_fn
     if type(base) is not nn.MSELoss or base.reduction != "mean" or not plan.ops or plan.ops[-1].kind != "linear":
         return False
-    return all(op.kind == "linear" or (op.kind == "act" and type(op.module) in _MANUAL_ACTS) for op in plan.ops)
-
-
-def _shared(t: Tensor) -> bool:
-    """Whether a stacked parameter is still one tensor expanded over the tasks (stride 0)."""
-    return t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0
-
-
-def _manual_mlp_grads(plan: StackPlan, P: Mapping[str, Tensor], x: Tensor, y: Tensor, loss_fn,
-                      names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-task MSE losses ``[T]`` and their gradients for a stacked MLP, by explicit backprop.
-
-    A few ``bmm``/``baddbmm`` and elementwise ops per layer instead of the autograd engine's
-    (double-)backward nodes; autograd still differentiates *through* these ops, so the
-    meta-gradient stays exact second order (ReLU's derivative mask is a constant almost everywhere).
-    """
-    from tasklight.nn.losses import align_target
-
-    T = x.shape[0]
-    h = x.reshape(T, -1, x.shape[-1])
-    saved = []  # (op, input) for each layer
-    for op in plan.ops:
-        if op.kind == "linear":
-            saved.append((op, h))
-            w, b = P[op.prefix + "weight"], P.get(op.prefix + "bias") if op.module.bias is not None else None
-            if _shared(w) and (b is None or _shared(b)):  # the first step, at the shared theta: one matmul
-                h = F.linear(h.reshape(-1, h.shape[-1]), w[0], None if b is None else b[0]).reshape(T, -1, w.shape[1])
-            elif b is not None:
-                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-            else:
-                h = torch.bmm(h, w.transpose(1, 2))
-        else:
-            h = op.module(h)
-            saved.append((op, h))  # activations keep their output (ReLU mask, 1 - tanh^2)
-    out = h.reshape(*x.shape[:-1], h.shape[-1])
-    target = align_target(out, y, loss_fn.loss if hasattr(loss_fn, "loss") else loss_fn,
-                          getattr(loss_fn, "what", "the network"))
-    diff = (out - target).reshape(T, -1, h.shape[-1])
-    per_elem = diff[0].numel()
-    losses = diff.pow(2).reshape(T, -1).mean(1)
-    d = diff * (2.0 / per_elem)
-    grads: dict[str, Tensor] = {}
-    wanted = set(names)
-    for i in range(len(saved) - 1, -1, -1):
-        op, val = saved[i]
-        if op.kind == "linear":
-            w = P[op.prefix + "weight"]
-            if op.prefix + "weight" in wanted:
-                grads[op.prefix + "weight"] = torch.bmm(d.transpose(1, 2), val)
-            if op.module.bias is not None and op.prefix + "bias" in wanted:
-                grads[op.prefix + "bias"] = d.sum(1)
-            if i > 0:
-                d = (d.reshape(-1, d.shape[-1]) @ w[0]).reshape(T, -1, w.shape[2]) if _shared(w) else torch.bmm(d, w)
-        elif type(op.module) is nn.ReLU:
-            d = torch.ops.aten.threshold_backward(d, val, 0.0)  # relu's backward; differentiable in d
-        elif type(op.module) is nn.Tanh:
-            d = d * (1 - val * val)
-    return losses, grads
+    return all(op.kind == "linear" or (op.kind == "act" and type(op.module) in ACTIVATIONS) for op in plan.ops)
 
 
 def stacked_adapt_tasks(core, plan: StackPlan, params, buffers, support_x, support_y, query_x=None, query_y=None, *,
@@ -420,9 +373,11 @@ def stacked_adapt_tasks(core, plan: StackPlan, params, buffers, support_x, suppo
     state = rule.init({k: P[k] for k in names})
     losses = []
     manual = MANUAL_MLP_GRADS and manual_mlp_ok(plan, core.inner_loss_fn)
+    if manual:
+        from tasklight.core.mlp_explicit import mlp_loss_and_grads
     for _ in range(steps):
         if manual:
-            task, grads = _manual_mlp_grads(plan, P, support_x, support_y, core.inner_loss_fn, names)
+            task, grads = mlp_loss_and_grads(plan.ops, P, support_x, support_y, core.inner_loss_fn, set(names))
             if proximal:
                 grads = {k: g + proximal * (P[k] - anchor[k]) for k, g in grads.items()}
             if first_order:
@@ -481,9 +436,24 @@ class Engine:
         """The strategy that runs (``auto`` resolved), logged once with its reason."""
         if self._resolved is None:
             if self.strategy == "auto":
-                if self._plan is not None:
+                device = next((p.device for p in self.core.model.parameters()), torch.device("cpu"))
+                convs = self._plan is not None and any(op.kind == "conv" for op in self._plan.ops)
+                if convs and device.type == "cpu":
+                    why = ("a convolutional network on the CPU: per-task convolutions are as fast as grouped ones "
+                           "there, and the per-task tensors stay small (the task-stacked ones are large enough that "
+                           "the allocator returns them to the system and page-faults them back on every step; "
+                           "BENCHMARKS.md, meta-step time)")
+                    self._resolved = "loop"
+                elif self._plan is not None:
+                    from tasklight.core.mlp_explicit import ACTIVATIONS
+
+                    mlp = all(op.kind == "linear" or (op.kind == "act" and type(op.module) in ACTIVATIONS)
+                              for op in self._plan.ops)
                     why = ("the network is made of layers the task-stacked layout implements (grouped convolutions, "
                            "native BatchNorm, bmm heads)")
+                    if mlp:
+                        why += ("; an MLP: under an MSE loss and (Meta-)SGD inner steps its meta-gradient is written "
+                                "out, with no autograd graph")
                     self._resolved = "stacked"
                 else:
                     why = f"the task-stacked layout does not apply ({self._plan_error.split(':')[0]})"
@@ -555,12 +525,20 @@ class Engine:
         tensors of ``params`` and of a learnable ``lr`` that require grad).
         """
         T = sx.shape[0]
+        explicit_default = outer is None
         if outer is None:
             outer = [v for v in params.values() if v.requires_grad]
             lr = kw.get("lr")
             lrs = lr.values() if isinstance(lr, Mapping) else [lr]
             outer += [v for v in lrs if isinstance(v, Tensor) and v.requires_grad]
         executor = self._executor()
+        explicit = False
+        if executor in ("stacked", "compiled") and explicit_default and EXPLICIT_MLP_META_GRAD:
+            from tasklight.core.mlp_explicit import explicit_ok
+
+            explicit = explicit_ok(self._plan, self.core, buffers, kw)
+        if explicit:
+            return self._explicit_objective(params, sx, sy, qx, qy, compiled=executor == "compiled", **kw)
         if executor == "compiled":
             return self._compiled_objective(params, buffers, sx, sy, qx, qy, outer, **kw)
 
@@ -599,6 +577,83 @@ class Engine:
             del part, aux, grads  # this chunk's graph is freed before the next chunk runs
         return surrogate_objective(outer, acc), auxes
 
+    # ----------------------------------------------------------------- explicit (MLPs)
+    def _explicit_objective(self, params, sx, sy, qx, qy, compiled: bool = False, **kw):
+        """The stacked MLP's written-out meta-gradient (:mod:`tasklight.core.mlp_explicit`), chunk by
+        chunk (or, ``compiled``, the whole meta-batch under ``torch.compile``), as a
+        :func:`surrogate_objective`."""
+        from tasklight.core.mlp_explicit import explicit_meta_gradient
+
+        update, lr = kw.pop("update", None), kw.pop("lr", None)
+        if update is not None:
+            lr = update.lr
+        T = sx.shape[0]
+        if compiled:
+            fn = self._compiled_explicit(params, lr, kw)
+            rates = {k: v.detach() for k, v in lr.items()} if isinstance(lr, Mapping) else \
+                (lr.detach() if isinstance(lr, Tensor) else None)
+            t0 = time.perf_counter()
+            acc, lr_acc, ql, inner = fn({k: v.detach() for k, v in params.items()}, rates, sx, sy, qx, qy)
+            self._log_compile(t0, sx, qx)
+            qls, inners = [ql], [inner]
+        else:
+            c = self._chunk(T)
+            acc, lr_acc = {}, {}
+            qls, inners = [], []
+            for s in range(0, T, c):
+                sl = slice(s, s + c)
+                g, lg, ql, inner = explicit_meta_gradient(self._plan, self.core, params, sx[sl], sy[sl], qx[sl],
+                                                          qy[sl], lr=lr, **kw)
+                scale = ql.shape[0] / T  # each chunk's gradient is of its own mean
+                for store, part in ((acc, g), (lr_acc, lg)):
+                    for k, v in part.items():
+                        store[k] = v * scale if k not in store else store[k] + v * scale
+                qls.append(ql)
+                inners.append(inner)
+        pairs = [(params[k], acc[k]) for k in params if params[k].requires_grad]
+        for k, g in lr_acc.items():
+            rate = lr[k] if isinstance(lr, Mapping) else lr
+            if rate.requires_grad:
+                pairs.append((rate, g))  # one shared rate tensor: the sum of every parameter's share
+        obj = surrogate_objective([t for t, _ in pairs], [g for _, g in pairs])
+        return obj, torch.cat(qls), torch.cat(inners), {}
+
+    def _compiled_explicit(self, params, lr, kw):
+        """``explicit_meta_gradient`` under ``torch.compile``, one compiled function per setting."""
+        from tasklight.core.mlp_explicit import explicit_meta_gradient
+
+        form = ("dict", tuple(lr)) if isinstance(lr, Mapping) else ("tensor",) if isinstance(lr, Tensor) else \
+            ("number", float(lr))
+        steps, first_order = int(kw["steps"]), bool(kw.get("first_order", False))
+        key = ("explicit", tuple(params), form, steps, first_order, self.compile_backend)
+        fn = self._compiled.get(key)
+        if fn is None:
+            plan, core = self._plan, self.core
+            fixed = None if form[0] != "number" else form[1]
+
+            def meta_grad(p, rates, x1, y1, x2, y2):
+                return explicit_meta_gradient(plan, core, p, x1, y1, x2, y2, steps=steps,
+                                              lr=fixed if rates is None else rates, first_order=first_order)
+
+            self._set_compile_cache()
+            fn = torch.compile(meta_grad, backend=self.compile_backend, dynamic=False) \
+                if self.compile_backend != "eager" else meta_grad
+            self._compiled[key] = fn
+        return fn
+
+    def _set_compile_cache(self) -> None:
+        if self.compile_cache_dir is not None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = self.compile_cache_dir
+
+    def _log_compile(self, t0: float, sx: Tensor, qx: Tensor, key=None) -> None:
+        """Record and log the first call's time for each shape: the compile time."""
+        shape_key = (key, tuple(sx.shape), tuple(qx.shape), sx.dtype)
+        if shape_key not in self.compile_seconds:
+            self.compile_seconds[shape_key] = time.perf_counter() - t0
+            log.info("tasklight engine: compiled the meta-gradient (backend %s) for support %s / query %s in %.1f s "
+                     "(cache: %s)", self.compile_backend, tuple(sx.shape), tuple(qx.shape),
+                     self.compile_seconds[shape_key], os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"))
+
     # ----------------------------------------------------------------- compiled
     def _compiled_objective(self, params, buffers, sx, sy, qx, qy, outer, **kw):
         if buffers:
@@ -629,24 +684,17 @@ class Engine:
 
             argnums = (0, 1) if (lr_names or lr_tensor) else (0,)
             g = torch.func.grad(meta_loss, argnums=argnums, has_aux=True)
-            if self.compile_cache_dir is not None:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = self.compile_cache_dir
+            self._set_compile_cache()
             fn = torch.compile(g, backend=self.compile_backend, fullgraph=False) \
                 if self.compile_backend != "eager" else g
             self._compiled[key] = fn
         rates = ({k: lr[k] for k in lr_names} if lr_names else lr) if (lr_names or lr_tensor) else None
-        shape_key = (key, tuple(sx.shape), tuple(qx.shape), sx.dtype)
         t0 = time.perf_counter()
         grads, (ql, inner) = fn({k: v.detach() for k, v in params.items()},
                                 None if rates is None else (
                                     {k: v.detach() for k, v in rates.items()} if lr_names else rates.detach()),
                                 sx, sy, qx, qy)
-        if shape_key not in self.compile_seconds:
-            self.compile_seconds[shape_key] = time.perf_counter() - t0
-            log.info("tasklight engine: compiled the meta-gradient (backend %s) for support %s / query %s in %.1f s "
-                     "(cache: %s)", self.compile_backend, tuple(sx.shape), tuple(qx.shape),
-                     self.compile_seconds[shape_key],
-                     os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"))
+        self._log_compile(t0, sx, qx, key)
         gp = grads[0]
         pairs_t, pairs_g = [params[k] for k in names], [gp[k] for k in names]
         if lr_names:

@@ -411,3 +411,62 @@ def test_learners_refuse_strategies_they_do_not_run_on():
         ProtoNetModule(Conv4(1, 0, hidden=4, image_size=16), chunk_size=2)
     with pytest.raises(ValueError, match="backend='higher' loops over tasks itself"):
         MAMLModule(MLP(1, [4], 1), backend="higher", strategy="stacked")
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("config", ["maml", "fomaml", "metasgd", "metasgd_tensor", "anil"])
+def test_written_out_mlp_meta_gradient_equals_the_loop(activation, config, monkeypatch):
+    """The stacked MLP's explicit meta-gradient (no autograd: R-operator Hessian-vector products
+    through the inner steps) is the one that runs, unchunked and chunked, and equals the loop's."""
+    import tasklight.core.mlp_explicit as mx
+
+    calls = []
+    real = mx.explicit_meta_gradient
+    monkeypatch.setattr(mx, "explicit_meta_gradient", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(CONFIGS.get(config, {}))
+    if config == "metasgd_tensor":
+        kw = {"learn_inner_lr": True, "inner_lr_granularity": "tensor"}
+    if kw.get("adapt") == "HEAD":
+        kw["adapt"] = [HEAD["mlp"]]
+    batch = batch_for("mlp", seed=3)
+    for chunk in (None, 3):
+        torch.manual_seed(0)
+        module = MAMLModule(MLP(1, [8, 8], 1, activation_name=activation), loss="mse", inner_steps=STEPS,
+                            inner_lr=LR, chunk_size=chunk, **kw).double()
+        if module.inner_lrs is not None:
+            with torch.no_grad():
+                for p in module.inner_lrs.values():
+                    p.uniform_(0.05, 0.2, generator=torch.Generator().manual_seed(1))
+        calls.clear()
+        got, out = meta_grads(module, batch)
+        assert calls, "the written-out path did not run"
+        want, _ = reference(module, batch, first_order=kw.get("first_order", False))
+        assert rel_err(got, want) < TOL, chunk
+        if module.inner_lrs is not None:
+            assert all(f"inner_lrs.{k}" in got for k in module.inner_lrs.keys())
+
+
+def test_written_out_path_is_not_used_where_it_does_not_apply(monkeypatch):
+    """Adam inner steps and non-MSE losses go through autograd (and still match the loop)."""
+    import tasklight.core.mlp_explicit as mx
+
+    def boom(*a, **k):
+        raise AssertionError("written-out path used")
+
+    monkeypatch.setattr(mx, "explicit_meta_gradient", boom)
+    meta_grads(make("mlp", "stacked", inner_optimizer="adam"), batch_for("mlp"))
+    module = MAMLModule(MLP(1, [8], 3), loss="cross_entropy", inner_steps=1, strategy="stacked").double()
+    b = batch_for("mlp")
+    meta_grads(module, MetaBatch(b.support_x, torch.randint(0, 3, b.support_y.shape[:2]), b.query_x,
+                                 torch.randint(0, 3, b.query_y.shape[:2])))
+
+
+def test_auto_runs_conv_nets_per_task_on_the_cpu(caplog):
+    batch = batch_for("conv")
+    module = make("conv")
+    with caplog.at_level(logging.INFO, logger="tasklight"):
+        got, _ = meta_grads(module, batch)
+    assert module.core.engine.resolved == "loop"
+    assert any("auto -> loop" in r.getMessage() and "CPU" in r.getMessage() for r in caplog.records)
+    want, _ = reference(module, batch)
+    assert rel_err(got, want) < TOL
