@@ -24,7 +24,8 @@ where that is larger: the difference between the loop with and without oneDNN's 
 valid float32 evaluations; on C that floor is about 0.3, since a rounding-level change of the weights
 flips pooling choices along the five inner steps and moves the meta-gradient by as much even in float64).
 Timing: interleaved rounds (the order of the methods is
-rotated each round), 1 thread; ratios are medians of per-round ratios. Arithmetic limit: the FLOPs of
+rotated each round), 1 thread, with the minor page faults of each step (``getrusage``: memory the allocator
+handed back to the system and touches again); ratios are medians of per-round ratios. Arithmetic limit: the FLOPs of
 one meta-step (``torch.utils.flop_counter.FlopCounterMode`` over the loop's step) over the single-thread
 throughput of conv2d (A: matmul) measured here by a small calibration run. Memory (``--quick`` and
 default): peak memory of one B meta-step for each strategy and ``chunk_size`` in (1, 4, 8, T), each in
@@ -41,6 +42,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -236,16 +238,20 @@ def bench_setting(args, name: str, rounds: int) -> dict:
     print(f"  {s.describe}; {flops / 1e9:.2f} GFLOP per meta-step; load {os.getloadavg()[0]:.1f}", flush=True)
     order = list(built)
     times: dict[str, list[float]] = {m: [] for m in order}
+    faults: dict[str, list[int]] = {m: [] for m in order}
     for r in range(rounds):
         rot = order[r % len(order):] + order[:r % len(order)]
         for m in rot:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             built[m].step()
             times[m].append(time.perf_counter() - t0)
+            faults[m].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         print(f"  round {r + 1}/{rounds} (load {os.getloadavg()[0]:.1f}): "
               + ", ".join(f"{m.replace('tasklight:', '')} {times[m][-1]:.3f}s" for m in order), flush=True)
     loop_over = {m: B.median([a / b for a, b in zip(times["loop"], times[m])]) for m in order}
-    return {"name": name, "setting": s, "methods": order, "missing": missing, "times": times, "loop_over": loop_over,
+    return {"name": name, "setting": s, "methods": order, "missing": missing, "times": times, "faults": faults,
+            "loop_over": loop_over,
             "f64": f64, "f32": f32, "floor32": floor32, "flops": flops, "compile_s": compile_s, "built": built}
 
 
@@ -319,9 +325,10 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{'yes' if ok else 'NO'} ({'-' if e64 is None else f'{e64:.0e}'} / {e32:.0e})")
             over_auto = B.median([a / b for a, b in zip(ts, auto)])
             rows.append([label(m), f"{1000 * med:.1f}", f"{res['loop_over'][m]:.2f}x", f"{over_auto:.2f}x",
-                         f"{med / limit:.1f}x", agree])
+                         f"{med / limit:.1f}x", f"{B.median(res['faults'][m]):.0f}", agree])
         header = ["method", "ms / meta-step (median)", "loop ref time / this", "this / tasklight auto",
-                  "time / arithmetic limit", "meta-grad = loop's (max rel diff f64 small / f32 timed)"]
+                  "time / arithmetic limit", "page faults / step (median)",
+                  "meta-grad = loop's (max rel diff f64 small / f32 timed)"]
         missing = "".join(f"\n- {LABEL[k]}: not run: {v}." for k, v in res["missing"].items())
         extra = (f" The compiled strategy's first call (compile included) took {res['compile_s']:.0f} s."
                  if res["compile_s"] is not None else "")

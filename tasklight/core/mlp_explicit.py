@@ -101,7 +101,7 @@ def _mse_signal(out: Tensor, target: Tensor) -> tuple[Tensor, Tensor, float]:
     """Per-task mean squared errors ``[T]``, their gradient with respect to ``out``, and its scale."""
     T = out.shape[0]
     diff = out - target.reshape(out.shape)
-    scale = 2.0 / diff[0].numel()
+    scale = 2.0 * T / diff.numel()
     return diff.pow(2).reshape(T, -1).mean(1), diff * scale, scale
 
 
