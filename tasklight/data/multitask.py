@@ -464,7 +464,8 @@ class OverlaidOmniglotDataModule(MultiTaskDataModule):
         train_drawers, val_drawers: drawers per character for training and validation.
         test_drawers: drawers per character for testing (default: all the rest of the 20).
         train_canvases, val_canvases, test_canvases: number of canvases of each split (default: all
-            ordered pairs of the split's images).
+            ordered pairs of the split's images). After setup, ``pairs[split]`` holds each canvas's two
+            image indices in :func:`~tasklight.data.omniglot.load_omniglot`'s arrays.
         split_seed: seed of the drawer split and of the pairing.
         Other arguments: see :class:`MultiTaskDataModule`.
     """
@@ -507,6 +508,8 @@ class OverlaidOmniglotDataModule(MultiTaskDataModule):
         self.train_drawers, self.val_drawers, self.test_drawers = train_drawers, val_drawers, test_drawers
         self.canvases = {"train": train_canvases, "val": val_canvases, "test": test_canvases}
         self.characters: list[str] = []  # names of the chosen characters, in label order (after setup)
+        # per split, [n, 2]: the indices (in load_omniglot's arrays) of each canvas's first and second image
+        self.pairs: dict[str, Tensor] = {}
 
     @property
     def canvas_size(self) -> int:
@@ -577,6 +580,7 @@ class OverlaidOmniglotDataModule(MultiTaskDataModule):
             a, b = idx[pairs // n], idx[pairs % n]
             canvas = self.overlay(data.images[a], data.images[b])
             labels[split] = (label[data.image_character[a]], label[data.image_character[b]])
+            self.pairs[split] = torch.stack([a, b], 1)
             sets[split] = canvas
         tasks, train, val, test = [], [], [], []
         for t, name in enumerate(self.TASKS):
