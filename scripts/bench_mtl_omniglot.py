@@ -106,7 +106,9 @@ def ci95(values: list[float]) -> float:
 
 # the multi-task models of --quick, per dataset
 QUICK = {"alphabets": (("hard_1_block", "equal"),),
-         "overlaid": (("hard", "equal"), ("hard_2_blocks", "equal"))}
+         "overlaid": (("hard_3_blocks", "equal"), ("hard_1_block", "equal"))}
+# --quick's training steps per dataset
+QUICK_STEPS = {"alphabets": 200, "overlaid": 300}
 
 
 def runs(quick: bool, dataset: str = "alphabets") -> list[tuple[str, str]]:
@@ -144,7 +146,7 @@ def make_datamodule(args, seed: int, every: int):
                   test_drawers=20 - args.train_drawers - args.val_drawers, steps_per_epoch=every,
                   eval_batch_size=1024, seed=seed, split_seed=seed)
     if args.dataset == "alphabets":
-        return OmniglotAlphabetsDataModule(**common)
+        return OmniglotAlphabetsDataModule(characters_per_task=args.characters_per_task, **common)
     return OverlaidOmniglotDataModule(num_characters=args.num_characters, shift=args.shift,
                                       test_canvases=args.test_canvases, **common)
 
@@ -255,7 +257,7 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", choices=("alphabets", "overlaid"), default="alphabets",
                    help="alphabets: one task per Omniglot alphabet; overlaid: two tasks (left and right character) "
                         "on canvases of two overlapping characters")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 200 quick, 400 full)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 400; quick: 200 alphabets, 300 overlaid)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate on the validation set every this many steps (default steps / 10)")
     p.add_argument("--train-drawers", type=int, default=1, help="training drawers per character")
@@ -264,6 +266,9 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=32, help="Conv4 width")
     p.add_argument("--image-size", type=int, default=16, help="square image size of one character (at least 16 "
                    "for alphabets)")
+    p.add_argument("--characters-per-task", type=int, default=None,
+                   help="alphabets: split every alphabet into tasks of this many characters (many small related "
+                        "tasks; default: one task per alphabet)")
     p.add_argument("--num-characters", type=int, default=20, help="overlaid: classes of each task")
     p.add_argument("--shift", type=int, default=4, help="overlaid: offset (pixels) of the second character; "
                    "the canvas side is image size + shift")
@@ -283,7 +288,7 @@ def main(argv=None) -> None:
     if args.seeds < 2 and not args.merge:
         print("note: one seed gives no confidence interval (ci95=0)")
     seeds = [args.first_seed + s for s in _bench.setup(args)]
-    steps = args.steps or (200 if args.quick else 400)
+    steps = args.steps or (QUICK_STEPS[args.dataset] if args.quick else 400)
     every = args.eval_every or max(steps // 10, 1)
     if not 1 <= every <= steps:
         raise ValueError(f"--eval-every must be between 1 and --steps ({steps}), got {every}")
@@ -339,6 +344,9 @@ def main(argv=None) -> None:
     mode = "selected runs" if args.only else ("quick" if args.quick else "full")
     if args.dataset == "alphabets":
         title = f"Omniglot alphabets, {args.train_drawers} training drawer(s) per character"
+        if args.characters_per_task:
+            title = (f"Omniglot alphabets in tasks of {args.characters_per_task} characters, {args.train_drawers} "
+                     f"training drawer(s) per character")
         data = (f"Conv4 (width {hidden}, {size}x{size} images, running BatchNorm statistics at test time), Adam "
                 f"{args.lr:g}, {n_steps[-1]} steps of {args.batch_size_per_task} images per alphabet (DWA's epoch: "
                 f"{every} steps), {len(seeds)} seeds. Per seed and character, a seeded random split of the 20 "
@@ -399,7 +407,8 @@ def main(argv=None) -> None:
     method = best[2].replace(" / ", "/").replace(" ", "_")
     summary = f"SUMMARY best_delta_m={best[0]:.2f} ci95={best[1]:.2f} method={method}"
     print("\n".join(lines))
-    key = "bench_mtl_omniglot" + ("_overlaid" if args.dataset == "overlaid" else "") + ("_subset" if args.only else "_quick" if args.quick else "_full")
+    key = "bench_mtl_omniglot" + ("_overlaid" if args.dataset == "overlaid" else "") + (
+        f"_tasks{args.characters_per_task}" if args.dataset == "alphabets" and args.characters_per_task else "") + ("_subset" if args.only else "_quick" if args.quick else "_full")
     write_section(args.out, key, lines + ["```", summary, "```"])
     print(f"wrote {args.out} ({total:.0f} s)")
     print(summary)

@@ -370,6 +370,10 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
         split_seed: when given, assign the drawers of each character to train / val / test in a seeded
             random order (:func:`~tasklight.core.seeding.seeded_generator` ``(split_seed, character)``)
             instead of by drawer number.
+        characters_per_task: split every alphabet into tasks of this many consecutive characters (its
+            last task takes the remainder when that has at least 2 characters, else the remainder joins
+            the task before): many small related tasks, named ``"<alphabet> <k>"``, labels the
+            character's index within its task. Default: one task per alphabet.
         Other arguments: see :class:`MultiTaskDataModule`.
     """
 
@@ -377,7 +381,8 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
                  val_drawers: int = 3, test_drawers: int = 3, train_drawers: Optional[int] = None,
                  batch_size_per_task: int = 16, steps_per_epoch: int = 100, eval_batch_size: int = 256,
                  task_descriptors: Optional[Union[Tensor, str]] = None, seed: int = 0, num_workers: int = 0,
-                 cache_dir: Optional[str] = None, split_seed: Optional[int] = None) -> None:
+                 cache_dir: Optional[str] = None, split_seed: Optional[int] = None,
+                 characters_per_task: Optional[int] = None) -> None:
         super().__init__(batch_size_per_task=batch_size_per_task, steps_per_epoch=steps_per_epoch,
                          eval_batch_size=eval_batch_size, task_descriptors=task_descriptors, seed=seed,
                          num_workers=num_workers)
@@ -395,6 +400,21 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
         self.split_seed = split_seed
         self.val_drawers, self.test_drawers = val_drawers, test_drawers
         self.train_drawers = train_drawers if train_drawers is not None else available
+        if characters_per_task is not None and (isinstance(characters_per_task, bool)
+                                                or not isinstance(characters_per_task, int) or characters_per_task < 2):
+            raise ValueError(f"characters_per_task must be an integer >= 2 (the classes of each task) or None (one "
+                             f"task per alphabet), got {characters_per_task!r}")
+        self.characters_per_task = characters_per_task
+
+    def _groups(self, chars: Tensor) -> list[Tensor]:
+        """An alphabet's characters as the classes of its tasks."""
+        k = self.characters_per_task
+        if k is None or len(chars) <= k:
+            return [chars]
+        groups = list(chars.split(k))
+        if len(groups[-1]) < 2:
+            groups[-2] = torch.cat([groups[-2], groups.pop()])
+        return groups
 
     def prepare_data(self) -> None:
         from tasklight.data.omniglot import load_omniglot
@@ -410,19 +430,21 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
         tasks, train, val, test = [], [], [], []
         d = drawer_ranks(data, self.split_seed)
         for a, name in enumerate(data.alphabets):
-            chars = (data.character_alphabet == a).nonzero().flatten()
-            local = torch.full((data.num_characters,), -1, dtype=torch.long)
-            local[chars] = torch.arange(len(chars))
-            in_a = data.image_alphabet == a
+            groups = self._groups((data.character_alphabet == a).nonzero().flatten())
+            for g, chars in enumerate(groups):
+                local = torch.full((data.num_characters,), -1, dtype=torch.long)
+                local[chars] = torch.arange(len(chars))
+                in_t = local[data.image_character] >= 0
 
-            def part(mask: Tensor) -> ImageTask:
-                idx = (in_a & mask).nonzero().flatten()
-                return ImageTask(data.images[idx], local[data.image_character[idx]])
+                def part(mask: Tensor) -> ImageTask:
+                    idx = (in_t & mask).nonzero().flatten()
+                    return ImageTask(data.images[idx], local[data.image_character[idx]])
 
-            train.append(part((d >= 0) & (d < self.train_drawers)))
-            val.append(part((d >= first_val) & (d < first_test)) if self.val_drawers else None)
-            test.append(part(d >= first_test) if self.test_drawers else None)
-            tasks.append(TaskSpec(name, int(len(chars)), "classification"))
+                train.append(part((d >= 0) & (d < self.train_drawers)))
+                val.append(part((d >= first_val) & (d < first_test)) if self.val_drawers else None)
+                test.append(part(d >= first_test) if self.test_drawers else None)
+                tasks.append(TaskSpec(name if len(groups) == 1 else f"{name} {g + 1}", int(len(chars)),
+                                      "classification"))
         return tasks, train, val, test
 
     @property
