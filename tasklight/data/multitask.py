@@ -413,7 +413,8 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
             return [chars]
         groups = list(chars.split(k))
         if len(groups[-1]) < 2:
-            groups[-2] = torch.cat([groups[-2], groups.pop()])
+            last = groups.pop()
+            groups[-1] = torch.cat([groups[-1], last])
         return groups
 
     def prepare_data(self) -> None:
