@@ -50,7 +50,7 @@ from lightning.pytorch.callbacks import Callback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
 
-from tasklight.data.multitask import OmniglotAlphabetsDataModule  # noqa: E402
+from tasklight.data.multitask import OmniglotAlphabetsDataModule, OverlaidOmniglotDataModule  # noqa: E402
 from tasklight.multitask import architectures as A  # noqa: E402
 from tasklight.multitask import weighting as W  # noqa: E402
 from tasklight.multitask.module import MultiTaskModule  # noqa: E402
@@ -91,7 +91,7 @@ ARCHITECTURES = {
     "mmoe": lambda: A.MMoE(num_experts=2),
     "mtan": A.MTAN,
 }
-STL = "STL (one network per alphabet)"
+STL = "STL (one network per task)"
 
 
 def ci95(values: list[float]) -> float:
@@ -104,14 +104,18 @@ def ci95(values: list[float]) -> float:
     return float(t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
 
 
-QUICK = (("hard_1_block", "equal"),)
+# the multi-task models of --quick, per dataset
+QUICK = {"alphabets": (("hard_1_block", "equal"),),
+         "overlaid": (("hard_3_blocks", "equal"), ("hard_1_block", "equal"))}
+# --quick's training steps per dataset
+QUICK_STEPS = {"alphabets": 200, "overlaid": 300}
 
 
-def runs(quick: bool) -> list[tuple[str, str]]:
-    """(architecture, weighting) pairs, STL first. Quick: hard sharing of the first conv block, equal weights."""
+def runs(quick: bool, dataset: str = "alphabets") -> list[tuple[str, str]]:
+    """(architecture, weighting) pairs, STL first. Quick: the dataset's ``QUICK`` models."""
     out = [("stl", "equal")]
     if quick:
-        return out + list(QUICK)
+        return out + list(QUICK[dataset])
     for arch in ARCHITECTURES:
         for w, cls in WEIGHTINGS.items():
             if arch == "soft" and cls.needs_grads:
@@ -134,9 +138,22 @@ def write_section(out: str, key: str, lines: list[str], title: str = "Multi-task
     path.write_text(text)
 
 
-def make_model(arch: str, w: str, hidden: int, size: int, lr: float, dm) -> MultiTaskModule:
+def make_datamodule(args, seed: int, every: int):
+    """The seed's DataModule of ``args.dataset``: its drawer split (and pairing) and training stream are
+    seeded by ``seed``, so every model of a seed gets the same data."""
+    common = dict(image_size=args.image_size, batch_size_per_task=args.batch_size_per_task,
+                  train_drawers=args.train_drawers, val_drawers=args.val_drawers,
+                  test_drawers=20 - args.train_drawers - args.val_drawers, steps_per_epoch=every,
+                  eval_batch_size=1024, seed=seed, split_seed=seed)
+    if args.dataset == "alphabets":
+        return OmniglotAlphabetsDataModule(characters_per_task=args.characters_per_task, **common)
+    return OverlaidOmniglotDataModule(num_characters=args.num_characters, shift=args.shift,
+                                      test_canvases=args.test_canvases, **common)
+
+
+def make_model(arch: str, w: str, hidden: int, lr: float, dm) -> MultiTaskModule:
     architecture = A.SoftSharing(penalty=0.0) if arch == "stl" else ARCHITECTURES[arch]()
-    trunk = Conv4(out_features=0, hidden=hidden, image_size=size, track_running_stats=True)
+    trunk = Conv4(out_features=0, hidden=hidden, image_size=dm.input_shape[-1], track_running_stats=True)
     heads = None
     if arch.startswith("hard_") and arch.endswith(("_block", "_blocks")):
         k = int(arch.split("_")[1])  # hard sharing of the first k conv blocks; each task has the rest and a head
@@ -237,14 +254,26 @@ def paired_delta_m(rows: list[list[float]], stl: list[list[float]]) -> list[floa
 
 def main(argv=None) -> None:
     p = _bench.parser(__doc__, OUT)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 200 quick, 400 full)")
+    p.add_argument("--dataset", choices=("alphabets", "overlaid"), default="alphabets",
+                   help="alphabets: one task per Omniglot alphabet; overlaid: two tasks (left and right character) "
+                        "on canvases of two overlapping characters")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 400; quick: 200 alphabets, 300 overlaid)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate on the validation set every this many steps (default steps / 10)")
     p.add_argument("--train-drawers", type=int, default=1, help="training drawers per character")
     p.add_argument("--val-drawers", type=int, default=2, help="validation drawers per character; the remaining "
                    "drawers (20 - train - val) all test")
     p.add_argument("--hidden", type=int, default=32, help="Conv4 width")
-    p.add_argument("--image-size", type=int, default=16, help="square image size (at least 16)")
+    p.add_argument("--image-size", type=int, default=16, help="square image size of one character (at least 16 "
+                   "for alphabets)")
+    p.add_argument("--characters-per-task", type=int, default=None,
+                   help="alphabets: split every alphabet into tasks of this many characters (many small related "
+                        "tasks; default: one task per alphabet)")
+    p.add_argument("--num-characters", type=int, default=20, help="overlaid: classes of each task")
+    p.add_argument("--shift", type=int, default=4, help="overlaid: offset (pixels) of the second character; "
+                   "the canvas side is image size + shift")
+    p.add_argument("--test-canvases", type=int, default=4000, help="overlaid: test canvases (distinct pairs of "
+                   "test images; the training and validation splits use all pairs of their images)")
     p.add_argument("--batch-size-per-task", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
@@ -259,7 +288,7 @@ def main(argv=None) -> None:
     if args.seeds < 2 and not args.merge:
         print("note: one seed gives no confidence interval (ci95=0)")
     seeds = [args.first_seed + s for s in _bench.setup(args)]
-    steps = args.steps or (200 if args.quick else 400)
+    steps = args.steps or (QUICK_STEPS[args.dataset] if args.quick else 400)
     every = args.eval_every or max(steps // 10, 1)
     if not 1 <= every <= steps:
         raise ValueError(f"--eval-every must be between 1 and --steps ({steps}), got {every}")
@@ -269,7 +298,7 @@ def main(argv=None) -> None:
                          f"must be >= 1 (model selection needs a validation set); got {args.train_drawers} + "
                          f"{args.val_drawers}")
     hidden, size = args.hidden, args.image_size
-    plan = runs(args.quick) if not args.only else [
+    plan = runs(args.quick, args.dataset) if not args.only else [
         r for r in runs(False) if r[0] == "stl" or f"{r[0]}/{r[1]}" in args.only.split(",")]
     start = time.perf_counter()
     curves: dict[str, list[dict]] = {}
@@ -290,12 +319,9 @@ def main(argv=None) -> None:
         for arch, w in plan:
             label = STL if arch == "stl" else f"{arch} / {w}"
             seed_everything(seed)
-            dm = OmniglotAlphabetsDataModule(image_size=size, batch_size_per_task=args.batch_size_per_task,
-                                             train_drawers=args.train_drawers, val_drawers=args.val_drawers,
-                                             test_drawers=test_drawers, steps_per_epoch=every,
-                                             eval_batch_size=1024, seed=seed, split_seed=seed)
+            dm = make_datamodule(args, seed, every)
             dm.setup()
-            model = make_model(arch, w, hidden, size, args.lr, dm)
+            model = make_model(arch, w, hidden, args.lr, dm)
             curve, fit_s = train_and_select(model, dm, steps, every, per_task=label == STL)
             names = model.task_names
             curves.setdefault(label, []).append(curve)
@@ -315,50 +341,74 @@ def main(argv=None) -> None:
 
     short = [n.replace("_", " ") for n in names]
     cmd = " ".join(["python scripts/bench_mtl_omniglot.py"] + (argv if argv is not None else sys.argv[1:]))
-    lines = _bench.header("Omniglot alphabets: multi-task vs single-task", cmd, args.threads, total)
     mode = "selected runs" if args.only else ("quick" if args.quick else "full")
-    lines[0] = (f"## Omniglot alphabets, {args.train_drawers} training drawer(s) per character: multi-task vs "
-                f"single-task ({mode})")
+    if args.dataset == "alphabets":
+        title = f"Omniglot alphabets, {args.train_drawers} training drawer(s) per character"
+        if args.characters_per_task:
+            title = (f"Omniglot alphabets in tasks of {args.characters_per_task} characters, {args.train_drawers} "
+                     f"training drawer(s) per character")
+        data = (f"Conv4 (width {hidden}, {size}x{size} images, running BatchNorm statistics at test time), Adam "
+                f"{args.lr:g}, {n_steps[-1]} steps of {args.batch_size_per_task} images per alphabet (DWA's epoch: "
+                f"{every} steps), {len(seeds)} seeds. Per seed and character, a seeded random split of the 20 "
+                f"drawers: {args.train_drawers} train, {args.val_drawers} validate, {test_drawers} test (the same "
+                f"split and training stream for every model of a seed).")
+        unit = "alphabets"
+    else:
+        c, side = args.num_characters, size + args.shift
+        title = (f"Overlaid Omniglot characters (two tasks), {args.train_drawers} training drawer(s) per "
+                 f"character")
+        data = (f"Two tasks on the same {side}x{side} canvases: a {size}x{size} character at the top left and one "
+                f"shifted {args.shift} pixels down and right, pixel-wise maximum (OverlaidOmniglotDataModule); "
+                f"task 'left' names the first, task 'right' the second, both over the same {c} characters (a "
+                f"fixed seeded draw from the shipped alphabets). Per seed and character, a seeded random split "
+                f"of the 20 drawers: {args.train_drawers} train, {args.val_drawers} validate, {test_drawers} "
+                f"test; the canvases of a split are pairs of its images: all {(c * args.train_drawers) ** 2} "
+                f"training and {(c * args.val_drawers) ** 2} validation pairs, {args.test_canvases} random test "
+                f"pairs (the same canvases and training stream for every model of a seed). Conv4 (width "
+                f"{hidden}, running BatchNorm statistics at test time), Adam {args.lr:g}, {n_steps[-1]} steps of "
+                f"{args.batch_size_per_task} canvases per task (DWA's epoch: {every} steps), {len(seeds)} seeds.")
+        unit = "tasks"
+    lines = _bench.header(title, cmd, args.threads, total)
+    lines[0] = f"## {title}: multi-task vs single-task ({mode})"
     if not args.merge:
         loads.append(os.getloadavg()[0])
     if loads:
         lines[-2] += f" Load average (1 min) when the run(s) ended: {', '.join(f'{v:.1f}' for v in loads)}."
-    lines += [f"Conv4 (width {hidden}, {size}x{size} images, running BatchNorm statistics at test time), Adam "
-              f"{args.lr:g}, {n_steps[-1]} steps of {args.batch_size_per_task} images per alphabet (DWA's epoch: "
-              f"{every} steps), {len(seeds)} seeds. Per seed and character, a seeded random split of the 20 "
-              f"drawers: {args.train_drawers} train, {args.val_drawers} validate, {test_drawers} test (the same "
-              f"split and training stream for every model of a seed). Validation and test accuracy every {every} "
-              f"steps; the test accuracy reported is the one at the best validation step (one step per "
-              f"multi-task model, one per task for STL). Per-alphabet columns: mean over seeds. Delta_m = mean over "
-              f"alphabets of the relative accuracy gain over the same seed's STL, in %, mean ± 95 % CI (Student t) "
-              f"of the paired per-seed values; 'last step' is the same without model selection. The SUMMARY line "
-              f"reports the method with the best Delta_m on the validation sets.",
+    lines += [data + f" Validation accuracy every {every} steps; the test accuracy reported is the one at the "
+              f"best validation step (one step per multi-task model, one per task for STL). Per-task columns: "
+              f"mean over seeds. Delta_m = mean over {unit} of the relative accuracy gain over the same seed's "
+              f"STL, in %, mean ± 95 % CI (Student t) of the paired per-seed values; 'last step' is the same "
+              f"without model selection, 'validation' the same on the validation sets at the selected steps. "
+              f"The SUMMARY line reports the method with the best validation Delta_m.",
               "", "| architecture / weighting | " + " | ".join(short)
-              + " | mean acc | median selected step | Delta_m (%) | Delta_m, last step (%) |",
-              "|---|" + "---|" * (len(short) + 4)]
+              + " | mean acc | median selected step | Delta_m (%) | Delta_m, last step (%) | Delta_m, validation (%) |",
+              "|---|" + "---|" * (len(short) + 5)]
     best = None
     for label, rows in acc.items():
         r = torch.tensor(rows)
         cells = [f"{v:.3f}" for v in r.mean(0).tolist()]
         at = statistics.median(k for ks in chosen[label] for k in ks)
         if label == STL:
-            cell, cell_last = "0 (reference)", "0 (reference)"
+            cell, cell_last, cell_val = "0 (reference)", "0 (reference)", "0 (reference)"
         else:
             vals, vals_last = paired_delta_m(rows, acc[STL]), paired_delta_m(last[label], last[STL])
             mean, ci = statistics.fmean(vals), ci95(vals)
             cell = f"{mean:+.2f} ± {ci:.2f}"
             cell_last = f"{statistics.fmean(vals_last):+.2f} ± {ci95(vals_last):.2f}"
             # the reported method is chosen on validation: the best Delta_m of the validation accuracies
-            val_mean = statistics.fmean(paired_delta_m(val_acc[label], val_acc[STL]))
+            vals_val = paired_delta_m(val_acc[label], val_acc[STL])
+            val_mean = statistics.fmean(vals_val)
+            cell_val = f"{val_mean:+.2f} ± {ci95(vals_val):.2f}"
             if best is None or val_mean > best[3]:
                 best = (mean, ci, label, val_mean)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {float(r.mean()):.3f} | {at:g} | {cell} | "
-                     f"{cell_last} |")
+                     f"{cell_last} | {cell_val} |")
     lines.append("")
     method = best[2].replace(" / ", "/").replace(" ", "_")
     summary = f"SUMMARY best_delta_m={best[0]:.2f} ci95={best[1]:.2f} method={method}"
     print("\n".join(lines))
-    key = "bench_mtl_omniglot" + ("_subset" if args.only else "_quick" if args.quick else "_full")
+    key = "bench_mtl_omniglot" + ("_overlaid" if args.dataset == "overlaid" else "") + (
+        f"_tasks{args.characters_per_task}" if args.dataset == "alphabets" and args.characters_per_task else "") + ("_subset" if args.only else "_quick" if args.quick else "_full")
     write_section(args.out, key, lines + ["```", summary, "```"])
     print(f"wrote {args.out} ({total:.0f} s)")
     print(summary)

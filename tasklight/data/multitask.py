@@ -10,6 +10,9 @@
   Validation/test batches are the concatenated held-out sets.
 * :class:`OmniglotAlphabetsDataModule` -- every alphabet of Omniglot is a task (classification over its
   characters); held-out drawers give validation and test sets.
+* :class:`OverlaidOmniglotDataModule` -- two tasks on the same images (MultiMNIST-style): each image is a
+  canvas with two overlapping Omniglot characters; task "left" names the up-left one, task "right" the
+  down-right one.
 
 Task descriptors ``z_i`` are one-hot by default; ``task_descriptors`` takes any ``[T, d]`` tensor
 (or the path of a ``.pt`` file holding one), e.g. Task2Vec embeddings.
@@ -326,6 +329,26 @@ class MultiTaskDataModule(RecordsInit, LightningDataModule):
     load_state_dict = EpisodicDataModule.load_state_dict
 
 
+def drawer_ranks(data, split_seed: Optional[int]) -> Tensor:
+    """Each image's position in its character's drawer order: the drawer number when ``split_seed`` is None,
+    else its rank in the character's own seeded permutation of the drawers
+    (:func:`~tasklight.core.seeding.seeded_generator` ``(split_seed, character)``)."""
+    if split_seed is None:
+        return data.image_drawer
+    from tasklight.core.seeding import seeded_generator
+
+    drawers = data.image_drawer
+    top = int(drawers.max()) + 1
+    ranks = torch.empty_like(drawers)
+    for c in range(data.num_characters):
+        idx = (data.image_character == c).nonzero().flatten()
+        order = torch.randperm(top, generator=seeded_generator(int(split_seed), c))
+        rank_of = torch.empty(top, dtype=torch.long)
+        rank_of[order] = torch.arange(top)
+        ranks[idx] = rank_of[drawers[idx].long()].to(ranks.dtype)
+    return ranks
+
+
 # ----------------------------------------------------------------------------- Omniglot alphabets
 class OmniglotAlphabetsDataModule(MultiTaskDataModule):
     """Omniglot alphabets as tasks: each alphabet is a classification task over its characters.
@@ -347,6 +370,10 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
         split_seed: when given, assign the drawers of each character to train / val / test in a seeded
             random order (:func:`~tasklight.core.seeding.seeded_generator` ``(split_seed, character)``)
             instead of by drawer number.
+        characters_per_task: split every alphabet into tasks of this many consecutive characters (its
+            last task takes the remainder when that has at least 2 characters, else the remainder joins
+            the task before): many small related tasks, named ``"<alphabet> <k>"``, labels the
+            character's index within its task. Default: one task per alphabet.
         Other arguments: see :class:`MultiTaskDataModule`.
     """
 
@@ -354,7 +381,8 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
                  val_drawers: int = 3, test_drawers: int = 3, train_drawers: Optional[int] = None,
                  batch_size_per_task: int = 16, steps_per_epoch: int = 100, eval_batch_size: int = 256,
                  task_descriptors: Optional[Union[Tensor, str]] = None, seed: int = 0, num_workers: int = 0,
-                 cache_dir: Optional[str] = None, split_seed: Optional[int] = None) -> None:
+                 cache_dir: Optional[str] = None, split_seed: Optional[int] = None,
+                 characters_per_task: Optional[int] = None) -> None:
         super().__init__(batch_size_per_task=batch_size_per_task, steps_per_epoch=steps_per_epoch,
                          eval_batch_size=eval_batch_size, task_descriptors=task_descriptors, seed=seed,
                          num_workers=num_workers)
@@ -372,6 +400,22 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
         self.split_seed = split_seed
         self.val_drawers, self.test_drawers = val_drawers, test_drawers
         self.train_drawers = train_drawers if train_drawers is not None else available
+        if characters_per_task is not None and (isinstance(characters_per_task, bool)
+                                                or not isinstance(characters_per_task, int) or characters_per_task < 2):
+            raise ValueError(f"characters_per_task must be an integer >= 2 (the classes of each task) or None (one "
+                             f"task per alphabet), got {characters_per_task!r}")
+        self.characters_per_task = characters_per_task
+
+    def _groups(self, chars: Tensor) -> list[Tensor]:
+        """An alphabet's characters as the classes of its tasks."""
+        k = self.characters_per_task
+        if k is None or len(chars) <= k:
+            return [chars]
+        groups = list(chars.split(k))
+        if len(groups[-1]) < 2:
+            last = groups.pop()
+            groups[-1] = torch.cat([groups[-1], last])
+        return groups
 
     def prepare_data(self) -> None:
         from tasklight.data.omniglot import load_omniglot
@@ -385,45 +429,189 @@ class OmniglotAlphabetsDataModule(MultiTaskDataModule):
         first_val = 20 - self.val_drawers - self.test_drawers
         first_test = 20 - self.test_drawers
         tasks, train, val, test = [], [], [], []
+        d = drawer_ranks(data, self.split_seed)
         for a, name in enumerate(data.alphabets):
-            chars = (data.character_alphabet == a).nonzero().flatten()
-            local = torch.full((data.num_characters,), -1, dtype=torch.long)
-            local[chars] = torch.arange(len(chars))
-            in_a = data.image_alphabet == a
-            d = self._drawer_ranks(data)
+            groups = self._groups((data.character_alphabet == a).nonzero().flatten())
+            for g, chars in enumerate(groups):
+                local = torch.full((data.num_characters,), -1, dtype=torch.long)
+                local[chars] = torch.arange(len(chars))
+                in_t = local[data.image_character] >= 0
 
-            def part(mask: Tensor) -> ImageTask:
-                idx = (in_a & mask).nonzero().flatten()
-                return ImageTask(data.images[idx], local[data.image_character[idx]])
+                def part(mask: Tensor) -> ImageTask:
+                    idx = (in_t & mask).nonzero().flatten()
+                    return ImageTask(data.images[idx], local[data.image_character[idx]])
 
-            train.append(part((d >= 0) & (d < self.train_drawers)))
-            val.append(part((d >= first_val) & (d < first_test)) if self.val_drawers else None)
-            test.append(part(d >= first_test) if self.test_drawers else None)
-            tasks.append(TaskSpec(name, int(len(chars)), "classification"))
+                train.append(part((d >= 0) & (d < self.train_drawers)))
+                val.append(part((d >= first_val) & (d < first_test)) if self.val_drawers else None)
+                test.append(part(d >= first_test) if self.test_drawers else None)
+                tasks.append(TaskSpec(name if len(groups) == 1 else f"{name} {g + 1}", int(len(chars)),
+                                      "classification"))
         return tasks, train, val, test
-
-    def _drawer_ranks(self, data) -> Tensor:
-        """Each image's position in its character's drawer order: the drawer number, or its rank in the
-        character's seeded permutation of the drawers when ``split_seed`` is set."""
-        if self.split_seed is None:
-            return data.image_drawer
-        from tasklight.core.seeding import seeded_generator
-
-        drawers = data.image_drawer
-        top = int(drawers.max()) + 1
-        ranks = torch.empty_like(drawers)
-        for c in range(data.num_characters):
-            idx = (data.image_character == c).nonzero().flatten()
-            order = torch.randperm(top, generator=seeded_generator(int(self.split_seed), c))
-            rank_of = torch.empty(top, dtype=torch.long)
-            rank_of[order] = torch.arange(top)
-            ranks[idx] = rank_of[drawers[idx].long()].to(ranks.dtype)
-        return ranks
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (1, self.image_size, self.image_size)
 
 
+# ----------------------------------------------------------------------------- overlaid Omniglot characters
+class OverlaidOmniglotDataModule(MultiTaskDataModule):
+    """Two tasks on the same images, MultiMNIST-style: each image is a canvas holding two Omniglot characters.
+
+    A fixed set of ``num_characters`` characters is drawn once (seeded by ``character_seed``) from the
+    alphabets in ``root``; they are the classes of both tasks (label = the character's position in that
+    set). Each ``image_size`` x ``image_size`` character image is placed on a square canvas of side
+    ``image_size + shift``: the first one in the top-left corner (shifted up-left), the second
+    ``shift`` pixels lower and further right (shifted down-right); they overlap, and the canvas is their
+    pixel-wise maximum (strokes are white on black, so both stay visible where they cross). Task
+    ``"left"`` classifies the first character, task ``"right"`` the second; both tasks have the same
+    canvases (the same tensor), only the labels differ.
+
+    The 20 drawers of every chosen character are put in a seeded random order of their own
+    (``split_seed``, as ``OmniglotAlphabetsDataModule(split_seed=...)`` does) and split: the first
+    ``train_drawers`` train (the low-data knob), the last ``test_drawers`` test, the ``val_drawers``
+    before them validate. A split's canvases are ordered pairs (first, second) of that split's images,
+    so no image of one split appears in another: all ``n * n`` pairs of its ``n`` images (a character may
+    be paired with itself, as digits are in MultiMNIST), or, when ``<split>_canvases`` is given, that
+    many distinct pairs drawn at random (seeded by ``split_seed`` and the split). The same
+    ``split_seed`` gives every model the same canvases (paired comparisons).
+
+    Args:
+        root: Omniglot folder or zips (default: the small sets shipped with tasklight, see
+            :func:`~tasklight.data.omniglot.default_omniglot_root`).
+        alphabets: draw the characters from these alphabets only (default: all).
+        num_characters: classes per task (at least 2).
+        character_seed: seed of the draw of the characters.
+        image_size: side of one character image (Omniglot resized to it).
+        shift: offset in pixels, down and right, of the second character (1 .. image_size - 1, so
+            that the characters overlap); the canvas side is ``image_size + shift``.
+        train_drawers, val_drawers: drawers per character for training and validation.
+        test_drawers: drawers per character for testing (default: all the rest of the 20).
+        train_canvases, val_canvases, test_canvases: number of canvases of each split (default: all
+            ordered pairs of the split's images). After setup, ``pairs[split]`` holds each canvas's two
+            image indices in :func:`~tasklight.data.omniglot.load_omniglot`'s arrays.
+        split_seed: seed of the drawer split and of the pairing.
+        Other arguments: see :class:`MultiTaskDataModule`.
+    """
+
+    TASKS = ("left", "right")
+
+    def __init__(self, root: Optional[str] = None, alphabets: Optional[list[str]] = None, num_characters: int = 20,
+                 character_seed: int = 0, image_size: int = 16, shift: int = 4, train_drawers: int = 1,
+                 val_drawers: int = 2, test_drawers: Optional[int] = None, train_canvases: Optional[int] = None,
+                 val_canvases: Optional[int] = None, test_canvases: Optional[int] = None, split_seed: int = 0,
+                 batch_size_per_task: int = 16, steps_per_epoch: int = 100, eval_batch_size: int = 256,
+                 task_descriptors: Optional[Union[Tensor, str]] = None, seed: int = 0, num_workers: int = 0,
+                 cache_dir: Optional[str] = None) -> None:
+        super().__init__(batch_size_per_task=batch_size_per_task, steps_per_epoch=steps_per_epoch,
+                         eval_batch_size=eval_batch_size, task_descriptors=task_descriptors, seed=seed,
+                         num_workers=num_workers)
+        if num_characters < 2:
+            raise ValueError(f"num_characters must be at least 2 (the classes of each task), got {num_characters}")
+        if image_size < 1 or not 1 <= shift < image_size:
+            raise ValueError(f"shift must be between 1 and image_size - 1 ({image_size - 1}) so that the two "
+                             f"characters are offset and overlap; got shift={shift}, image_size={image_size}")
+        for name, v in (("character_seed", character_seed), ("split_seed", split_seed)):
+            if int(v) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v}")
+        if train_drawers < 1 or val_drawers < 0:
+            raise ValueError(f"train_drawers must be >= 1 and val_drawers >= 0, got train_drawers={train_drawers}, "
+                             f"val_drawers={val_drawers}")
+        if test_drawers is None:
+            test_drawers = 20 - train_drawers - val_drawers
+        if test_drawers < 0 or train_drawers + val_drawers + test_drawers > 20:
+            raise ValueError(f"train_drawers + val_drawers + test_drawers must be at most the 20 drawers of a "
+                             f"character, got {train_drawers} + {val_drawers} + {test_drawers}; lower one of them")
+        for name, v in (("train_canvases", train_canvases), ("val_canvases", val_canvases),
+                        ("test_canvases", test_canvases)):
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for all pairs of the split's images), got {v}")
+        self.root, self.alphabets, self.cache_dir = root, alphabets, cache_dir
+        self.num_characters, self.character_seed = num_characters, int(character_seed)
+        self.image_size, self.shift, self.split_seed = image_size, shift, int(split_seed)
+        self.train_drawers, self.val_drawers, self.test_drawers = train_drawers, val_drawers, test_drawers
+        self.canvases = {"train": train_canvases, "val": val_canvases, "test": test_canvases}
+        self.characters: list[str] = []  # names of the chosen characters, in label order (after setup)
+        # per split, [n, 2]: the indices (in load_omniglot's arrays) of each canvas's first and second image
+        self.pairs: dict[str, Tensor] = {}
+
+    @property
+    def canvas_size(self) -> int:
+        return self.image_size + self.shift
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (1, self.canvas_size, self.canvas_size)
+
+    def prepare_data(self) -> None:
+        from tasklight.data.omniglot import load_omniglot
+
+        load_omniglot(self.root, self.image_size, self.cache_dir, alphabets=self.alphabets)
+
+    def overlay(self, first: Tensor, second: Tensor) -> Tensor:
+        """Canvases ``[n, S, S]`` (``S = image_size + shift``) of the images ``first`` and ``second``
+        (``[n, image_size, image_size]``): ``first`` at the top left, ``second`` shifted by ``shift``
+        down and right, pixel-wise maximum."""
+        s, k = self.image_size, self.shift
+        if first.shape != second.shape or first.shape[-2:] != (s, s):
+            raise ValueError(f"overlay needs two batches of {s}x{s} images of the same shape, got "
+                             f"{tuple(first.shape)} and {tuple(second.shape)}")
+        canvas = first.new_zeros((*first.shape[:-2], s + k, s + k))
+        canvas[..., :s, :s] = first
+        canvas[..., k:, k:] = torch.maximum(canvas[..., k:, k:], second)
+        return canvas
+
+    def build(self):
+        from tasklight.core.seeding import seeded_generator
+        from tasklight.data.omniglot import load_omniglot
+
+        data = load_omniglot(self.root, self.image_size, self.cache_dir, alphabets=self.alphabets)
+        if self.num_characters > data.num_characters:
+            raise ValueError(f"num_characters={self.num_characters} but the Omniglot images in "
+                             f"{self.root or 'the default root'} have only {data.num_characters} characters; "
+                             f"lower num_characters or add alphabets")
+        chosen = torch.randperm(data.num_characters, generator=seeded_generator(self.character_seed))
+        chosen = chosen[:self.num_characters]
+        label = torch.full((data.num_characters,), -1, dtype=torch.long)
+        label[chosen] = torch.arange(self.num_characters)
+        self.characters = [data.characters[int(c)] for c in chosen]
+        per_character = torch.bincount(data.image_character, minlength=data.num_characters)[chosen]
+        if (per_character != 20).any():
+            bad = [self.characters[i] for i in (per_character != 20).nonzero().flatten().tolist()]
+            raise ValueError(f"characters {bad} do not have exactly 20 drawers (images); the drawer split needs "
+                             f"the 20 drawers of every Omniglot character, so give a complete Omniglot root")
+        rank = drawer_ranks(data, self.split_seed)
+        first_test = 20 - self.test_drawers
+        first_val = first_test - self.val_drawers
+        ranges = {"train": (0, self.train_drawers), "val": (first_val, first_test), "test": (first_test, 20)}
+        sets: dict[str, Optional[ImageTask]] = {}
+        labels: dict[str, tuple[Tensor, Tensor]] = {}
+        for split_id, (split, (lo, hi)) in enumerate(ranges.items()):
+            idx = ((label[data.image_character] >= 0) & (rank >= lo) & (rank < hi)).nonzero().flatten()
+            n = len(idx)
+            if n == 0:
+                sets[split] = None
+                continue
+            want = self.canvases[split]
+            if want is not None and want > n * n:
+                raise ValueError(f"{split}_canvases={want} but the {split} split has only {n * n} distinct pairs "
+                                 f"of its {n} images ({hi - lo} drawers x {self.num_characters} characters); "
+                                 f"lower {split}_canvases, give it more drawers, or use None for all pairs")
+            pairs = torch.arange(n * n)
+            if want is not None:
+                gen = seeded_generator(self.split_seed, self.character_seed, split_id)
+                pairs = torch.randperm(n * n, generator=gen)[:want].sort().values
+            a, b = idx[pairs // n], idx[pairs % n]
+            canvas = self.overlay(data.images[a], data.images[b])
+            labels[split] = (label[data.image_character[a]], label[data.image_character[b]])
+            self.pairs[split] = torch.stack([a, b], 1)
+            sets[split] = canvas
+        tasks, train, val, test = [], [], [], []
+        for t, name in enumerate(self.TASKS):
+            tasks.append(TaskSpec(name, self.num_characters, "classification"))
+            for split, out in (("train", train), ("val", val), ("test", test)):
+                out.append(ImageTask(sets[split], labels[split][t]) if sets[split] is not None else None)
+        return tasks, train, val, test
+
+
 __all__ = ["MultiTaskBatch", "TaskSpec", "MultiTaskDataModule", "OmniglotAlphabetsDataModule",
-           "load_descriptors", "ImageTask", "MultiTaskStream"]
+           "OverlaidOmniglotDataModule", "load_descriptors", "ImageTask", "MultiTaskStream", "drawer_ranks"]

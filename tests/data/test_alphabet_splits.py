@@ -71,3 +71,38 @@ def test_eval_loaders_before_setup_and_for_a_subset_of_tasks():
         dm.eval_dataloader("test", [2])
     with pytest.raises(ValueError, match="split must be 'val' or 'test'"):
         dm.eval_dataloader("train")
+
+
+def test_characters_per_task_splits_each_alphabet_into_small_tasks_of_its_characters():
+    whole = _dm(train_drawers=1, val_drawers=2, test_drawers=17, split_seed=3)
+    n = whole.tasks[0].out_features  # Greek's characters
+    dm = _dm(train_drawers=1, val_drawers=2, test_drawers=17, split_seed=3, characters_per_task=5)
+    sizes = [t.out_features for t in dm.tasks]
+    assert sum(sizes) == n and all(s >= 2 for s in sizes) and sizes[:-1] == [5] * (len(sizes) - 1)
+    assert [t.name for t in dm.tasks] == [f"Greek {k + 1}" for k in range(len(sizes))]
+    offset = 0
+    for t, k in enumerate(sizes):
+        for split, whole_split in ((dm.train_sets, whole.train_sets), (dm.test_sets, whole.test_sets)):
+            part = split[t]
+            assert part.labels.min() >= 0 and part.labels.max() == k - 1
+            # task t is the whole-alphabet task's characters offset .. offset + k - 1, relabelled from 0
+            keep = (whole_split[0].labels >= offset) & (whole_split[0].labels < offset + k)
+            want = sorted((int(y) - offset, bytes(x.numpy().tobytes()))
+                          for x, y in zip(whole_split[0].images[keep], whole_split[0].labels[keep]))
+            assert _keyed(part) == want
+        offset += k
+
+
+def test_characters_per_task_merges_a_remainder_of_one_character():
+    dm = _dm(train_drawers=1, val_drawers=2, test_drawers=17, characters_per_task=4)
+    n = sum(t.out_features for t in dm.tasks)  # Greek has 24 characters: 6 tasks of 4
+    groups = dm._groups(torch.arange(9))
+    assert [len(g) for g in groups] == [4, 5]  # 4 + 4 + 1: the single character joins the task before
+    assert [len(g) for g in dm._groups(torch.arange(10))] == [4, 4, 2]
+    assert n == sum(len(g) for g in dm._groups(torch.arange(n)))
+
+
+@pytest.mark.parametrize("bad", [1, 0, -3, 2.5, True])
+def test_characters_per_task_must_be_an_integer_of_at_least_two(bad):
+    with pytest.raises(ValueError, match="characters_per_task must be an integer >= 2"):
+        OmniglotAlphabetsDataModule(characters_per_task=bad)
