@@ -347,12 +347,18 @@ def main(argv=None) -> None:
         if args.characters_per_task:
             title = (f"Omniglot alphabets in tasks of {args.characters_per_task} characters, {args.train_drawers} "
                      f"training drawer(s) per character")
+        per = "task" if args.characters_per_task else "alphabet"
         data = (f"Conv4 (width {hidden}, {size}x{size} images, running BatchNorm statistics at test time), Adam "
-                f"{args.lr:g}, {n_steps[-1]} steps of {args.batch_size_per_task} images per alphabet (DWA's epoch: "
+                f"{args.lr:g}, {n_steps[-1]} steps of {args.batch_size_per_task} images per {per} (DWA's epoch: "
                 f"{every} steps), {len(seeds)} seeds. Per seed and character, a seeded random split of the 20 "
                 f"drawers: {args.train_drawers} train, {args.val_drawers} validate, {test_drawers} test (the same "
                 f"split and training stream for every model of a seed).")
         unit = "alphabets"
+        if args.characters_per_task:
+            data = (f"Every alphabet split into tasks of {args.characters_per_task} consecutive characters "
+                    f"(`characters_per_task`; a one-character remainder joins the task before): "
+                    f"{len(names)} tasks. " + data)
+            unit = "tasks"
     else:
         c, side = args.num_characters, size + args.shift
         title = (f"Overlaid Omniglot characters (two tasks), {args.train_drawers} training drawer(s) per "
