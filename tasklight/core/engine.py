@@ -339,13 +339,11 @@ EXPLICIT_MLP_META_GRAD = True
 def manual_mlp_ok(plan: StackPlan, loss_fn) -> bool:
     """Whether the gradient can be written out by hand: Linear layers and ReLU / Tanh / Identity
     under a mean-squared-error loss (:mod:`tasklight.core.mlp_explicit`)."""
-    from tasklight.core.mlp_explicit import ACTIVATIONS
+    from tasklight.core.mlp_explicit import is_mlp
     from tasklight.nn.losses import TargetChecked
 
     base = loss_fn.loss if isinstance(loss_fn, TargetChecked) else loss_fn
-    if type(base) is not nn.MSELoss or base.reduction != "mean" or not plan.ops or plan.ops[-1].kind != "linear":
-        return False
-    return all(op.kind == "linear" or (op.kind == "act" and type(op.module) in ACTIVATIONS) for op in plan.ops)
+    return type(base) is nn.MSELoss and base.reduction == "mean" and is_mlp(plan)
 
 
 def stacked_adapt_tasks(core, plan: StackPlan, params, buffers, support_x, support_y, query_x=None, query_y=None, *,
@@ -445,13 +443,11 @@ class Engine:
                            "BENCHMARKS.md, meta-step time)")
                     self._resolved = "loop"
                 elif self._plan is not None:
-                    from tasklight.core.mlp_explicit import ACTIVATIONS
+                    from tasklight.core.mlp_explicit import is_mlp
 
-                    mlp = all(op.kind == "linear" or (op.kind == "act" and type(op.module) in ACTIVATIONS)
-                              for op in self._plan.ops)
                     why = ("the network is made of layers the task-stacked layout implements (grouped convolutions, "
                            "native BatchNorm, bmm heads)")
-                    if mlp:
+                    if is_mlp(self._plan):
                         why += ("; an MLP: under an MSE loss and (Meta-)SGD inner steps its meta-gradient is written "
                                 "out, with no autograd graph")
                     self._resolved = "stacked"
@@ -589,12 +585,12 @@ class Engine:
             lr = update.lr
         T = sx.shape[0]
         if compiled:
-            fn = self._compiled_explicit(params, lr, kw)
+            key, fn = self._compiled_explicit(params, lr, kw)
             rates = {k: v.detach() for k, v in lr.items()} if isinstance(lr, Mapping) else \
                 (lr.detach() if isinstance(lr, Tensor) else None)
             t0 = time.perf_counter()
             acc, lr_acc, ql, inner = fn({k: v.detach() for k, v in params.items()}, rates, sx, sy, qx, qy)
-            self._log_compile(t0, sx, qx)
+            self._log_compile(t0, sx, qx, key)
             qls, inners = [ql], [inner]
         else:
             c = self._chunk(T)
@@ -603,11 +599,10 @@ class Engine:
             for s in range(0, T, c):
                 sl = slice(s, s + c)
                 g, lg, ql, inner = explicit_meta_gradient(self._plan, self.core, params, sx[sl], sy[sl], qx[sl],
-                                                          qy[sl], lr=lr, **kw)
-                scale = ql.shape[0] / T  # each chunk's gradient is of its own mean
+                                                          qy[sl], lr=lr, num_tasks=T, **kw)
                 for store, part in ((acc, g), (lr_acc, lg)):
                     for k, v in part.items():
-                        store[k] = v * scale if k not in store else store[k] + v * scale
+                        store[k] = v if k not in store else store[k] + v
                 qls.append(ql)
                 inners.append(inner)
         pairs = [(params[k], acc[k]) for k in params if params[k].requires_grad]
@@ -639,7 +634,7 @@ class Engine:
             fn = torch.compile(meta_grad, backend=self.compile_backend, dynamic=False) \
                 if self.compile_backend != "eager" else meta_grad
             self._compiled[key] = fn
-        return fn
+        return key, fn
 
     def _set_compile_cache(self) -> None:
         if self.compile_cache_dir is not None:

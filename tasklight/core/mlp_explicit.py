@@ -185,6 +185,12 @@ def _reduce_to(g: Tensor, like: Tensor) -> Tensor:
     return g.sum(0) if g.dim() > like.dim() else g
 
 
+def is_mlp(plan) -> bool:
+    """Whether a stack plan is Linear layers and the activations written out here, ending in a Linear."""
+    return bool(plan.ops) and plan.ops[-1].kind == "linear" and all(
+        op.kind == "linear" or (op.kind == "act" and type(op.module) in ACTIVATIONS) for op in plan.ops)
+
+
 def explicit_ok(plan, core, buffers, kw) -> bool:
     """Whether :func:`explicit_meta_gradient` computes this meta-objective's gradient."""
     from tasklight.core.engine import manual_mlp_ok
@@ -197,8 +203,11 @@ def explicit_ok(plan, core, buffers, kw) -> bool:
 
 
 def explicit_meta_gradient(plan, core, params: Mapping[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
-                           *, steps: int, lr=None, first_order: bool = False, update=None, **_ignored):
-    """The mean query loss's gradient through ``steps`` (Meta-)SGD inner steps, written out.
+                           *, steps: int, lr=None, first_order: bool = False, update=None,
+                           num_tasks: Optional[int] = None, **_ignored):
+    """The gradient of ``sum of the query losses / num_tasks`` (default: the mean over these tasks)
+    through ``steps`` (Meta-)SGD inner steps, written out; a chunk of a meta-batch passes the whole
+    batch's ``num_tasks``, so the chunks' gradients add up.
 
     Returns ``(grads, lr_grads, query_losses [T], inner_losses [T, steps])``: ``grads`` for every
     parameter (summed over the tasks), ``lr_grads`` for the rate tensors of ``lr`` (empty for a
@@ -213,13 +222,16 @@ def explicit_meta_gradient(plan, core, params: Mapping[str, Tensor], sx: Tensor,
     names = [k for k in params if core.is_adapted(k)]
     with torch.no_grad():
         P = {k: v.detach() for k, v in params.items()}
-        rates = {k: (lr_for(lr, k).detach() if isinstance(lr_for(lr, k), Tensor) else lr_for(lr, k)) for k in names}
+        rates = {k: lr_for(lr, k) for k in names}
+        rates = {k: r.detach() if isinstance(r, Tensor) else r for k, r in rates.items()}
         tape, inner = [], []
+        target = None
         for _ in range(steps):
             vals = mlp_forward(ops, P, sx)
-            out = vals[-1].reshape(*sx.shape[:-1], vals[-1].shape[-1])
-            target = align_target(out, sy, getattr(core.inner_loss_fn, "loss", core.inner_loss_fn),
-                                  getattr(core.inner_loss_fn, "what", "the network"))
+            if target is None:  # the support targets, aligned once
+                out = vals[-1].reshape(*sx.shape[:-1], vals[-1].shape[-1])
+                target = align_target(out, sy, getattr(core.inner_loss_fn, "loss", core.inner_loss_fn),
+                                      getattr(core.inner_loss_fn, "what", "the network"))
             losses, d, scale = _mse_signal(vals[-1], target)
             grads, ds = mlp_backward(ops, P, vals, d, set(names))
             tape.append((P, vals, ds, scale, grads))
@@ -230,7 +242,7 @@ def explicit_meta_gradient(plan, core, params: Mapping[str, Tensor], sx: Tensor,
         target = align_target(out, qy, getattr(core.loss_fn, "loss", core.loss_fn),
                               getattr(core.loss_fn, "what", "the network"))
         qloss, d, _ = _mse_signal(vals[-1], target)
-        adj, _ = mlp_backward(ops, P, vals, d / T)
+        adj, _ = mlp_backward(ops, P, vals, d / (num_tasks or T))
         lr_grads: dict[str, Tensor] = {}
         # a number as the rate: H (lr a) = lr (H a), so the direction is the adjoint itself
         plain = all(not isinstance(rates[k], Tensor) for k in names) and len({rates[k] for k in names}) == 1
