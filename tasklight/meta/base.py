@@ -277,7 +277,11 @@ class MetaLearner(SelfDescribing, LightningModule):
     def episode_metric(self, outputs: Tensor, query_y: Tensor) -> Tensor:
         """Per-task accuracy (classification) or MSE (regression) of query outputs ``[T, Q, ...]``."""
         if self.task_type == "classification":
-            return (outputs.argmax(-1) == query_y).float().mean(-1)
+            acc = (outputs.argmax(-1) == query_y).float().mean(-1)
+            # argmax of non-finite logits still "predicts" a class: a task whose outputs are not finite
+            # gets a NaN accuracy, so the epoch's metric is NaN on every rank and the evaluation raises
+            finite = torch.isfinite(outputs).flatten(1).all(-1)
+            return torch.where(finite, acc, torch.full_like(acc, math.nan))
         pred = self.predictions(outputs)
         target = align_target(pred, query_y, None, "the predictions")
         return F.mse_loss(pred, target, reduction="none").flatten(1).mean(-1)

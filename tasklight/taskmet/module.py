@@ -36,7 +36,7 @@ from tasklight.core.engine import surrogate_objective
 from tasklight.core.implicit import implicit_gradient
 from tasklight.core.update_rules import make_update_rule
 from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_metrics, configure_outer_optimizers,
-                                  default_optimizer, outer_step, setup_outer_step)
+                                  default_optimizer, first_nonfinite, outer_step, setup_outer_step)
 from tasklight.metrics import unshare_state
 from tasklight.nn.losses import align_target, mahalanobis_loss
 from tasklight.nn.nets import MLP
@@ -391,7 +391,8 @@ class TaskMetModule(DecisionLearner):
     def metric_gradient(self, x: Tensor, y: Tensor) -> tuple[ParamDict, dict]:
         """One outer step's inner fit and ``d L_task / d phi``; writes ``theta*`` into the predictor.
 
-        Returns the metric gradient (a dict like the metric's parameters) and logging values.
+        Returns the metric gradient (a dict like the metric's parameters) and logging values, or
+        ``(None, {"problem": ...})`` when the inner solution is not finite (nothing is written then).
         """
         steps = self.first_inner_steps if self._inner_state is None else self.inner_steps
         theta0 = {k: p.detach() for k, p in self.predictor.named_parameters()}
@@ -400,6 +401,9 @@ class TaskMetModule(DecisionLearner):
             with torch.no_grad():
                 lam = self.metric(x)
             theta, state = self.run_inner(theta0, lam, x, y, steps, self._inner_state)
+            diverged = self._diverged(theta, steps)
+            if diverged:
+                return None, {"problem": diverged}
             theta = {k: t.detach().requires_grad_() for k, t in theta.items()}
             with torch.enable_grad():
                 task = self.problem.task_loss(functional_call(self.predictor, theta, (x,), strict=False), y, x)
@@ -417,6 +421,9 @@ class TaskMetModule(DecisionLearner):
             with torch.enable_grad():
                 lam = functional_call(self.metric, phi, (x,), strict=False)
                 theta, state = self.run_inner(warm, lam, x, y, self.inner_steps, state)
+                diverged = self._diverged(theta, steps)
+                if diverged:
+                    return None, {"problem": diverged}
                 task = self.problem.task_loss(functional_call(self.predictor, theta, (x,), strict=False), y, x)
                 hyper = _grads(task, phi)
         self._inner_state = {key: ({k: t.detach() for k, t in val.items()} if isinstance(val, dict) else val)
@@ -427,11 +434,27 @@ class TaskMetModule(DecisionLearner):
             inner = self.inner_loss(theta, phi, x, y)
         return {k: h.detach() for k, h in hyper.items()}, {"task_loss": task.detach(), "inner_loss": inner.detach()}
 
+    def _diverged(self, theta: ParamDict, steps: int) -> Optional[str]:
+        """A description of a non-finite inner solution, or None (checked before the task loss, whose
+        decision would refuse NaN predictions without the non-finite policy)."""
+        bad = first_nonfinite([(k, t.detach()) for k, t in theta.items()])
+        if bad is None:
+            return None
+        return (f"non-finite inner solution (predictor parameter {bad}) after {steps} inner steps "
+                f"(inner_optimizer={self.inner_optimizer!r}, inner_lr={self.inner_lr})")
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
         with torch.no_grad():
             y = self._checked_target(self(x), y)
         hyper, logs = self.metric_gradient(x, y)
+        if hyper is None:
+            # the inner loop diverged: predictor and inner state are left as they were; the shared
+            # policy raises (nonfinite='raise') or skips the step (parameters and optimiser untouched)
+            zero = surrogate_objective(list(self.metric.parameters()),
+                                       [torch.zeros_like(p) for p in self.metric.parameters()])
+            self._step(zero, logs["problem"])
+            return zero.detach()
         # one backward of <phi, hypergradient> puts the hypergradient in .grad (and syncs it under DDP)
         named = list(self.metric.named_parameters())
         surrogate = surrogate_objective([p for _, p in named], [hyper[k] for k, _ in named])

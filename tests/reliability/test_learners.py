@@ -303,3 +303,169 @@ def test_a_meta_batch_that_does_not_fit_names_the_settings():
     module = MAMLModule(_Greedy(), inner_steps=1)
     with pytest.raises(MemoryError, match="meta_batch_size.*inner_steps"):
         trainer(max_steps=1).fit(module, small_dm())
+
+
+# ------------------------------------------------------------------ rows 1, 2, 7, 9 in every learner
+def _regression_learner(name, out=1, **kw):
+    from tasklight.meta import MAMLPlusPlusModule, ReptileModule
+
+    net = MLP(1, [8], out)
+    if name == "maml":
+        return MAMLModule(net, inner_steps=1, **kw)
+    if name == "imaml":
+        return IMAMLModule(net, inner_steps=1, **kw)
+    if name == "mamlpp":
+        return MAMLPlusPlusModule(net, loss="mse", inner_steps=1, per_step_bn=False, cosine_lr=False, **kw)
+    return ReptileModule(net, inner_steps=1, **kw)
+
+
+REGRESSION_LEARNERS = ["maml", "imaml", "mamlpp", "reptile"]
+
+
+@pytest.mark.parametrize("name", REGRESSION_LEARNERS)
+def test_every_regression_learner_ends_a_run_of_skips(name):
+    torch.manual_seed(0)
+    module = _regression_learner(name, inner_lr=1e6, nonfinite="skip", max_consecutive_skips=2)
+    t = trainer(max_steps=50)
+    with pytest.warns(RuntimeWarning, match="skipped step"):
+        with pytest.raises(FloatingPointError, match=r"3 steps in a row .*max_consecutive_skips=2"):
+            t.fit(module, small_dm())
+    assert int(module.skipped_steps) == 3 and t.global_step <= 1  # Reptile's first step is still finite
+
+
+@pytest.mark.parametrize("name", REGRESSION_LEARNERS)
+def test_every_regression_learner_checks_targets_against_outputs(name):
+    flat, full = _episode(), _episode(target_dims=(1,))
+    torch.manual_seed(0)
+    a, b = _regression_learner(name, inner_lr=0.1), _regression_learner(name, inner_lr=0.1)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a.meta_objective(flat).query_losses, b.meta_objective(full).query_losses)
+    assert a.predict_episode(flat.support_x[0], flat.support_y[0], flat.query_x[0]).shape == (5, 1)
+    three = _regression_learner(name, out=3)
+    with pytest.raises(ValueError, match=r"outputs of shape \(2, (5|10), 3\) but the regression targets"):
+        three.meta_objective(flat)
+    with pytest.raises(ValueError, match="out_features"):
+        three.predict_episode(flat.support_x[0], flat.support_y[0], flat.query_x[0])
+
+
+@pytest.mark.parametrize("name", REGRESSION_LEARNERS)
+def test_every_regression_learner_refuses_out_of_range_settings(name):
+    for kwargs, match in [(dict(inner_lr=-0.1), "inner_lr must be"), (dict(inner_lr=float("nan")), "inner_lr must be"),
+                          (dict(clip_grad_norm=-1), "clip_grad_norm must be"),
+                          (dict(extra_eval_steps=[-1]), "extra_eval_steps must be")]:
+        with pytest.raises(ValueError, match=match):
+            _regression_learner(name, **kwargs)
+
+
+def _classifier(name):
+    from tasklight.meta import ProtoMAMLModule, ProtoNetModule
+
+    if name == "maml":
+        return MAMLModule(Conv4(1, 5, hidden=4, image_size=28), loss="cross_entropy", inner_steps=1)
+    if name == "protonet":
+        return ProtoNetModule(Conv4(1, 0, hidden=4, image_size=28))
+    return ProtoMAMLModule(Conv4(1, 0, hidden=4, image_size=28), inner_steps=1)
+
+
+class _TestEpisodes(_Episodes):
+    def test_dataloader(self):
+        return self.train_dataloader()
+
+
+@pytest.mark.parametrize("name", ["maml", "protonet", "protomaml"])
+def test_non_finite_logits_make_the_accuracy_an_error(name):
+    """argmax of NaN logits still picks a class: the accuracy would be a finite, meaningless number."""
+    torch.manual_seed(0)
+    module = _classifier(name)
+    trainer().test(module, _TestEpisodes(), verbose=False)  # finite: no error
+    with torch.no_grad():
+        for p in module.net.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"test \(episodes: 8\) produced non-finite metrics: test/acc@0=nan"):
+        trainer().test(module, _TestEpisodes(), verbose=False)
+
+
+@pytest.mark.parametrize("name", ["protonet", "protomaml"])
+def test_prototype_learners_end_a_run_of_skips(name):
+    torch.manual_seed(0)
+    module = _classifier(name)
+    module.nonfinite, module.max_consecutive_skips = "skip", 1
+    with torch.no_grad():
+        next(module.net.parameters()).fill_(float("nan"))
+    with pytest.warns(RuntimeWarning, match="skipped step"):
+        with pytest.raises(FloatingPointError, match=r"2 steps in a row .*max_consecutive_skips=1"):
+            trainer(max_steps=4).fit(module, _Episodes())
+
+
+def _taskmet(**kw):
+    from tasklight.taskmet.module import MetricNet, TaskMetModule
+
+    torch.manual_seed(0)
+    args = dict(inner_optimizer="sgd", inner_lr=0.1, inner_steps=2, first_inner_steps=2)
+    args.update(kw)
+    return TaskMetModule(MLP(1, [], 1), MetricNet(1, 1, hidden=(8,)), **args)
+
+
+def _decision_dm():
+    from tasklight.taskmet.problems import CubicTopK, DecisionDataModule
+
+    return DecisionDataModule(CubicTopK(num_items=10, temperature=0.3), num_train=20, num_val=10, num_test=10,
+                              batch_size=10)
+
+
+@pytest.mark.parametrize("hypergradient", ["implicit", "unrolled"])
+def test_taskmet_diverging_inner_loop_goes_through_the_policy(hypergradient):
+    """A diverged inner solution is a non-finite step (raise, or skip with the predictor untouched),
+    not a ValueError of the decision solver about NaN predictions."""
+    diverging = dict(inner_lr=1e8, inner_steps=5, first_inner_steps=5, hypergradient=hypergradient)
+    with pytest.raises(FloatingPointError, match=r"non-finite inner solution .*inner_lr=100000000\.0.*nonfinite='skip'"):
+        trainer(max_steps=2).fit(_taskmet(**diverging), _decision_dm())
+    module = _taskmet(**diverging, nonfinite="skip", max_consecutive_skips=2)
+    before = {k: p.detach().clone() for k, p in module.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="skipped step"):
+        with pytest.raises(FloatingPointError, match=r"3 steps in a row .*max_consecutive_skips=2"):
+            trainer(max_steps=20).fit(module, _decision_dm())
+    assert int(module.skipped_steps) == 3 and module._inner_state is None
+    for k, v in module.state_dict().items():
+        if k not in ("skipped_steps", "consecutive_skips"):
+            assert torch.equal(v, before[k]), k
+    # a sane inner_lr trains
+    module = _taskmet()
+    trainer(max_steps=2).fit(module, _decision_dm())
+    assert int(module.skipped_steps) == 0 and module._inner_state is not None
+
+
+def _mtl_dm(out=1):
+    from torch.utils.data import TensorDataset
+
+    from tasklight.data.multitask import MultiTaskDataModule, TaskSpec
+
+    g = torch.Generator().manual_seed(0)
+
+    def sets(n):
+        xs = [torch.randn(n, 4, generator=g) for _ in range(2)]
+        return [TensorDataset(x, x.sum(1)) for x in xs]
+
+    return MultiTaskDataModule(train_sets=sets(24), val_sets=sets(12), test_sets=sets(12), batch_size_per_task=4,
+                               steps_per_epoch=4, tasks=[TaskSpec(f"t{i}", out, "regression") for i in range(2)])
+
+
+def test_multitask_checks_targets_skips_and_evaluation():
+    from tasklight.multitask.module import MultiTaskModule
+
+    with pytest.raises(ValueError, match=r"head of task 0 \('t0'\) gives outputs of shape \(4, 3\) but the regression "
+                                         r"targets have shape \(4,\)"):
+        trainer(max_steps=1).fit(MultiTaskModule(MLP(4, [8], 6)), _mtl_dm(out=3))
+    torch.manual_seed(0)
+    module = MultiTaskModule(MLP(4, [8], 6), optimizer=lambda p: torch.optim.SGD(p, lr=1e30), nonfinite="skip",
+                             max_consecutive_skips=2)
+    with pytest.warns(RuntimeWarning, match="skipped step"):
+        with pytest.raises(FloatingPointError, match=r"3 steps in a row .*max_consecutive_skips=2"):
+            trainer(max_steps=30).fit(module, _mtl_dm())
+    module = MultiTaskModule(MLP(4, [8], 6))
+    trainer(max_steps=1).fit(module, _mtl_dm())
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"test produced non-finite metrics: test/tasks/t0/loss=nan"):
+        trainer().test(module, _mtl_dm(), verbose=False)
