@@ -191,6 +191,15 @@ class TasklightCLI(LightningCLI):
             kwargs["strategy"] = timed_strategy(strategy, timeout)
         return super().instantiate_trainer(**kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads --ckpt_path for its hyperparameters right after parsing, before any hook: a
+        # truncated file would fail there with torch's own error, not naming the file
+        sub = self.config.get("subcommand")
+        path = (self.config.get(sub) or {}).get("ckpt_path") if sub else None
+        if path:
+            check_checkpoint_file(path)
+        super()._parse_ckpt_path()
+
     def _check_ckpt_path(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         path = cfg.get("ckpt_path")
@@ -365,6 +374,7 @@ class TasklightCLI(LightningCLI):
         self._announce()
 
     def before_predict(self) -> None:
+        self._check_ckpt_path()
         self._announce()
 
     def _report(self) -> None:

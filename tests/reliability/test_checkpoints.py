@@ -86,3 +86,45 @@ def test_resuming_with_other_episode_settings_is_refused(ckpt, tmp_path):
     t = _trainer(tmp_path, 3)
     t.fit(_maml(), _dm(num_workers=0, batches_per_epoch=7, test_episodes=9), ckpt_path=ckpt)
     assert t.global_step == 3
+
+
+_CLI_TINY = ["--model", "MAMLModule", "--model.net", "MLP", "--model.net.init_args.hidden", "[8]",
+             "--model.inner_steps", "1", "--data", "SinusoidDataModule", "--data.init_args.meta_batch_size", "2",
+             "--data.init_args.batches_per_epoch", "2", "--data.init_args.test_episodes", "2",
+             "--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+             "--trainer.limit_val_batches", "0"]
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_the_cli_names_an_unreadable_ckpt_path_in_every_subcommand(ckpt, tmp_path, monkeypatch, subcommand):
+    from tasklight.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "cut.ckpt"
+    bad.write_bytes(open(ckpt, "rb").read()[:1000])
+    args = [*_CLI_TINY, "--test_after_fit", "false"] if subcommand == "fit" else _CLI_TINY
+    with pytest.raises(ValueError, match=r"checkpoint .*cut\.ckpt \(1000 bytes\) is not a readable checkpoint"):
+        run_cli([subcommand, *args, "--ckpt_path", str(bad)])
+
+
+@pytest.mark.parametrize("name, method", [("ddp", "popen"), ("ddp_spawn", "spawn"), ("ddp_fork", "fork"),
+                                          ("ddp_spawn_find_unused_parameters_true", "spawn")])
+def test_the_cli_gives_ddp_strategies_the_process_group_timeout(tmp_path, monkeypatch, name, method):
+    """`--trainer.strategy ddp_spawn` gets a timeout, so a dead rank ends the run (issue 12 row 4)."""
+    from datetime import timedelta
+
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from tasklight.cli import TasklightCLI
+    from tasklight.strategies import TimedDDPStrategy
+
+    monkeypatch.chdir(tmp_path)
+    cli = TasklightCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                       trainer_defaults={"inference_mode": False}, auto_configure_optimizers=False, run=False,
+                       save_config_callback=None,
+                       args=[*_CLI_TINY, "--trainer.strategy", name, "--trainer.accelerator", "cpu",
+                             "--trainer.devices", "2", "--process_group_timeout", "12"])
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, TimedDDPStrategy) and strategy._start_method == method
+    assert strategy._timeout == timedelta(seconds=12)
+    assert strategy._ddp_kwargs.get("find_unused_parameters", False) == name.endswith("_true")
