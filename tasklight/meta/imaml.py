@@ -8,6 +8,8 @@ The inner problems of a meta-batch run on the core's engine (``strategy``); the 
 """
 from __future__ import annotations
 
+import math
+
 from typing import Literal, Optional, Sequence, Union
 
 import torch
@@ -58,9 +60,9 @@ class IMAMLModule(MetaLearner):
                          lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips,
                          strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir,
                          inner_loss=inner_loss)
-        if lam <= 0:
-            raise ValueError(f"lam (the proximal weight) must be > 0, got {lam}")
-        if cg_steps < 1 or cg_damping < 0:
+        if not (lam > 0 and math.isfinite(lam)):
+            raise ValueError(f"lam (the proximal weight) must be a finite number > 0, got {lam}")
+        if cg_steps < 1 or not (cg_damping >= 0 and math.isfinite(cg_damping)):
             raise ValueError(f"need cg_steps >= 1 and cg_damping >= 0, got {cg_steps}, {cg_damping}")
         if not cg_tol > 0 or cg_check not in ("warn", "raise"):
             raise ValueError(f"need cg_tol > 0 and cg_check 'warn' or 'raise', got cg_tol={cg_tol}, "

@@ -469,3 +469,35 @@ def test_multitask_checks_targets_skips_and_evaluation():
             p.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"test produced non-finite metrics: test/tasks/t0/loss=nan"):
         trainer().test(module, _mtl_dm(), verbose=False)
+
+
+class _Metrics(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def test_imaml_logs_the_cg_residual_and_warns_when_cg_has_not_converged():
+    # the shipped sinusoid settings (lam 0.5, cg_damping 0.5, 5 CG steps) on the default Gauss-Newton system
+    rec = _Metrics()
+    trainer(max_steps=3, callbacks=[rec]).fit(_imaml(), small_dm(meta_batch_size=25, k_shot=5, q_queries=10))
+    residuals = [m["train/cg_rel_residual"] for m in rec.seen]
+    assert len(residuals) == 3 and all(0 <= r <= 0.1 for r in residuals), residuals
+    # lam 1e-6: (1 + d) I + G / lam is ill-conditioned, 5 CG steps do not solve it
+    rec = _Metrics()
+    with pytest.warns(RuntimeWarning, match=r"relative residual .* > cg_tol=0.1 after cg_steps=5"):
+        trainer(max_steps=2, callbacks=[rec]).fit(_imaml(lam=1e-6, cg_damping=0.0), small_dm())
+    assert rec.seen[-1]["train/cg_rel_residual"] > 0.1
+    with pytest.raises(FloatingPointError, match="relative residual"):
+        trainer(max_steps=2).fit(_imaml(lam=1e-6, cg_damping=0.0, cg_check="raise"), small_dm())
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(lam=0.0), "lam"), (dict(lam=float("nan")), "lam"),
+                                           (dict(cg_damping=-1.0), "cg_damping"),
+                                           (dict(cg_damping=float("nan")), "cg_damping"),
+                                           (dict(cg_tol=0.0), "cg_tol")])
+def test_imaml_refuses_out_of_range_cg_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _imaml(**kwargs)
