@@ -151,3 +151,8 @@ def test_embeddings_and_probe_states_load_without_pickle(tmp_path):
     with pytest.raises(ValueError, match="not loaded"):
         load_embeddings(path)
     assert not marker.exists()
+    # a truncated file is named, not torch's zip error
+    save_embeddings(path, embs)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"emb\.pt is not a readable embeddings file"):
+        load_embeddings(path)
