@@ -1,11 +1,11 @@
 """Meta-learners on Omniglot 5-way and 20-way 1-shot: test accuracy ± 95 % CI over seeded test episodes, side by side.
 
-    python scripts/bench_omniglot.py --quick     # every method, 32-filter Conv4, the same time-capped budget (~15 min)
+    python scripts/bench_omniglot.py --quick     # every method, 32-filter Conv4, the same time-capped budget (~20 min)
     python scripts/bench_omniglot.py             # 64-filter Conv4, 3000 meta-steps per method
     python scripts/bench_omniglot.py --methods maml protonet --ways 5
 
-Methods: MAML (second order), ANIL (MAML adapting the head only), BOIL (the body only), MAML++,
-Reptile, Prototypical Networks and ProtoMAML. Every method gets the same data, the same seed, the
+Methods: MAML (second order), first-order MAML, Meta-SGD, iMAML, ANIL (MAML adapting the head only),
+BOIL (the body only), MAML++, Reptile, Prototypical Networks and ProtoMAML. Every method gets the same data, the same seed, the
 same meta-batch, the same cap on meta-steps and training seconds (``--max-seconds``) and the same
 test episodes; each uses its own inner loop (see ``METHODS``; the inner settings are printed in the
 results). The paper's number stands beside each row (``PAPER``; "n/r": the paper reports no
@@ -43,13 +43,16 @@ import _bench_meta as B  # noqa: E402
 from lightning.pytorch import Trainer, seed_everything  # noqa: E402
 
 from tasklight.data.omniglot import OmniglotDataModule  # noqa: E402
-from tasklight.meta import (MAMLModule, MAMLPlusPlusModule, ProtoMAMLModule, ProtoNetModule,  # noqa: E402
+from tasklight.meta import (IMAMLModule, MAMLModule, MAMLPlusPlusModule, ProtoMAMLModule, ProtoNetModule,  # noqa: E402
                             ReptileModule)
 from tasklight.nn.nets import Conv4  # noqa: E402
 
 # (5-way, 20-way) 1-shot test accuracy each paper reports; None: no Omniglot figure in that paper
 PAPER = {
     "maml": ((0.987, 0.958), "Finn et al. 2017"),
+    "fomaml": ((0.983, 0.894), "Finn et al. 2017, first order"),
+    "metasgd": ((0.9953, 0.9593), "Li et al. 2017"),
+    "imaml": ((0.9916, 0.9446), "Rajeswaran et al. 2019, iMAML-GD"),
     "anil": ((None, 0.962), "Raghu et al. 2020"),
     "boil": ((None, None), "Oh et al. 2021"),
     "mamlpp": ((0.9947, 0.9765), "Antoniou et al. 2019"),
@@ -57,7 +60,7 @@ PAPER = {
     "protonet": ((0.988, 0.960), "Snell et al. 2017"),
     "protomaml": ((None, None), "Triantafillou et al. 2020"),
 }
-NAMES = {"maml": "MAML", "anil": "ANIL", "boil": "BOIL", "mamlpp": "MAML++", "reptile": "Reptile",
+NAMES = {"maml": "MAML", "fomaml": "FOMAML", "metasgd": "Meta-SGD", "imaml": "iMAML", "anil": "ANIL", "boil": "BOIL", "mamlpp": "MAML++", "reptile": "Reptile",
          "protonet": "ProtoNet", "protomaml": "ProtoMAML"}
 
 
@@ -73,15 +76,23 @@ def _adam(lr):
     return lambda params: torch.optim.Adam(params, lr=lr)
 
 
-def _maml(adapt=None):
+def _maml(adapt=None, **kw):
     def build(n, h, lr, steps):
         return MAMLModule(Conv4(1, n, hidden=h), loss="cross_entropy", inner_steps=1, inner_lr=0.4,
-                          eval_inner_steps=1, adapt=adapt, optimizer=_adam(lr))
+                          eval_inner_steps=1, adapt=adapt, optimizer=_adam(lr), **kw)
     return build
 
 
 METHODS = {
     "maml": Method(_maml(), "1 inner step, lr 0.4, second order"),
+    "fomaml": Method(_maml(first_order=True), "MAML with the first-order meta-gradient: 1 step, lr 0.4"),
+    "metasgd": Method(_maml(learn_inner_lr=True), "MAML with a learned inner lr per parameter entry, "
+                      "initialised at 0.4: 1 step, second order"),
+    "imaml": Method(lambda n, h, lr, steps: IMAMLModule(
+        Conv4(1, n, hidden=h), loss="cross_entropy", inner_steps=5, inner_lr=0.1, lam=2.0, cg_steps=5,
+        cg_damping=1.0, eval_inner_steps=5, optimizer=_adam(lr)),
+        "5 proximal SGD steps of lr 0.1 (lam 2), implicit meta-gradient by 5 CG steps (Gauss-Newton curvature, "
+        "damping 1); 5 test steps"),
     "anil": Method(_maml(["head"]), "MAML adapting the head only: 1 step, lr 0.4"),
     "boil": Method(_maml(["features"]), "MAML adapting the body only (head fixed in the inner loop): 1 step, lr 0.4"),
     "mamlpp": Method(lambda n, h, lr, steps: MAMLPlusPlusModule(
@@ -159,7 +170,7 @@ def train_and_test(run: Run, s: Settings, args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="32-filter Conv4, every method time-capped (~15 min in all)")
+    p.add_argument("--quick", action="store_true", help="32-filter Conv4, every method time-capped (~20 min in all)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--steps", type=int, default=None, help="meta-steps per run (default: 5000 capped by time with "
                    "--quick, 3000 otherwise)")

@@ -6,7 +6,7 @@
 
 The ``data`` section is the same as in a ``tasklight fit`` config. The probe is a checkpoint
 (``--probe_ckpt``: a Lightning ``.ckpt`` that loads on its own, or a ``.pt`` holding a pickled
-``nn.Module``) or a network given by class path (``--probe``) with optional weights
+``nn.Module``, read only with ``--allow_pickle true``) or a network given by class path (``--probe``) with optional weights
 (``--probe_state``: a state dict or a Lightning ``.ckpt``; ``--probe_state_prefix trunk`` takes a
 MultiTaskModule's trunk out of its checkpoint, ``net`` a meta-learner's network).
 ``--task2vec.*`` are the options of ``tasklight.task2vec.embedding.Task2Vec``.
@@ -41,7 +41,10 @@ def build_parser() -> ArgumentParser:
                                   help="the DataModule whose tasks to embed (as in a tasklight config)")
     parser.add_subclass_arguments(nn.Module, "probe", required=False, help="probe network by class path")
     parser.add_argument("--probe_ckpt", type=Optional[str], default=None,
-                        help="probe checkpoint: a Lightning .ckpt or a .pt holding an nn.Module")
+                        help="probe checkpoint: a Lightning .ckpt or a .pt holding an nn.Module (needs --allow_pickle)")
+    parser.add_argument("--allow_pickle", type=bool, default=False,
+                        help="read a --probe_ckpt .pt holding a pickled nn.Module (unpickling runs code from the "
+                             "file: only for files you wrote)")
     parser.add_argument("--probe_state", type=Optional[str], default=None,
                         help="weights for --probe: a state_dict file or a Lightning .ckpt")
     parser.add_argument("--probe_state_prefix", type=Optional[str], default=None,
@@ -62,7 +65,7 @@ def load_probe(cfg, init) -> nn.Module:
     if cfg.probe_ckpt and init.get("probe") is not None:
         raise ValueError("give either --probe_ckpt or --probe, not both")
     if cfg.probe_ckpt:
-        return load_expert(cfg.probe_ckpt)
+        return load_expert(cfg.probe_ckpt, allow_pickle=cfg.allow_pickle)
     probe = init.get("probe")
     if probe is None:
         raise ValueError("no probe: pass --probe_ckpt (a checkpoint) or --probe.class_path (a network)")

@@ -50,11 +50,14 @@ def rank_experts(task: EmbeddingLike, experts: Mapping[str, EmbeddingLike], alph
     return ExpertRanking(name, [names[i] for i in order], [float(d[i]) for i in order])
 
 
-def load_expert(source: Union[str, Path, nn.Module], module_class: Optional[type] = None) -> nn.Module:
+def load_expert(source: Union[str, Path, nn.Module], module_class: Optional[type] = None,
+                allow_pickle: bool = False) -> nn.Module:
     """An expert model from a module, a Lightning checkpoint (``.ckpt``) or a pickled module (``.pt``).
 
     A ``.ckpt`` written by a LightningCLI run (or any module that calls ``save_hyperparameters``)
     loads without ``module_class``; other checkpoints need the LightningModule class.
+    A pickled module is code: unpickling it runs whatever the file says, so it is read only with
+    ``allow_pickle=True`` (for files you wrote yourself); without it such a file is refused unread.
     """
     if isinstance(source, nn.Module):
         return source
@@ -71,6 +74,11 @@ def load_expert(source: Union[str, Path, nn.Module], module_class: Optional[type
             raise ValueError(f"cannot load expert checkpoint {path} with {cls.__name__}: {err}. Pass the "
                              f"LightningModule class that wrote it (module_class=...).") from err
         return model.eval()
+    if not allow_pickle:
+        raise ValueError(f"expert {path} is not a Lightning checkpoint (.ckpt): a pickled module runs code stored "
+                         f"in the file when it is loaded, so it is not read. Pass allow_pickle=True (embed_tasks.py: "
+                         f"--allow_pickle true) if you wrote the file yourself, or save the expert as a Lightning "
+                         f"checkpoint (.ckpt)")
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), nn.Module):
         obj = obj["model"]

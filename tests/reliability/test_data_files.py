@@ -6,6 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tasklight.data.omniglot import load_omniglot
@@ -48,6 +49,24 @@ def test_a_file_planted_in_the_cache_is_never_executed(tmp_path):
     with pytest.warns(RuntimeWarning, match="invalid Omniglot cache"):
         load_omniglot(root, cache_dir=cache)
     assert not marker.exists()
+
+
+def test_a_pickled_expert_is_not_read_without_allow_pickle(tmp_path):
+    from tasklight.task2vec import load_expert
+
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    planted = tmp_path / "expert.pt"
+    planted.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        load_expert(planted)
+    assert not marker.exists()
+    torch.save(torch.nn.Linear(2, 3), tmp_path / "mine.pt")
+    assert isinstance(load_expert(tmp_path / "mine.pt", allow_pickle=True), torch.nn.Linear)
 
 
 def test_an_image_edited_in_place_is_not_served_from_the_cache(tmp_path):

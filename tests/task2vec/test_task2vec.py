@@ -436,6 +436,9 @@ def test_evaluate_expert_selection_scores_task2vec_oracle_random_and_generic(tmp
     expert_tasks = {n: blobs(60, i) for i, n in enumerate(experts)}
     train, test = blobs(30, 10), blobs(60, 11)
     embedder = Task2Vec(experts["sharp"], exact=True)
+    with pytest.raises(ValueError, match="allow_pickle=True"):  # a pickled module is read only when allowed
+        evaluate_expert_selection(embedder, given, expert_tasks, train, test, name="new")
+    given["blurred"] = load_expert(given["blurred"], allow_pickle=True)
     sel = evaluate_expert_selection(embedder, given, expert_tasks, train, test, name="new",
                                     generic=experts["sharp"])
     want = {n: transfer_error(load_expert(m), train, test) for n, m in given.items()}
