@@ -192,19 +192,13 @@ class TasklightCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads --ckpt_path for its hyperparameters right after parsing, before any hook: a
-        # truncated file would fail there with torch's own error, not naming the file
+        # Lightning reads --ckpt_path for its hyperparameters right after parsing (every subcommand),
+        # before any hook: a truncated file would fail there with torch's own error, not naming the file
         sub = self.config.get("subcommand")
         path = (self.config.get(sub) or {}).get("ckpt_path") if sub else None
         if path:
             check_checkpoint_file(path)
         super()._parse_ckpt_path()
-
-    def _check_ckpt_path(self) -> None:
-        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        path = cfg.get("ckpt_path")
-        if path:
-            check_checkpoint_file(path)  # names a truncated / corrupted file before Lightning reads it
 
     # ------------------------------------------------------------------ checks before building
     def _sub(self) -> Any:
@@ -362,19 +356,15 @@ class TasklightCLI(LightningCLI):
         print(f"tasklight: run folder {run_dir} ({run_dir.parent / 'latest'} points here)", flush=True)
 
     def before_fit(self) -> None:
-        self._check_ckpt_path()
         self._announce()
 
     def before_test(self) -> None:
-        self._check_ckpt_path()
         self._announce()
 
     def before_validate(self) -> None:
-        self._check_ckpt_path()
         self._announce()
 
     def before_predict(self) -> None:
-        self._check_ckpt_path()
         self._announce()
 
     def _report(self) -> None:

@@ -90,9 +90,9 @@ def load_embeddings(path: Union[str, Path]) -> list[TaskEmbedding]:
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path} holds objects other than tensors and plain containers, which are not loaded "
                          f"(that would run code from the file); write embeddings with save_embeddings") from err
+    except FileNotFoundError:
+        raise
     except (RuntimeError, EOFError, OSError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
         raise ValueError(f"{path} is not a readable embeddings file ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}): it is truncated or corrupted; write it "
                          f"again with save_embeddings or scripts/embed_tasks.py") from err
