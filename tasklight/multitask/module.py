@@ -37,6 +37,7 @@ from tasklight.core.seeding import seeded_generator
 from tasklight.data.multitask import MultiTaskBatch, TaskSpec, default_loss
 from tasklight.metrics import unshare_state
 from tasklight.multitask.architectures import Architecture, HardSharing, HeadFactory
+from tasklight.multitask.jacobian import task_jacobian
 from tasklight.multitask.weighting import EqualWeighting, GRAD_SOURCES, TaskStats, Weighting
 from tasklight.config import NotConfigurable, SelfDescribing, from_config, to_config
 from tasklight.nn.losses import align_target, fit_auto_support
@@ -86,6 +87,13 @@ class MultiTaskModule(SelfDescribing, LightningModule):
             (:mod:`tasklight.core.outer`): ``"raise"`` or ``"skip"`` a step whose loss or gradient is
             not finite, raising after ``max_consecutive_skips`` skips in a row.
     """
+
+    #: how the per-task gradients on the shared parameters (``grad_source="parameters"``) are computed:
+    #: an engine of :mod:`tasklight.multitask.jacobian` (``"auto"``, ``"loop"``, ``"batched"``) and, for
+    #: ``"batched"``, the tasks per call (``None``: all at once; fewer bound the memory). Set them on the
+    #: instance (``model.task_gradient_engine = "batched"``); the gradients are the same either way.
+    task_gradient_engine: str = "auto"
+    task_gradient_chunk: Optional[int] = None
 
     def __init__(
         self,
@@ -346,23 +354,22 @@ class MultiTaskModule(SelfDescribing, LightningModule):
     def _local_task_gradients(self, fw: _Forward, source: str, row_grads: Optional[Tensor]) -> Tensor:
         """Per-task gradients ``[T, P]`` of the local mean losses (zeros for absent tasks)."""
         T = self.num_tasks
+        present = [t for t, r in enumerate(fw.rows) if r is not None]
         if source == "representation":
             R = row_grads if row_grads is not None else self._row_grads(fw)
             R = R.reshape(R.shape[0], -1)
             out = torch.zeros(T, R.shape[1], device=R.device, dtype=R.dtype)
-            for t, r in enumerate(fw.rows):
-                if r is not None:
-                    out[t] = R[r].sum(0)
+            if present:  # one scatter-add of every row's gradient into its task's row
+                rows = torch.cat([fw.rows[t] for t in present])
+                task = torch.cat([torch.full((fw.rows[t].numel(),), t, device=R.device) for t in present])
+                out.index_add_(0, task, R[rows])
             return out
         params = self.shared_parameters()
-        size = sum(p.numel() for p in params)
-        out = torch.zeros(T, size, device=fw.losses.device)
-        for t, r in enumerate(fw.rows):
-            if r is None:
-                continue
-            g = torch.autograd.grad(fw.losses[t], params, retain_graph=True, allow_unused=True)
-            out[t] = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
-                                for gi, p in zip(g, params)])
+        out = torch.zeros(T, sum(p.numel() for p in params), device=fw.losses.device)
+        if present:
+            idx = torch.tensor(present, device=fw.losses.device)
+            out[idx] = task_jacobian(fw.losses[idx], params, self.task_gradient_engine,
+                                     self.task_gradient_chunk).to(out)
         return out
 
     def _sync(self, counts: Tensor, losses: Tensor, grads: Optional[Tensor]):

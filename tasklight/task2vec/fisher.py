@@ -55,15 +55,26 @@ def fit_linear_head(features: Tensor, labels: Tensor, num_classes: int, steps: i
 
 def fisher_diagonal(model: nn.Module, x: Tensor, param_names: Sequence[str], *, mc_samples: int = 1,
                     exact: bool = False, batch_size: int = 64,
-                    generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+                    generator: Optional[torch.Generator] = None,
+                    labels: Optional[Tensor] = None, engine: str = "auto") -> dict[str, Tensor]:
     """Diagonal Fisher information of ``log p(y|x)`` (softmax of ``model(x)``) w.r.t. the named parameters.
 
     ``F = mean_i E_{y ~ p(.|x_i)} [g_i(y)^2]`` with ``g_i(y) = d/dw log p(y|x_i)`` the gradient of ONE
     example (``torch.func.grad`` vmapped over examples). Labels are sampled from the model
     (``mc_samples`` per example; sampling uses ``generator``), or, with ``exact=True``, the
     expectation over all classes is computed exactly. ``model`` must treat examples independently
-    (eval mode; see :func:`set_batchnorm_stats`).
+    (eval mode; see :func:`set_batchnorm_stats`). ``labels`` (``[N]`` or ``[N, mc_samples]``) gives
+    the sampled labels instead of drawing them (to repeat another implementation's draws exactly).
+
+    ``engine``: ``"layers"`` gets the squared per-example gradients of ``nn.Linear`` and ``nn.Conv2d``
+    weights and biases from ONE forward and backward pass of a batch (each layer's input and output
+    gradient per example, the conv weight's per-example gradient by one batched matrix product over
+    unfolded patches); ``"vmap"`` runs ``torch.func.grad`` of one example vmapped over the batch (any
+    parameter); ``"auto"`` uses ``layers`` where it applies and ``vmap`` for the other parameters.
+    Both give the same Fisher up to float rounding.
     """
+    if engine not in ("auto", "layers", "vmap"):
+        raise ValueError(f"engine must be 'auto', 'layers' or 'vmap', got {engine!r}")
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
     if batch_size < 1:
@@ -73,6 +84,13 @@ def fisher_diagonal(model: nn.Module, x: Tensor, param_names: Sequence[str], *, 
     if missing:
         raise ValueError(f"the model has no parameters {missing}; it has {list(all_params)}")
     params = {n: all_params[n].detach() for n in param_names}
+    if labels is not None:
+        if exact:
+            raise ValueError("labels are the Monte-Carlo draws; exact=True sums over every class instead: give one")
+        labels = labels.reshape(len(labels), -1) if labels.dim() == 1 else labels
+        if labels.dim() != 2 or labels.shape[0] != len(x) or labels.shape[1] != mc_samples:
+            raise ValueError(f"labels must have shape [N={len(x)}] or [N, mc_samples={mc_samples}], got "
+                             f"{tuple(labels.shape)}")
 
     def log_prob(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
         logits = functional_call(model, p, (xi.unsqueeze(0),))
@@ -80,10 +98,21 @@ def fisher_diagonal(model: nn.Module, x: Tensor, param_names: Sequence[str], *, 
 
     per_example = vmap(grad(log_prob), in_dims=(None, 0, 0))
     acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    layers = _layer_params(model, param_names) if engine in ("auto", "layers") else {}
+    if engine == "layers" and len(layers) < len(param_names):
+        raise ValueError(f"engine='layers' handles the weights and biases of nn.Linear and (ungrouped, zero-padded) "
+                         f"nn.Conv2d layers only; {sorted(set(param_names) - set(layers))} are not: use "
+                         f"engine='vmap' or 'auto'")
+    rest = {n: p for n, p in params.items() if n not in layers}
 
     def add(xb: Tensor, yb: Tensor, weight: Optional[Tensor] = None) -> None:
         for s in _batches(len(xb), batch_size):
-            grads = per_example(params, xb[s], yb[s])
+            if layers:
+                for n, sq in _layer_sq_grads(model, layers, xb[s], yb[s], None if weight is None else weight[s]).items():
+                    acc[n] += sq
+            if not rest:
+                continue
+            grads = per_example(rest, xb[s], yb[s])
             for n, g in grads.items():
                 sq = g.pow(2)
                 if weight is not None:
@@ -93,6 +122,9 @@ def fisher_diagonal(model: nn.Module, x: Tensor, param_names: Sequence[str], *, 
     with torch.enable_grad():
         for s in _batches(len(x), batch_size):
             xb = x[s]
+            if labels is not None:
+                add(xb.repeat_interleave(mc_samples, 0), labels[s].reshape(-1).to(xb.device))
+                continue
             with torch.no_grad():
                 probs = F.softmax(model(xb).float(), dim=-1)
             if exact:
@@ -103,6 +135,59 @@ def fisher_diagonal(model: nn.Module, x: Tensor, param_names: Sequence[str], *, 
                 add(xb.repeat_interleave(mc_samples, 0), ys.reshape(-1))
     count = len(x) * (1 if exact else mc_samples)
     return {n: a / count for n, a in acc.items()}
+
+
+def _layer_params(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[nn.Module, str]]:
+    """The named parameters that are the weight or bias of a layer ``_layer_sq_grads`` handles."""
+    out = {}
+    for name in names:
+        path, _, kind = name.rpartition(".")
+        try:
+            m = model.get_submodule(path)
+        except AttributeError:
+            continue
+        conv_ok = (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+                   and not isinstance(m.padding, str))
+        if kind in ("weight", "bias") and (isinstance(m, nn.Linear) or conv_ok) and getattr(m, kind) is not None:
+            out[name] = (m, kind)
+    return out
+
+
+def _layer_sq_grads(model: nn.Module, layers: dict[str, tuple[nn.Module, str]], x: Tensor, y: Tensor,
+                    weight: Optional[Tensor]) -> dict[str, Tensor]:
+    """``sum_i w_i g_i^2`` of each parameter in ``layers``, ``g_i`` the gradient of ``log p(y_i|x_i)``, from
+    one forward and one backward pass: a layer's per-example gradient is its output gradient times its
+    input (unfolded patches for a convolution), examples being independent."""
+    modules = {id(m): m for m, _ in layers.values()}
+    seen: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def hook(module, inputs, output):
+        seen[id(module)] = (inputs[0].detach(), output)
+
+    handles = [m.register_forward_hook(hook) for m in modules.values()]
+    try:
+        x = x.detach().requires_grad_(True)  # a graph through every layer, also for frozen parameters
+        logp = -F.cross_entropy(model(x), y, reduction="sum")
+    finally:
+        for h in handles:
+            h.remove()
+    keys = list(seen)
+    deltas = dict(zip(keys, torch.autograd.grad(logp, [seen[k][1] for k in keys])))
+    w = None if weight is None else weight.to(x.dtype)
+    out = {}
+    for name, (m, kind) in layers.items():
+        a, d = seen[id(m)][0], deltas[id(m)]
+        if isinstance(m, nn.Linear):
+            a, d = a.reshape(len(x), -1, a.shape[-1]), d.reshape(len(x), -1, d.shape[-1])  # [B, L, in], [B, L, out]
+        else:
+            a = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)  # [B, L, in * k * k]
+            d = d.reshape(d.shape[0], d.shape[1], -1).transpose(1, 2)  # [B, L, out]
+        g = d.sum(1) if kind == "bias" else torch.bmm(d.transpose(1, 2), a)  # per example: [B, out] / [B, out, in]
+        sq = g.pow(2)
+        if w is not None:
+            sq = sq * w.view(-1, *([1] * (sq.dim() - 1)))
+        out[name] = sq.sum(0).reshape(getattr(m, kind).shape)
+    return out
 
 
 def per_filter(fisher: Tensor) -> Tensor:

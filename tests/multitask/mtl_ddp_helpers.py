@@ -35,6 +35,7 @@ CASES = {
     "gradnorm": ({}, lambda: GradNorm(alpha=1.5, lr=0.05)),
     "mgda": ({}, MGDA),
     "pcgrad_params": ({}, lambda: PCGrad(grad_source="parameters", seed=1)),
+    "pcgrad_params_batched": ({"task_gradient_engine": "batched"}, lambda: PCGrad(grad_source="parameters", seed=1)),
     "soft_uncertainty": ({"architecture": lambda: SoftSharing(penalty=0.1)}, UncertaintyWeighting),
     "film_mgda": ({"architecture": lambda: FiLM(condition_layer=1)}, lambda: MGDA(normalization="l2")),
     "mtan_mgda_params": ({"architecture": MTAN}, lambda: MGDA(grad_source="parameters")),
@@ -73,7 +74,11 @@ def model(case: str) -> MultiTaskModule:
     seed_everything(11)
     kwargs, make = CASES[case]
     kwargs = {k: (v() if k == "architecture" else v) for k, v in kwargs.items()}
-    return MultiTaskModule(MLP(4, [8], 6), weighting=make(), optimizer=sgd, **kwargs)
+    engine = kwargs.pop("task_gradient_engine", None)
+    module = MultiTaskModule(MLP(4, [8], 6), weighting=make(), optimizer=sgd, **kwargs)
+    if engine is not None:  # the per-task gradients in one batched backward instead of one per task
+        module.task_gradient_engine = engine
+    return module
 
 
 class Record(Callback):

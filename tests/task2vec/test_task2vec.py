@@ -64,6 +64,38 @@ def test_exact_fisher_equals_explicit_loop_over_examples_and_labels(bn_model):
         torch.testing.assert_close(ours[n].double(), total[n] / len(x), rtol=1e-5, atol=1e-9)
 
 
+def test_layer_engine_equals_vmap_engine_and_the_loop_on_given_labels():
+    """One forward/backward per batch (per-example conv gradients from unfolded patches) against
+    torch.func per example and the explicit loop, on strided, padded, dilated convs with biases."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 3, 2, dilation=2, padding=(1, 0)), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(7, 2, 9, 9)
+    model(x)
+    set_batchnorm_stats(model, x, batch_size=4)
+    names = ["0.weight", "0.bias", "1.weight", "3.weight", "3.bias", "5.weight", "5.bias"]
+    labels = torch.randint(0, 4, (7, 2), generator=torch.Generator().manual_seed(5))
+    total, _ = loop_sq_grads(model, names, x, labels.tolist(), [[1.0, 1.0]] * len(x))
+    for engine in ("auto", "vmap"):
+        got = fisher_diagonal(model, x, names, mc_samples=2, labels=labels, engine=engine, batch_size=3)
+        for n in names:
+            torch.testing.assert_close(got[n].double(), total[n] / 14, rtol=1e-5, atol=1e-9, msg=f"{engine} {n}")
+    layers = [n for n in names if not n.startswith("1.")]
+    got = fisher_diagonal(model, x, layers, exact=True, engine="layers")  # weighted by the class probabilities
+    probs = F.softmax(model(x), -1).detach()
+    exact, _ = loop_sq_grads(model, layers, x, [list(range(4))] * len(x), probs.double().tolist())
+    for n in layers:
+        torch.testing.assert_close(got[n].double(), exact[n] / len(x), rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="engine='layers' handles"):
+        fisher_diagonal(model, x, ["1.weight"], engine="layers")
+    with pytest.raises(ValueError, match="engine must be"):
+        fisher_diagonal(model, x, layers, engine="hooks")
+    with pytest.raises(ValueError, match=r"labels must have shape"):
+        fisher_diagonal(model, x, layers, labels=labels[:3])
+    with pytest.raises(ValueError, match="exact=True"):
+        fisher_diagonal(model, x, layers, labels=labels, exact=True)
+
+
 def test_monte_carlo_fisher_same_labels_matches_loop_and_is_within_mc_tolerance(bn_model):
     model, x = bn_model
     names = ["0.weight", "4.weight"]
