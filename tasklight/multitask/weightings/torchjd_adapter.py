@@ -10,10 +10,15 @@ from tasklight.multitask.registry import register_weighting
 from tasklight.multitask.weighting import GradSource, TaskStats, Weighting, _active_gram, _scatter
 
 
+_INNER_PRODUCTS = ("MoDoWeighting", "SDMGradWeighting")
+
+
 def _torchjd_class(method: str):
     import torchjd.aggregation as jd
 
     cls = getattr(jd, method, None) if not method.startswith("_") else None
+    if cls is None and isinstance(getattr(jd, f"{method}Weighting", None), type):
+        cls = getattr(jd, f"{method}Weighting")
     if not isinstance(cls, type) or not issubclass(cls, (jd.Weighting, jd.Aggregator)):
         names = sorted(n for n in dir(jd) if isinstance(getattr(jd, n), type) and not n.startswith("_")
                        and issubclass(getattr(jd, n), (jd.Weighting, jd.Aggregator))
@@ -34,8 +39,9 @@ class TorchJD(Weighting):
 
     ``options`` are the torchjd class's keyword arguments (lists become tensors, e.g. ``pref_vector``).
     Resolution: a torchjd ``Weighting`` named ``method``, or else ``<method>Weighting`` when torchjd has
-    it, maps the Gram matrix (or, for a matrix weighting, the matrix) of the task gradients to task
-    weights; any other ``Aggregator`` (``ConFIG``, ``GradDrop``, ``Krum``, ``TrimmedMean``...) maps the
+    it, maps the Gram matrix of the task gradients (MoDo's and SDMGrad's: of one batch, as in
+    :class:`~tasklight.multitask.weightings.MoDo`) or, for a matrix weighting such as ExcessMTL's, the
+    gradients themselves, to task weights; any other ``Aggregator`` (``ConFIG``, ``GradDrop``, ``Krum``, ``TrimmedMean``...) maps the
     matrix to the shared parameters' update, which the module applies directly
     (:meth:`Weighting.shared_direction`, ``grad_source="parameters"`` required). Only the shared
     parameters are steered; heads get their own loss's gradient.
@@ -65,7 +71,8 @@ class TorchJD(Weighting):
                              f"so it needs grad_source='parameters' (got {grad_source!r})")
         from torchjd.aggregation._weighting_bases import _GramianWeighting
 
-        self._on_gram = isinstance(self._jd, _GramianWeighting)
+        # MoDo's and SDMGrad's matrix weightings take a matrix of gradient inner products (J_1 J_2^T)
+        self._on_gram = isinstance(self._jd, _GramianWeighting) or type(self._jd).__name__ in _INNER_PRODUCTS
 
     def compute_weights(self, stats: TaskStats) -> Tensor:
         self._check(stats)
