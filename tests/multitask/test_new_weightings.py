@@ -16,7 +16,7 @@ from tasklight.data.multitask import MultiTaskDataModule, MultiTaskStream
 from tasklight.multitask import MultiTaskModule, SoftSharing
 from tasklight.multitask.module import _set_shared_grads
 from tasklight.multitask.weighting import TaskStats
-from tasklight.multitask.weightings import DBMTL, GLS, STCH, GradDrop, MoCo, TorchJD
+from tasklight.multitask.weightings import DBMTL, GLS, STCH, ExcessMTL, GradDrop, MoCo, TorchJD
 from tasklight.multitask.weightings._common import project_onto_simplex
 from tasklight.nn.nets import MLP
 
@@ -179,3 +179,16 @@ def test_moco_and_db_mtl_steps_through_the_module():
 def test_a_direction_method_needs_shared_parameters():
     with pytest.raises(ValueError, match="needs per-task gradients on shared parameters"):
         MultiTaskModule(MLP(4, [8], 6), architecture=SoftSharing(), weighting=MoCo())
+
+
+@pytest.mark.parametrize("make", [MoCo, DBMTL, ExcessMTL])
+def test_state_the_size_of_the_gradients_round_trips_through_a_state_dict(make):
+    a = make()
+    a.setup(3)
+    for k in range(3):
+        a.compute_weights(stats(grads(3, 10, k), torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), k))
+    b = make()
+    b.setup(3)
+    b.load_state_dict(a.state_dict())  # resumed from a checkpoint: the buffers take the saved size
+    s = stats(grads(3, 10, 9), torch.tensor([0.7, 1.1, 1.5], dtype=torch.float64), 3)
+    close(a.compute_weights(s), b.compute_weights(s))

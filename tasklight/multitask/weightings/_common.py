@@ -30,3 +30,18 @@ def require_parameter_grads(method: Weighting, grad_source: str) -> None:
     if grad_source != "parameters":
         raise ValueError(f"{type(method).__name__} sets the gradient of the shared parameters itself, so it needs "
                          f"grad_source='parameters' (got {grad_source!r})")
+
+
+class GradientSizedState:
+    """Mixin for methods with state the size of the task gradients (allocated at the first step, when
+    that size is known): a checkpoint's state brings its own size, so loading resizes the buffers
+    named in ``_gradient_sized`` first."""
+
+    _gradient_sized: tuple[str, ...] = ()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self._gradient_sized:
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

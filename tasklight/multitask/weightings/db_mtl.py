@@ -8,14 +8,14 @@ from torch import Tensor
 
 from tasklight.multitask.registry import register_weighting
 from tasklight.multitask.weighting import GradSource, TaskStats, Weighting, _scatter
-from tasklight.multitask.weightings._common import require_parameter_grads
+from tasklight.multitask.weightings._common import GradientSizedState, require_parameter_grads
 
 
 @register_weighting("dbmtl", paper="Lin et al. (2023), Dual-Balancing for Multi-Task Learning",
                     reference="LibMTL `DB_MTL` (the authors' code; not in LibMTL 1.1.5 or torchjd); checked "
                     "against the recursion written out",
                     parity="tests/multitask/test_new_weightings.py::test_db_mtl_balances_log_loss_gradients")
-class DBMTL(Weighting):
+class DBMTL(GradientSizedState, Weighting):
     """DB-MTL: balance the loss scales with logarithms and the gradient magnitudes with their norms.
 
     Each task's loss is replaced by ``log(L_t - b_t + eps)`` (loss-scale balancing); the shared
@@ -30,6 +30,7 @@ class DBMTL(Weighting):
     """
 
     needs_grads = True
+    _gradient_sized = ("h",)
     direction_only = True
     needs_bounded_losses = True
 

@@ -6,13 +6,13 @@ from torch import Tensor
 
 from tasklight.multitask.registry import register_weighting
 from tasklight.multitask.weighting import GradSource, TaskStats, Weighting, _scatter
-from tasklight.multitask.weightings._common import check_positive
+from tasklight.multitask.weightings._common import GradientSizedState, check_positive
 
 
 @register_weighting("excessmtl", paper="He et al. (2024), Robust Multi-Task Learning with Excess Risks",
                     reference="torchjd `ExcessMTLWeighting` (the authors' code, LibMTL)",
                     parity="tests/multitask/test_torchjd_parity.py::test_excess_mtl")
-class ExcessMTL(Weighting):
+class ExcessMTL(GradientSizedState, Weighting):
     """ExcessMTL: weights on the simplex that grow with each task's estimated excess risk.
 
     The excess risk of task ``t`` is estimated by a second-order Taylor expansion with a diagonal
@@ -25,6 +25,7 @@ class ExcessMTL(Weighting):
     """
 
     needs_grads = True
+    _gradient_sized = ("sq_sum",)
     direction_only = True
 
     def __init__(self, robust_step_size: float = 1e-2, grad_source: GradSource = "representation") -> None:

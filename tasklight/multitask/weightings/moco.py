@@ -8,14 +8,14 @@ from torch import Tensor
 
 from tasklight.multitask.registry import register_weighting
 from tasklight.multitask.weighting import GradSource, TaskStats, Weighting, _scatter
-from tasklight.multitask.weightings._common import check_positive, project_onto_simplex, require_parameter_grads
+from tasklight.multitask.weightings._common import GradientSizedState, check_positive, project_onto_simplex, require_parameter_grads
 
 
 @register_weighting("moco", paper="Fernando et al. (2023), Mitigating Gradient Bias in Multi-objective Learning: "
                     "A Provably Convergent Approach", reference="LibMTL `MoCo` (the authors' code; not in LibMTL "
                     "1.1.5 or torchjd); checked against the recursion written out",
                     parity="tests/multitask/test_new_weightings.py::test_moco_tracks_gradients_and_projects_lambda")
-class MoCo(Weighting):
+class MoCo(GradientSizedState, Weighting):
     """MoCo: track each task's gradient and steer with the min-norm combination of the tracked ones.
 
     With step ``k`` (from 1) and the task gradients rescaled to ``g_t L_t / ||g_t||`` (the authors'
@@ -31,6 +31,7 @@ class MoCo(Weighting):
     """
 
     needs_grads = True
+    _gradient_sized = ("y",)
     direction_only = True
 
     def __init__(self, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1, gamma_sigma: float = 0.5,
