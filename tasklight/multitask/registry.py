@@ -87,3 +87,28 @@ def method_table() -> str:
         rows.append(f"| `{e.name}` | `{e.cls.__module__}.{e.cls.__name__}` | {e.paper} | {e.reference} | "
                     f"`{e.parity}` |")
     return "\n".join(rows)
+
+
+WEIGHTING_OPTION = "--model.init_args.weighting"
+
+
+def expand_weighting_names(args: list[str]) -> list[str]:
+    """Command-line arguments with a registered short name after ``--model.init_args.weighting``
+    (``--model.init_args.weighting gradvac``) replaced by the method's class path; class names and
+    class paths pass through (the CLI resolves them itself)."""
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == WEIGHTING_OPTION and i + 1 < len(out):
+            j, value, prefix = i + 1, out[i + 1], ""
+        elif a.startswith(WEIGHTING_OPTION + "="):
+            j, value, prefix = i, a.split("=", 1)[1], WEIGHTING_OPTION + "="
+        else:
+            continue
+        if value.isidentifier() and value == value.lower():
+            entries = weightings()
+            if value not in entries:
+                raise SystemExit(f"tasklight: {WEIGHTING_OPTION} {value!r} is not a registered weighting method; "
+                                 f"choose one of {sorted(entries)} or give a class path")
+            cls = entries[value].cls
+            out[j] = f"{prefix}{cls.__module__}.{cls.__qualname__}"
+    return out

@@ -71,3 +71,27 @@ def test_every_toy_config_runs_through_the_cli(name, tmp_path, monkeypatch):
     assert math.isfinite(float(cli.trainer.callback_metrics["train/objective"]))
     start = cli.config["fit"]["model"]["init_args"]["trunk"]["init_args"]["start"]
     assert list(cli.model.trunk.parameters())[0].detach().tolist() != start  # the point moved
+
+
+def test_short_names_on_the_command_line_become_class_paths():
+    from tasklight.multitask.registry import expand_weighting_names
+
+    assert expand_weighting_names(["fit", "--model.init_args.weighting", "gradvac", "--x", "gradvac"]) == [
+        "fit", "--model.init_args.weighting", "tasklight.multitask.weightings.gradvac.GradVac", "--x", "gradvac"]
+    assert expand_weighting_names(["--model.init_args.weighting=mgda"]) == [
+        "--model.init_args.weighting=tasklight.multitask.weighting.MGDA"]
+    keep = ["--model.init_args.weighting", "GradVac", "--model.init_args.weighting=tasklight.multitask.MoCo"]
+    assert expand_weighting_names(keep) == keep
+    with pytest.raises(SystemExit, match="'gradvaq' is not a registered weighting method.*gradvac"):
+        expand_weighting_names(["--model.init_args.weighting", "gradvaq"])
+
+
+@pytest.mark.slow
+def test_the_documented_short_name_command(tmp_path, monkeypatch):
+    from tasklight.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", str(ROOT / "configs" / "mtl_toy_equal.yaml"), "--model.init_args.weighting",
+                   "gradvac", "--trainer.max_steps", "2", "--trainer.logger", "false", "--test_after_fit", "false",
+                   "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"])
+    assert type(cli.model.weighting) is weighting_class("gradvac") and cli.trainer.global_step == 2
