@@ -46,8 +46,22 @@ def test_the_docs_method_table_is_the_registry():
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     table = text.split(BEGIN)[1].split(END)[0].strip()
     assert table == method_table(), ("docs/multitask.md's method table is out of date; regenerate it with "
-                                     "python -c 'from tasklight.multitask.registry import method_table; "
-                                     "print(method_table())'")
+                                     "python scripts/weighting_table.py")
+
+
+def test_the_table_script_checks_and_rewrites_the_table(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import weighting_table
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert weighting_table.main(["--check"]) == 0  # python scripts/weighting_table.py --check
+    stale = tmp_path / "doc.md"
+    stale.write_text(f"intro\n{BEGIN}\n| old |\n{END}\nrest\n")
+    assert weighting_table.main(["--check", "--doc", str(stale)]) == 1
+    assert weighting_table.main(["--doc", str(stale)]) == 0  # python scripts/weighting_table.py
+    assert stale.read_text() == f"intro\n{BEGIN}\n{method_table()}\n{END}\nrest\n"
+    assert weighting_table.main(["--check", "--doc", str(stale)]) == 0
 
 
 @pytest.mark.slow
