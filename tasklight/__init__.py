@@ -29,3 +29,7 @@ __all__ = ["__version__", "MetaLearner", "MAMLModule", "IMAMLModule", "MAMLPlusP
            "MultiTaskBatch", "TaskSpec", "SinusoidDataModule", "OmniglotDataModule", "MultiTaskDataModule",
            "OmniglotAlphabetsDataModule", "SinusoidTasksDataModule", "TwoObjectiveToyDataModule",
            "DecisionDataModule", "GradientConflictMonitor", "TaskLossLogger", "Task2VecCallback", "TimedDDPStrategy"]
+
+from tasklight.multitask.registry import weightings  # noqa: E402  (every loss-weighting method, by short name)
+
+__all__ += ["weightings"]

@@ -564,6 +564,9 @@ def run_cli(args: Optional[list[str]] = None) -> TasklightCLI:
     os.environ.setdefault("WANDB_SILENT", "true")
     _quiet_known_warnings()
     args = _resolve_config_args(list(sys.argv[1:] if args is None else args))
+    from tasklight.multitask.registry import expand_weighting_names
+
+    args = expand_weighting_names(args)  # --model.init_args.weighting gradvac: a registered short name
     return TasklightCLI(
         LightningModule,
         LightningDataModule,

@@ -16,3 +16,10 @@ __all__ = ["MultiTaskModule", "Architecture", "HeadFactory", "HardSharing", "Sof
            "NashMTL", "IMTL", "UPGrad", "WEIGHTINGS",
            "TwoObjectiveToyDataModule", "ToyPoint", "ToyObjective", "toy_objectives", "toy_pareto_front",
            "pareto_gap", "toy_descent"]
+
+# the weighting methods of tasklight.multitask.weightings (one file each) and the registry of all of them
+from tasklight.multitask.registry import register_weighting, weighting_class, weightings  # noqa: E402
+from tasklight.multitask.weightings import *  # noqa: E402,F401,F403
+from tasklight.multitask.weightings import __all__ as _weightings_all  # noqa: E402
+
+__all__ += [*_weightings_all, "register_weighting", "weighting_class", "weightings"]

@@ -478,7 +478,10 @@ class MultiTaskModule(SelfDescribing, LightningModule):
                           step=step, epoch=int(self.current_epoch))
         weights = weighting.compute_weights(stats).to(fw.losses)
         scaled = scale * fw.losses
-        if direction:
+        shared_dir = weighting.shared_direction(stats, weights)
+        if shared_dir is not None:  # heads: their own (task-weighted) loss; shared: the method's direction
+            total = weighting.loss(scaled, weighting.task_weights(weights).to(fw.losses))
+        elif direction:
             # heads: their own loss (weighted by task_weights); trunk: sum_t w_t grad L_t (via d L / d rep)
             head_w = weighting.task_weights(weights).to(fw.losses)
             total = weighting.loss(scaled, head_w)
@@ -505,6 +508,8 @@ class MultiTaskModule(SelfDescribing, LightningModule):
         def drop_idle_grads() -> None:
             for p in idle:
                 p.grad = None
+            if shared_dir is not None:
+                _set_shared_grads(self.shared_parameters(), shared_dir)
 
         outer_step(self, total, problem=problem, after_backward=drop_idle_grads)
         if self._grad_request is not None:
@@ -548,6 +553,18 @@ class MultiTaskModule(SelfDescribing, LightningModule):
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _set_shared_grads(params: list[nn.Parameter], direction: Tensor) -> None:
+    """Give the shared parameters the gradient ``direction`` ``[P]`` (identical on every DDP rank)."""
+    size = sum(p.numel() for p in params)
+    if direction.shape != (size,):
+        raise ValueError(f"the weighting's shared direction has shape {tuple(direction.shape)} but the shared "
+                         f"parameters have {size} entries; compute it from grad_source='parameters' gradients")
+    offset = 0
+    for p in params:
+        p.grad = direction[offset: offset + p.numel()].detach().reshape(p.shape).to(p).clone()
+        offset += p.numel()
 
 
 def _first_input(dm) -> Optional[Tensor]:

@@ -151,6 +151,15 @@ class Weighting(RecordsInit, nn.Module):
         """The scalar objective from the live per-task losses ``[T]`` and this step's weights."""
         return (weights.to(losses) * losses).sum()
 
+    def shared_direction(self, stats: TaskStats, weights: Tensor) -> Optional[Tensor]:
+        """For methods whose update of the shared parameters is not a weighted sum of this step's task
+        gradients (GradDrop's sign masks, MoCo's and DB-MTL's tracked gradients, a torchjd
+        aggregator): the gradient ``[P]`` to give the shared parameters, in the order of
+        ``MultiTaskModule.shared_parameters()``, computed from ``stats.grads`` (``grad_source =
+        "parameters"``). The module then sets the shared parameters' gradient to it and trains the
+        heads on ``loss(losses, task_weights(weights))``. Default None: the weights say it all."""
+        return None
+
     def task_weights(self, weights: Tensor) -> Tensor:
         """For ``direction_only`` methods: the weight of each task's loss on its own task-specific
         parameters (the heads) given this step's ``weights`` on the shared ones; the module then

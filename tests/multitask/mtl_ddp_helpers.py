@@ -23,6 +23,7 @@ from tasklight.multitask.weighting import (
     CAGrad, DROWeighting, DWA, EqualWeighting, FAMO, GradNorm, IMTL, MGDA, NashMTL, PCGrad, RLW, UncertaintyWeighting,
     UPGrad,
 )
+from tasklight.multitask.weightings import DBMTL, GradDrop, MoCo
 
 T, B, STEPS, STEPS_PER_EPOCH, LR = 3, 4, 6, 2, 0.1
 
@@ -51,6 +52,12 @@ CASES = {
     "sampled_imtl": ({"task_sampling": "uniform", "tasks_per_step": 2}, IMTL),
 }
 MONITORED = "mgda"
+# methods that set the shared parameters' gradient themselves (Weighting.shared_direction)
+CASES.update({
+    "moco_params": ({}, lambda: MoCo(gamma=0.5)),
+    "graddrop_params": ({}, lambda: GradDrop(seed=2)),
+    "sampled_dbmtl_params": ({"task_sampling": "uniform", "tasks_per_step": 2}, DBMTL),
+})
 
 
 def datamodule(batch_size_per_task: int) -> MultiTaskDataModule:

@@ -243,3 +243,67 @@ def test_rlw_from_the_same_normal_draws(libmtl):
                                dist="Normal")
     wo, so, ho, _ = run_ours(ours, copy.deepcopy(net), step=5)
     close(wl, wo), close(sl, so), [close(a, b) for a, b in zip(hl, ho)]
+
+
+# ------------------------------------------------------------------ methods of tasklight.multitask.weightings
+def test_gls(libmtl):
+    """Same objective (the geometric mean of the losses), so the same gradients everywhere. LibMTL 1.1.5
+    reports ``L_t / (T prod_s L_s)`` as its weights; ours are the coefficients of its gradient,
+    ``GM / (T L_t)``."""
+    from tasklight.multitask.weightings import GLS
+
+    net = Net(8)
+    wl, sl, hl, _ = run_libmtl(libmtl.GLS, copy.deepcopy(net))
+    wo, so, ho, _ = run_ours(GLS(), copy.deepcopy(net))
+    close(sl, so), [close(a, b) for a, b in zip(hl, ho)]
+    L = net.losses().detach().double()
+    close(wo, L.prod() ** (1 / T) / (T * L))
+    close(wl, L / (T * L.prod()))
+
+
+def test_gradvac(libmtl, monkeypatch):
+    """One step from the same targets ``hat phi`` and the same visiting orders: the same coefficients on
+    the task gradients, shared gradient and head gradients. (LibMTL then updates ``hat phi_ij`` only for
+    corrected pairs, the paper at every pair: the torchjd test checks several steps.)"""
+    from tasklight.multitask.weightings import GradVac
+
+    net = Net(2)
+    ours = GradVac(beta=0.5, grad_source="parameters", seed=3)
+    orders = iter(ours.orders(4, list(range(T))))
+    gv = sys.modules["LibMTL.weighting.GradVac"]
+    monkeypatch.setattr(gv.random, "shuffle", lambda x: x.__setitem__(slice(None), next(orders)))
+    target = torch.full((T, T), 0.3)
+    wl, sl, hl, _ = run_libmtl(libmtl.GradVac, copy.deepcopy(net), setup=lambda m: setattr(m, "rho_T", target.clone()),
+                               beta=0.5)
+    wo, so, ho, G = run_ours(ours, copy.deepcopy(net), step=4,
+                             before=lambda m: m.phi_hat.copy_(target.double()))
+    assert not np.allclose(wl, 1.0)  # some pairs were corrected
+    close(wl, wo, 1e-4), close(sl, so, 1e-4), [close(a, b) for a, b in zip(hl, ho)]
+
+
+def test_graddrop(libmtl, monkeypatch):
+    """LibMTL 1.1.5's GradDrop works on the per-example gradients of a shared representation (times the
+    sign of the representation: a sigmoid output here, so +1) and sums them over the batch to get the
+    sign purity; the gradient it sends into the representation, summed over examples and tasks, is
+    our GradDrop combination of the pooled per-task representation gradients (same uniform draws)."""
+    from tasklight.multitask.weightings.graddrop import graddrop_direction
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 6), nn.Sigmoid())
+    heads = [nn.Linear(6, 2) for _ in range(T)]
+    x, y = torch.randn(T, 5, 4), torch.randn(T, 5, 2) * 2
+    U = torch.rand(6)
+    gd = sys.modules["LibMTL.weighting.GradDrop"]
+    monkeypatch.setattr(gd.torch, "rand_like", lambda p: U.to(p))
+    method = libmtl.GradDrop()
+    method.task_num, method.device, method.rep_grad, method.task_name = T, "cpu", True, [f"t{t}" for t in range(T)]
+    method.rep = {f"t{t}": trunk(x[t]) for t in range(T)}
+    method.rep_tasks = {k: v.detach().clone().requires_grad_() for k, v in method.rep.items()}
+    sent = []
+    for v in method.rep.values():
+        v.register_hook(lambda g: sent.append(g.sum(0)))
+    losses = torch.stack([((heads[t](method.rep_tasks[f"t{t}"]) - y[t]) ** 2).mean() for t in range(T)])
+    method.backward(losses, leak=0.2)
+    pooled = torch.stack([method.rep_tasks[f"t{t}"].grad.sum(0) for t in range(T)]).double()
+    expected = graddrop_direction(pooled, U.double(), torch.full((T,), 0.2, dtype=torch.float64))
+    close(torch.stack(sent).sum(0), expected, 1e-5)
