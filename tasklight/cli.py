@@ -90,18 +90,23 @@ def expand_config(value: str, _seen: tuple = ()) -> list[str]:
 
     try:
         content = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return ["--config", str(path)]
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SystemExit(f"tasklight: error: the config {path} is not valid YAML{where} ({problem}): fix its syntax")
+    except OSError as err:
+        raise SystemExit(f"tasklight: error: cannot read the config {path} ({err.strerror or err})")
     base = content.get(EXTENDS_KEY) if isinstance(content, dict) else None
     if base is None:
         return ["--config", str(path)]
     if not isinstance(base, str):
-        raise SystemExit(f"tasklight: `{EXTENDS_KEY}:` in {path} must be the path of one config file, got {base!r}")
+        raise SystemExit(f"tasklight: error: `{EXTENDS_KEY}:` in {path} must be the path of one config file, got {base!r}")
     base_path = (path.parent / base).resolve()
     if not base_path.is_file():
-        raise SystemExit(f"tasklight: {path} extends {base!r}, but {base_path} does not exist")
+        raise SystemExit(f"tasklight: error: {path} extends {base!r}, but {base_path} does not exist")
     if base_path in _seen or base_path == path.resolve():
-        raise SystemExit(f"tasklight: the `{EXTENDS_KEY}:` chain of {path} loops back to {base_path}")
+        raise SystemExit(f"tasklight: error: the `{EXTENDS_KEY}:` chain of {path} loops back to {base_path}")
     return expand_config(str(base_path), _seen + (path.resolve(),)) + ["--config", str(path)]
 
 
@@ -220,6 +225,7 @@ class TasklightCLI(LightningCLI):
                 _fail(f"--ckpt_path {path}: {err}")
             self._ckpt = ckpt
             self._check_learner_class(node, path, ckpt)
+            self._check_data_class(node, path, ckpt)
         try:
             _call_without_parse_noise(super()._parse_ckpt_path)
         except SystemExit as err:
@@ -229,6 +235,17 @@ class TasklightCLI(LightningCLI):
             _fail(f"--ckpt_path {path}: the hyperparameters saved in the checkpoint do not fit the config "
                   f"({_last_error_line()}); use the config the checkpoint was trained with "
                   f"(config.yaml in its run folder)")
+
+    def _check_data_class(self, node, path, ckpt) -> None:
+        """A checkpoint trained on one DataModule class tested with a config of another (a sinusoid
+        checkpoint with an Omniglot config) is one line naming both, not a head-size complaint."""
+        saved = (ckpt.get("datamodule_hyper_parameters") or {}).get("_class_path") if isinstance(ckpt, dict) else None
+        wanted = _class_of(node.get("data"))
+        if saved and wanted is not None and not _same_class(saved, wanted):
+            self._failed = True
+            _fail(f"--ckpt_path {path} was trained on {saved} but the config's data is "
+                  f"{wanted.__module__}.{wanted.__qualname__}: use the config the checkpoint was trained with "
+                  f"(config.yaml in its run folder), or pass --data {saved.rsplit('.', 1)[-1]}")
 
     def _check_learner_class(self, node, path, ckpt) -> None:
         """Refuse a checkpoint of another learner class than the config's model before Lightning
@@ -243,9 +260,7 @@ class TasklightCLI(LightningCLI):
         if not saved or wanted is None:
             return
         mine = f"{wanted.__module__}.{wanted.__qualname__}"
-        saved_cls = _class_of({"class_path": saved})
-        same = saved_cls is wanted if saved_cls is not None else saved.rsplit(".", 1)[-1] == wanted.__qualname__
-        if not same:
+        if not _same_class(saved, wanted):
             self._failed = True
             _fail(f"--ckpt_path {path} was written by {saved} but the config's model is {mine}: use the config "
                   f"the checkpoint was trained with (--model {saved.rsplit('.', 1)[-1]}, or config.yaml in its run "
@@ -809,6 +824,12 @@ def _last_error_line() -> str:
     return line if len(line) < 300 else line[:297] + "..."
 
 
+def _same_class(saved: str, wanted: type) -> bool:
+    """Whether the class path ``saved`` (as a checkpoint records it) names the class ``wanted``."""
+    saved_cls = _class_of({"class_path": saved})
+    return saved_cls is wanted if saved_cls is not None else saved.rsplit(".", 1)[-1] == wanted.__qualname__
+
+
 def _give_file_loggers_a_folder(args: list[str]) -> list[str]:
     """``--trainer.logger CSVLogger`` (or TensorBoardLogger) on the command line without a
     ``save_dir``: give it the runs folder (the run's own folder once that is known)."""
@@ -936,8 +957,9 @@ def error_line(err: BaseException) -> str:
     if isinstance(err, PermissionError) or isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EROFS):
         return (f"{msg}: run from a folder you can write to, or point TASKLIGHT_RUNS (run folders) and "
                 f"TASKLIGHT_CACHE (caches) at writable folders")
-    if "GPU" in msg and ("not available" in msg or "no GPU" in msg or "CUDA" in msg) or "cuda" in msg.lower() and \
-            ("available" in msg.lower() or "no nvidia" in msg.lower()):
+    lower = msg.lower()
+    if ("gpu" in lower or "cuda" in lower) and any(w in lower for w in ("not available", "no supported", "not found",
+                                                                       "found!", "no nvidia", "no gpu")):
         return (f"{msg.split('. ')[0]}: this config asks for a GPU and none is visible; on a CPU use the config "
                 f"without `_gpu`, or --trainer.accelerator cpu --trainer.devices 1")
     if isinstance(err, (ImportError, ModuleNotFoundError)):
