@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from tasklight.core.checkpoint import check_checkpoint_file
@@ -59,6 +59,13 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+def version_line() -> str:
+    """``tasklight 0.3.0 (torch 2.14.1, lightning 2.6.0, python 3.11.2)``."""
+    v = package_versions()
+    return (f"tasklight {v.get('tasklight', '0+unknown')} (torch {v.get('torch', '-')}, "
+            f"lightning {v.get('lightning', '-')}, python {v['python']})")
 
 
 def find_config(value: str) -> str:
@@ -171,10 +178,8 @@ class TasklightCLI(LightningCLI):
 
     def init_parser(self, **kwargs):
         parser = super().init_parser(**kwargs)
-        from tasklight import __version__
-
-        parser.add_argument("--version", action="version", version=f"tasklight {__version__}",
-                            help="print tasklight's version and exit")
+        parser.add_argument("--version", action="version", version=version_line(),
+                            help="print the versions of tasklight, torch and lightning and exit")
         return parser
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -194,8 +199,17 @@ class TasklightCLI(LightningCLI):
         strategy = (self._get(self.config_init, "trainer", default={}) or {}).get("strategy")
         if isinstance(strategy, str) and "strategy" not in kwargs:
             kwargs["strategy"] = timed_strategy(strategy, timeout)
-        if not (self._get(self.config_init, "trainer", default={}) or {}).get("plugins") and "plugins" not in kwargs:
+        trainer_cfg = self._get(self.config_init, "trainer", default={}) or {}
+        if not trainer_cfg.get("plugins") and "plugins" not in kwargs:
             kwargs["plugins"] = [_checkpoint_io()]
+        callbacks = trainer_cfg.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if trainer_cfg.get("enable_progress_bar") is not False and "callbacks" not in kwargs \
+                and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            from tasklight.callbacks.progress import EtaProgressBar, LineProgress
+
+            # a redrawn bar in a file or a pipe is megabytes of control codes: plain lines there
+            kwargs["callbacks"] = callbacks + [EtaProgressBar() if _is_terminal() else LineProgress()]
         return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -365,7 +379,13 @@ class TasklightCLI(LightningCLI):
             return None
         current = init.get("out_features") if isinstance(init, dict) else getattr(init, "out_features", None)
         # a checkpoint's net (its hyperparameters, parsed into the config) is as explicit as a flag
-        if explicitly_set(getattr(self, "_raw_args", []), "model.net.out_features") or cfg.get("ckpt_path"):
+        flagged = explicitly_set(getattr(self, "_raw_args", []), "model.net.out_features")
+        if flagged or cfg.get("ckpt_path"):
+            if current != n_way and not flagged:
+                self._failed = True
+                _fail(f"--ckpt_path {cfg.get('ckpt_path')} holds a head with {current} outputs "
+                      f"({current}-way episodes) but --data.init_args.n_way is {n_way}: evaluate it on the episodes "
+                      f"it was trained for (--data.init_args.n_way {current}, or the config.yaml of its run folder)")
             if current != n_way:
                 self._failed = True
                 _fail(f"--model.init_args.net.init_args.out_features={current} but --data.init_args.n_way={n_way}: "
@@ -824,6 +844,13 @@ def _last_error_line() -> str:
     return line if len(line) < 300 else line[:297] + "..."
 
 
+def _is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _same_class(saved: str, wanted: type) -> bool:
     """Whether the class path ``saved`` (as a checkpoint records it) names the class ``wanted``."""
     saved_cls = _class_of({"class_path": saved})
@@ -925,6 +952,11 @@ def main(args: Optional[list[str]] = None) -> None:
     """The ``tasklight`` console command: errors are one line naming the setting and the fix
     (``TASKLIGHT_TRACEBACK=1`` shows the traceback)."""
     args = list(sys.argv[1:] if args is None else args)
+    if args == ["--version"]:
+        print(version_line())
+        return
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # your own classes from the current folder, as `python -m` finds them
     if args and args[0] == "embed":
         from tasklight.task2vec.embed_cli import main as embed_main
 
