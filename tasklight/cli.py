@@ -253,7 +253,12 @@ class TasklightCLI(LightningCLI):
     def _check_data_class(self, node, path, ckpt) -> None:
         """A checkpoint trained on one DataModule class tested with a config of another (a sinusoid
         checkpoint with an Omniglot config) is one line naming both, not a head-size complaint."""
-        saved = (ckpt.get("datamodule_hyper_parameters") or {}).get("_class_path") if isinstance(ckpt, dict) else None
+        if not isinstance(ckpt, dict):
+            return
+        saved = (ckpt.get("datamodule_hyper_parameters") or {}).get("_class_path")
+        if not saved and ckpt.get("datamodule_hyper_parameters") is not None:
+            # a checkpoint written by a Python Trainer: the DataModule's state is stored under its class name
+            saved = next((k for k in ckpt if isinstance(k, str) and k.endswith("DataModule")), None)
         wanted = _class_of(node.get("data"))
         if saved and wanted is not None and not _same_class(saved, wanted):
             self._failed = True
@@ -869,25 +874,54 @@ def _give_file_loggers_a_folder(args: list[str]) -> list[str]:
 
 
 def _parse_error_line(text: str, raw: list[str]) -> str:
-    """One line for jsonargparse's error report (usage, then a multi-line error)."""
+    """One line, naming the setting and the fix, for jsonargparse's error report (the usage, then a
+    multi-line error)."""
     import re
 
-    body = text.split("error:", 1)[1] if "error:" in text else text
+    body = text.split("\nerror:", 1)[1] if "\nerror:" in text else text.split("error:", 1)[-1]
     lines = [ln.strip() for ln in body.strip().splitlines() if ln.strip()]
     first = lines[0] if lines else "the arguments do not parse"
-    m = re.search(r"[Ii]mport path ([\w.]+)|No module named '([\w.]+)'|Unable to import '?([\w.]+)", body)
-    if m and "does not correspond to a subclass" not in body[:m.start()] or "No module named" in body:
-        name = next(g for g in (m.groups() if m else ()) if g) if m else "a class path"
-        return (f"cannot import {name}: make the package that defines it importable from here (pip install -e "
-                f"<your project>, or run from the folder that holds the package, or add it to PYTHONPATH), and "
-                f"check the spelling of the class path")
-    m = re.search(r"Problem with given class_path '([^']+)'", body)
-    if m:
-        return f"class_path {m.group(1)!r}: {lines[-1] if lines else first}"
-    if "Unable to load config" in body or "Parsing failed" in body or "yaml" in body.lower() and "line" in body:
+    key_m = re.search(r'Parser key "([^"]+)"', body)
+    key = key_m.group(1) if key_m else None
+    given_m = re.search(r"Given value: (.*)", body)
+    given = given_m.group(1).strip() if given_m else None
+    nested = re.match(r"NestedArg\(key='([\w.]+)', val='([^']*)'\)", given or "")
+    if nested and key:
+        key, given = f"{key}.{nested.group(1)}", nested.group(2)
+    setting = f"--{key}" + (f" {given}" if given else "") if key else "the arguments"
+    missing_file = re.search(r"File does not exist: '([^']+)'", body)
+    if missing_file:
+        return (f"{setting.split(' ')[0]} {missing_file.group(1)}: no such file, and no config of that name is shipped "
+                f"with tasklight (the shipped ones are in {CONFIG_DIR}); check the path")
+    if "does not correspond to a subclass of" in body:
+        base = re.search(r"subclass of (\w+)", body).group(1)
+        return f"{setting}: {given} is not a {base}: give the class path of a {base} subclass"
+    reason = next((ln.split(":", 1)[-1].strip() for ln in lines if "No module named" in ln), None)
+    attr = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", body)
+    if reason or attr or "Expected a dot import path string" in body or "Problem with given class_path" in body:
+        if attr:
+            why = f"{attr.group(1)} has no class {attr.group(2)}"
+        elif reason:
+            why = f"importing it fails: No module named {reason.split('named', 1)[-1].strip()}"
+        elif given and "." not in given:
+            why = "not a class tasklight knows by its short name"
+        else:
+            why = "it cannot be imported"
+        return (f"{setting}: {why}. Give the full class path (my_pkg.MyClass) of a package that is importable from "
+                f"here: run from the folder that holds it, pip install -e your project, or add it to PYTHONPATH")
+    m = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", body)
+    if m and key:
+        return f"--{key} {m.group(2).strip()}: expected a value of type {m.group(1)}"
+    if "Problems parsing config" in body or "Unable to load config" in body:
         cfg = next((raw[i + 1] for i, a in enumerate(raw[:-1]) if a in ("--config", "-c")), None)
-        where = f" in {cfg}" if cfg else ""
-        return f"a config does not parse{where}: {first}"
+        return f"a config does not parse{f' ({cfg})' if cfg else ''}: {first}"
+    subtypes = re.search(r"Subtypes: \[(.*)\]", body)
+    if subtypes and key:
+        names = [n for n in re.findall(r"<class '([\w.]+)'>", subtypes.group(1)) if n != "NoneType"]
+        return f"{setting}: expected a value of type {' or '.join(n.rsplit('.', 1)[-1] for n in names)}"
+    if key and len(lines) > 1:
+        detail = next((ln.lstrip("- ") for ln in lines[1:] if not ln.startswith(("Subtypes", "Errors", "Given"))), "")
+        return f"{setting}: {detail} (tasklight <subcommand> --help lists the options)"
     return f"{first} (tasklight <subcommand> --help lists the options)"
 
 
