@@ -256,6 +256,7 @@ class SelfDescribing(RecordsInit):
         except Exception:  # noqa: BLE001 - Lightning's loader below reports it
             ckpt = {}
         saved = dict(ckpt.get("hyper_parameters") or {})
+        _check_checkpoint_class(cls, checkpoint_path, ckpt, saved)
         undescribed = saved.pop(UNDESCRIBED, [])
         missing = [k for k in undescribed if k not in kwargs]
         if missing:
@@ -291,6 +292,28 @@ class SelfDescribing(RecordsInit):
             kwargs["_instantiator"] = None
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             strict=strict, weights_only=weights_only, **kwargs)
+
+
+def _check_checkpoint_class(cls: type, path, ckpt: dict, hparams: dict) -> None:
+    """``IMAMLModule.load_from_checkpoint(<a MAMLModule checkpoint>)``: one error naming both classes
+    and the call that loads it (a checkpoint of a subclass of ``cls`` loads)."""
+    import importlib
+
+    info = ckpt.get("tasklight") if isinstance(ckpt.get("tasklight"), dict) else {}
+    saved = info.get("learner") or hparams.get("_class_path")
+    if not saved:
+        return
+    mod, _, name = str(saved).rpartition(".")
+    try:
+        saved_cls = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError):
+        saved_cls = None
+    if saved_cls is not None and isinstance(saved_cls, type) and issubclass(saved_cls, cls):
+        return
+    if saved_cls is None and name == cls.__qualname__:
+        return
+    raise ValueError(f"{path} was written by {saved}, not by {cls.__module__}.{cls.__qualname__} (or a subclass): "
+                     f"load it with {name}.load_from_checkpoint(path)")
 
 
 def _normalise(cfg: Any) -> Any:

@@ -226,8 +226,9 @@ def run_folder(trainer) -> Optional[Path]:
 def log_figure(target, key: str, fig, step: Optional[int] = None) -> list[Union[str, Path]]:
     """Log ``fig`` under ``key`` for ``target`` (a LightningModule or a Trainer) and close it.
 
-    Every ``WandbLogger`` of the trainer gets it as an image; without one, it is saved as
-    ``<run folder>/plots/<key>-step<N>.png``. Only global rank 0 logs. Returns where it went
+    Every ``WandbLogger`` of the trainer gets it as an image, and it is saved as
+    ``<run folder>/plots/<key>-step<N>.png`` (the ``tasklight`` command's run folder, else the first
+    logger's ``log_dir``). Only global rank 0 logs. Returns where it went
     (``"wandb"`` and/or the PNG paths).
     """
     plt = _plt()
@@ -244,7 +245,6 @@ def log_figure(target, key: str, fig, step: Optional[int] = None) -> list[Union[
             for logger in wandb_loggers:
                 logger.experiment.log({key: wandb.Image(fig), "trainer/global_step": step})
             done.append("wandb")
-            return done
         folder = run_folder(trainer)
         if folder is not None:
             path = folder / "plots" / f"{re.sub(r'[^A-Za-z0-9_.@-]+', '_', key)}-step{step}.png"

@@ -78,6 +78,11 @@ def verify_checkpoint(module, checkpoint: Mapping) -> None:
                          "the file is corrupted (a partial copy, a flipped bit). Resume from another checkpoint.")
 
 
+def _first_sentence(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return text.split(". ")[0]
+
+
 def check_checkpoint_file(path: os.PathLike | str) -> Optional[dict]:
     """Read ``path`` as a checkpoint (tensors and plain containers only) or raise one ``ValueError``
     naming the file; returns the checkpoint, or None for Lightning's names ``"last"``, ``"best"``..."""
@@ -91,7 +96,7 @@ def check_checkpoint_file(path: os.PathLike | str) -> Optional[dict]:
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
         size = p.stat().st_size
         raise ValueError(f"checkpoint {p} ({size} bytes) is not a readable checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}): it is truncated, corrupted or not a "
+                         f"{_first_sentence(err)}): it is truncated, corrupted or not a "
                          f"checkpoint. Resume from another checkpoint.") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{p} is not a Lightning checkpoint (no 'state_dict' entry)")

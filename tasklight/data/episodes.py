@@ -231,7 +231,9 @@ class EpisodicDataModule(RecordsInit, LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("settings")
-        if saved is not None:
+        trainer = getattr(self, "trainer", None)
+        evaluating = trainer is not None and getattr(trainer.state, "fn", None) not in (None, "fit")
+        if saved is not None and not evaluating:  # test / predict may evaluate on other episodes
             mine = episode_settings(self)
             diff = {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
             if diff:
@@ -256,4 +258,4 @@ def episode_settings(dm) -> dict:
     if hasattr(dm, "meta_batch_size"):
         hp.setdefault("meta_batch_size", dm.meta_batch_size)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(hp.items())
-            if k not in RESUMABLE_SETTINGS and isinstance(v, (int, float, str, bool, tuple, list, type(None)))}
+            if k not in RESUMABLE_SETTINGS and not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple, list, type(None)))}

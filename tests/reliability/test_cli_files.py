@@ -1,0 +1,338 @@
+"""The `tasklight` command's bad inputs and faults: configs, flags, class paths, checkpoints, run
+folders and the files it writes. Each case ends in one line naming the setting and the fix (or is
+handled as documented); docs/reliability.md lists them ("CLI, configs, checkpoints and files")."""
+import errno
+import os
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tasklight import IMAMLModule, MAMLModule, MLP, SinusoidDataModule
+from tasklight.cli import check_run_name, checkpoint_run_folder, error_line, main, save_atomically
+from tasklight.core.checkpoint import stamp_checkpoint
+
+SIN = ["--config", "maml_sinusoid"]
+OMNI = ["--config", "maml_omniglot"]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TASKLIGHT_RUN_DIR", raising=False)
+    monkeypatch.delenv("TASKLIGHT_TRACEBACK", raising=False)
+    return tmp_path
+
+
+def one_line(args, capsys) -> str:
+    """Run the console command; it must exit non-zero with exactly one `tasklight: error:` line and
+    no traceback, and print little else on stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    err = capsys.readouterr().err
+    if isinstance(exc.value.code, str):  # SystemExit("...") : the interpreter prints it as the last line
+        err += exc.value.code + "\n"
+    ours = [line for line in err.splitlines() if line.startswith("tasklight: error:")]
+    assert exc.value.code not in (0, None), err[-2000:]
+    assert len(ours) == 1 and "Traceback" not in err, err[-3000:]
+    others = [line for line in err.splitlines() if line.strip() and not line.startswith(("tasklight:", "Seed set"))]
+    assert len(others) <= 2, err[-3000:]
+    return ours[0]
+
+
+# ------------------------------------------------------------------ configs and flags
+def _write(name, text):
+    Path(name).parent.mkdir(parents=True, exist_ok=True)
+    Path(name).write_text(text)
+    return name
+
+
+CONFIG_CASES = {
+    # id: (files, args, what the line must say)
+    "yaml_syntax": ({"bad.yaml": "model: [\n  bad"}, ["fit", "--config", "bad.yaml"],
+                    r"bad\.yaml is not valid YAML at line \d+, column \d+.*fix its syntax"),
+    "yaml_tab_indent": ({"tab.yaml": "trainer:\n\tmax_steps: 2\n"}, ["fit", "--config", "tab.yaml"],
+                        r"tab\.yaml is not valid YAML at line 2"),
+    "config_missing": ({}, ["fit", "--config", "nowhere.yaml"], r"--config .*nowhere\.yaml: no such file.*shipped"),
+    "extends_not_a_string": ({"e.yaml": "extends: [a, b]\n"}, ["fit", "--config", "e.yaml"],
+                             r"`extends:` in .*e\.yaml must be the path of one config file"),
+    "extends_missing": ({"e.yaml": "extends: base/none.yaml\n"}, ["fit", "--config", "e.yaml"],
+                        r"extends 'base/none\.yaml', but .* does not exist"),
+    "extends_loop": ({"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: a.yaml\n"}, ["fit", "--config", "a.yaml"],
+                     r"chain of .* loops back"),
+    "extends_itself": ({"s.yaml": "extends: s.yaml\n"}, ["fit", "--config", "s.yaml"], r"loops back"),
+    "config_unknown_key": ({"k.yaml": "extends: " + "{cfg}/maml_sinusoid.yaml\ntrainer: {{max_stepz: 3}}\n"},
+                           ["fit", "--config", "k.yaml"], r"max_stepz"),
+    "config_wrong_type": ({"t.yaml": "extends: {cfg}/maml_sinusoid.yaml\ntrainer: {{max_steps: lots}}\n"},
+                          ["fit", "--config", "t.yaml"], r"trainer\.max_steps.*lots.*int"),
+    "flag_unknown": ({}, ["fit", *SIN, "--trainer.max_stepz", "3"], r"unrecognized arguments: --trainer\.max_stepz"),
+    "flag_wrong_type": ({}, ["fit", *SIN, "--trainer.max_steps", "abc"], r"--trainer\.max_steps abc: expected .* int"),
+    "seed_wrong_type": ({}, ["fit", *SIN, "--seed_everything", "abc"], r"--seed_everything abc: expected .*int"),
+    "subcommand_unknown": ({}, ["train", *SIN], r"invalid choice: 'train'"),
+    "model_short_name_unknown": ({}, ["fit", "--model", "NoSuchModule", "--data", "SinusoidDataModule"],
+                                 r"--model NoSuchModule: not a class tasklight knows.*full class path"),
+    "model_class_missing": ({}, ["fit", "--model", "tasklight.NoSuch", "--data", "SinusoidDataModule"],
+                            r"--model tasklight\.NoSuch: tasklight has no class NoSuch"),
+    "model_not_a_lightning_module": ({}, ["fit", "--model", "torch.nn.Linear", "--data", "SinusoidDataModule"],
+                                     r"torch\.nn\.Linear is not a LightningModule"),
+    "model_package_missing": ({}, ["fit", "--model", "my_pkg_absent.Learner", "--data", "SinusoidDataModule"],
+                              r"--model my_pkg_absent\.Learner: .*importable from here"),
+    "data_package_missing": ({}, ["fit", "--model", "MAMLModule", "--model.net", "MLP", "--data", "nopkg.Data"],
+                             r"--data nopkg\.Data: .*importable"),
+    "net_package_missing": ({}, ["fit", "--model", "MAMLModule", "--model.net", "nopkg.Net", "--data",
+                                 "SinusoidDataModule"], r"--model\.net nopkg\.Net: importing it fails: No module named"),
+    "user_module_import_fails": ({"broken_pkg/__init__.py": "import a_dependency_that_is_not_installed\n"},
+                                 ["fit", "--model", "broken_pkg.Learner", "--data", "SinusoidDataModule"],
+                                 r"broken_pkg\.Learner: importing it fails: No module named "
+                                 r"'a_dependency_that_is_not_installed'"),
+    "user_module_syntax_error": ({"syntax_pkg/__init__.py": "def broken(:\n"},
+                                ["fit", "--model", "syntax_pkg.Learner", "--data", "SinusoidDataModule"],
+                                r"--model syntax_pkg\.Learner"),
+    "user_class_missing": ({"empty_pkg/__init__.py": "X = 1\n"},
+                           ["fit", "--model", "empty_pkg.Learner", "--data", "SinusoidDataModule"],
+                           r"empty_pkg has no class Learner"),
+    "gradient_clip_val": ({}, ["fit", *SIN, "--trainer.gradient_clip_val=1.0"], r"--model\.init_args\.clip_grad_norm"),
+    "accumulate_grad_batches": ({}, ["fit", *SIN, "--trainer.accumulate_grad_batches=2"], r"larger meta-batch"),
+    "head_differs_from_n_way": ({}, ["fit", *OMNI, "--model.init_args.net.init_args.out_features", "7"],
+                                r"out_features=7 but --data\.init_args\.n_way=5"),
+    "run_name_escapes_runs": ({}, ["fit", *SIN, "--run_name", "../../x"], r"--run_name '\.\./\.\./x' is not a folder"),
+    "run_name_with_slash": ({}, ["fit", *SIN, "--run_name", "a/b"], r"--run_name 'a/b' is not a folder name"),
+    "run_name_dotdot": ({}, ["fit", *SIN, "--run_name", ".."], r"--run_name '\.\.' is not a folder name"),
+    "run_name_absolute": ({}, ["fit", *SIN, "--run_name", "/tmp/elsewhere"], r"is not a folder name"),
+    "run_name_empty": ({}, ["fit", *SIN, "--run_name", " "], r"is not a folder name"),
+    "run_name_home": ({}, ["fit", *SIN, "--run_name", "~x"], r"is not a folder name"),
+    "omniglot_root_missing": ({}, ["fit", *OMNI, "--data.init_args.root", "nowhere"],
+                              r"OmniglotDataModule: Omniglot data not found"),
+    "n_way_zero": ({}, ["fit", *OMNI, "--data.init_args.n_way", "0"], r"n_way >= 2.*got n_way=0"),
+    "inner_lr_negative": ({}, ["fit", *SIN, "--model.init_args.inner_lr", "-1"], r"MAMLModule: .*inner_lr"),
+    "meta_batch_zero": ({}, ["fit", *SIN, "--data.init_args.meta_batch_size", "0"], r"meta_batch_size"),
+    "strategy_unknown": ({}, ["fit", *SIN, "--trainer.strategy", "nonsense"], r"invalid strategy name"),
+    "gpu_config_without_gpu": ({}, ["fit", "--config", "maml_omniglot_gpu"], r"asks for a GPU and none is visible.*"
+                                                                                r"config without `_gpu`"),
+    "gpu_accelerator_flag": ({}, ["fit", *SIN, "--trainer.accelerator", "gpu"], r"asks for a GPU"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_a_bad_config_or_flag_is_one_line(case, in_tmp, capsys):
+    if case.startswith("gpu") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    files, args, want = CONFIG_CASES[case]
+    cfg_dir = Path(__file__).resolve().parents[2] / "configs"
+    for name, text in files.items():
+        _write(name, text.format(cfg=cfg_dir) if "{cfg}" in text else text)
+    line = one_line(args, capsys)
+    assert re.search(want, line), line
+    assert not (in_tmp / "runs").exists() or not any((in_tmp / "runs").rglob("*.ckpt"))
+
+
+def test_run_name_checks_and_the_runs_folder_stays_below_runs(in_tmp, capsys):
+    for ok in ("exp1", "maml-5way_b", "run.v2"):
+        check_run_name(ok)
+    one_line(["fit", *SIN, "--run_name", "../../x"], capsys)
+    assert not (in_tmp.parent.parent / "x").exists() and not (in_tmp / "runs").exists()
+
+
+# ------------------------------------------------------------------ checkpoints given to --ckpt_path
+def _sinusoid_ckpt(folder: Path, learner=MAMLModule, data=SinusoidDataModule, run_folder=True) -> Path:
+    """A small real checkpoint (2 meta-steps with a Python Trainer), placed as a run's last.ckpt."""
+    torch.manual_seed(0)
+    model = learner(MLP(1, [8], 1), inner_steps=1)
+    dm = data(k_shot=5, q_queries=5, meta_batch_size=2, batches_per_epoch=4, val_episodes=2, test_episodes=2)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        inference_mode=False, limit_val_batches=0, enable_checkpointing=False,
+                        default_root_dir=str(folder))
+    trainer.fit(model, dm)
+    path = folder / "run" / "checkpoints" / "last.ckpt" if run_folder else folder / "plain.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(path)
+    if run_folder:
+        (path.parent.parent / "config.yaml").write_text("# the run's config\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def maml_ckpt(tmp_path_factory):
+    return _sinusoid_ckpt(tmp_path_factory.mktemp("maml"))
+
+
+def _damaged(maml_ckpt, kind) -> Path:
+    bad = Path(f"{kind}.ckpt")
+    data = maml_ckpt.read_bytes()
+    if kind == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "text":
+        bad.write_text("not a checkpoint\n")
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), bad)
+    elif kind == "no_state_dict":
+        torch.save({"epoch": 1}, bad)
+    elif kind == "pickled_object":
+        torch.save({"state_dict": {}, "obj": Path("x")}, bad)
+    elif kind == "directory":
+        bad.mkdir()
+    elif kind == "checksum":
+        ckpt = torch.load(maml_ckpt, weights_only=True)
+        first = next(iter(ckpt["state_dict"]))
+        ckpt["state_dict"][first] = ckpt["state_dict"][first] + 1  # the weights changed after stamping
+        torch.save(ckpt, bad)
+    return bad
+
+
+CKPT_CASES = {
+    "truncated": r"--ckpt_path truncated\.ckpt: checkpoint .* \(\d+ bytes\) is not a readable checkpoint",
+    "empty": r"empty\.ckpt \(0 bytes\) is not a readable checkpoint",
+    "text": r"text\.ckpt .* is not a readable checkpoint",
+    "tensor": r"tensor\.ckpt is not a Lightning checkpoint",
+    "no_state_dict": r"no_state_dict\.ckpt is not a Lightning checkpoint",
+    "pickled_object": r"pickled_object\.ckpt .*is not a readable checkpoint",
+    "directory": r"--ckpt_path directory\.ckpt: no such file",
+    "checksum": r"do not match the checksum",
+}
+
+
+# every subcommand reads --ckpt_path through the same check: `test` in the quick tier, the others in the full suite
+SUBCOMMANDS = [pytest.param(s, marks=() if s == "test" else pytest.mark.slow) for s in ("fit", "validate", "test",
+                                                                                         "predict")]
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+@pytest.mark.parametrize("kind", sorted(CKPT_CASES))
+def test_an_unusable_checkpoint_is_one_line_in_every_subcommand(kind, sub, maml_ckpt, in_tmp, capsys):
+    bad = _damaged(maml_ckpt, kind)
+    line = one_line([sub, *SIN, "--ckpt_path", str(bad)], capsys)
+    assert re.search(CKPT_CASES[kind], line), line
+    assert not (in_tmp / "runs").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_a_missing_checkpoint_is_one_line_and_says_why_latest_is_missing(sub, in_tmp, capsys):
+    line = one_line([sub, *SIN, "--ckpt_path", "runs/maml_sinusoid/latest/checkpoints/last.ckpt"], capsys)
+    assert "no such file" in line and "runs/maml_sinusoid/latest does not exist" in line
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_a_checkpoint_of_another_learner_class_is_refused_naming_both(sub, maml_ckpt, in_tmp, capsys):
+    line = one_line([sub, "--config", "imaml_sinusoid", "--ckpt_path", str(maml_ckpt)], capsys)
+    assert "written by tasklight.meta.maml.MAMLModule" in line and "IMAMLModule" in line, line
+    assert not (in_tmp / "runs").exists()
+
+
+def test_a_checkpoint_of_other_data_names_both_datamodules(maml_ckpt, in_tmp, capsys):
+    line = one_line(["test", *OMNI, "--ckpt_path", str(maml_ckpt)], capsys)
+    assert "trained on SinusoidDataModule" in line and "OmniglotDataModule" in line, line
+    assert "out_features" not in line  # no flag the user never passed
+
+
+def test_a_head_of_another_n_way_names_the_checkpoint_not_a_flag(maml_ckpt, in_tmp, capsys):
+    from tasklight.cli import TasklightCLI
+
+    cli = TasklightCLI.__new__(TasklightCLI)
+    cli._raw_args, cli._failed = ["test", *OMNI], False
+    from jsonargparse import Namespace
+
+    cfg = Namespace(model=Namespace(class_path="tasklight.MAMLModule", init_args=Namespace(
+        net=Namespace(class_path="tasklight.nn.Conv4", init_args=Namespace(out_features=20)))),
+        data=Namespace(class_path="tasklight.OmniglotDataModule", init_args=Namespace(n_way=5)),
+        ckpt_path="runs/x/latest/checkpoints/last.ckpt")
+    with pytest.raises(SystemExit):
+        cli._n_way_fill(cfg)
+    line = capsys.readouterr().err.strip()
+    assert "--ckpt_path runs/x/latest/checkpoints/last.ckpt holds a head with 20 outputs" in line
+    assert "--data.init_args.n_way 20" in line and "--model.init_args" not in line
+
+
+def test_load_from_checkpoint_of_another_class_names_both_and_the_right_call(maml_ckpt):
+    with pytest.raises(ValueError, match=r"written by tasklight\.meta\.maml\.MAMLModule, not by "
+                                         r"tasklight\.meta\.imaml\.IMAMLModule.*MAMLModule\.load_from_checkpoint"):
+        IMAMLModule.load_from_checkpoint(maml_ckpt)
+    assert type(MAMLModule.load_from_checkpoint(maml_ckpt)) is MAMLModule
+
+
+def test_checkpoint_run_folder_only_for_a_runs_checkpoints(maml_ckpt, tmp_path):
+    assert checkpoint_run_folder(maml_ckpt) == maml_ckpt.parent.parent
+    assert checkpoint_run_folder(tmp_path / "x.ckpt") is None and checkpoint_run_folder("last") is None
+
+
+# ------------------------------------------------------------------ files the command writes
+def test_a_full_disk_leaves_no_truncated_checkpoint_and_names_the_file(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoints" / "epoch=0-step=2.ckpt"
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):  # writes half, then the device is full
+        Path(f).write_bytes(b"PK\x03\x04partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write the checkpoint .*epoch=0-step=2\.ckpt \(No space left on "
+                                      r"device\); nothing was left behind: free disk space") as exc:
+        save_atomically({"state_dict": {}}, target, what="checkpoint")
+    assert exc.value.errno == errno.ENOSPC
+    assert list(target.parent.iterdir()) == []  # neither the checkpoint nor the temporary file
+    monkeypatch.setattr(torch, "save", real_save)
+    assert "free disk space" in error_line(exc.value) and "\n" not in error_line(exc.value)
+
+
+def test_an_existing_checkpoint_survives_a_failed_overwrite(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    save_atomically({"state_dict": {"w": torch.ones(2)}}, target)
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(OSError):
+        save_atomically({"state_dict": {"w": torch.zeros(2)}}, target)
+    monkeypatch.undo()
+    torch.testing.assert_close(torch.load(target, weights_only=True)["state_dict"]["w"], torch.ones(2))
+
+
+def test_the_cli_trainer_writes_checkpoints_atomically(in_tmp):
+    from tasklight.cli import _checkpoint_io
+
+    io = _checkpoint_io()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(1)}}, str(in_tmp / "c" / "x.ckpt"))
+    assert sorted(p.name for p in (in_tmp / "c").iterdir()) == ["x.ckpt"]
+
+
+@pytest.mark.parametrize("err,want", [
+    (OSError(errno.ENOSPC, "No space left on device"), "free disk space"),
+    (PermissionError(errno.EACCES, "Permission denied", "runs"), "folder you can write to"),
+    (OSError(errno.EROFS, "Read-only file system", "runs"), "TASKLIGHT_RUNS"),
+    (RuntimeError("Found no NVIDIA driver on your system. CUDA is not available"), "asks for a GPU"),
+    (ModuleNotFoundError("No module named 'my_dep'"), "make the package importable"),
+    (FloatingPointError("non-finite inner loss at task 0"), "FloatingPointError: non-finite inner loss at task 0"),
+])
+def test_every_fault_that_ends_a_run_is_one_line(err, want):
+    line = error_line(err)
+    assert want in line and "\n" not in line
+
+
+def test_an_unwritable_working_folder_is_one_line(in_tmp, capsys, monkeypatch):
+    """A read-only working folder: the run folder cannot be made (root ignores chmod, so mkdir fails here)."""
+    monkeypatch.setenv("TASKLIGHT_RUNS", str(in_tmp / "a_file" / "runs"))
+    (in_tmp / "a_file").write_text("")  # a file where the runs folder should go
+    line = one_line(["fit", *SIN, "--trainer.max_steps", "1", "--trainer.logger", "false"], capsys)
+    assert "cannot create the run folder" in line and "TASKLIGHT_RUNS" in line
+
+
+def test_an_unreadable_config_is_one_line(in_tmp, capsys, monkeypatch):
+    _write("c.yaml", "trainer: {}\n")
+    real = Path.read_text
+
+    def denied(self, *a, **k):
+        if self.name == "c.yaml":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", "c.yaml"])
+    assert "cannot read the config" in str(exc.value.code) and "c.yaml" in str(exc.value.code)
+
+
+def test_version_names_torch_and_lightning(capsys):
+    main(["--version"])
+    out = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"tasklight \S+ \(torch \S+, lightning \S+, python \S+\)", out), out
+    assert torch.__version__.split("+")[0] in out
