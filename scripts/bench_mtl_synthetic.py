@@ -52,12 +52,10 @@ OUT = "docs/bench_mtl_synthetic.md"
 
 
 # ----------------------------------------------------------------------------- data
-def mmoe_tasks(p: float, seed: int, n: int, d: int = 100, m: int = 10, c: float = 1.0,
-               noise_var: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MMoE's synthetic data with task correlation ``p``: ``(x [n, d], y [n, 2] noisy, f [n, 2] noise-free)``.
-
-    Everything is drawn from ``seeded_generator(seed, ...)``: the same seed gives the same weight
-    vectors, sinusoids and inputs at every ``p`` (only ``w_2``'s mixing changes)."""
+def mmoe_parameters(p: float, seed: int, d: int = 100, m: int = 10, c: float = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w_1, w_2, alpha, beta)`` of MMoE's synthetic tasks: ``w_1 = c u_1``, ``w_2 = c (p u_1 + sqrt(1 - p^2) u_2)``
+    for orthonormal ``u_1, u_2`` (so ``cos(w_1, w_2) = p``), and the ``m`` sinusoids' ``alpha, beta ~ N(0, 1)``."""
     if not -1.0 <= p <= 1.0:
         raise ValueError(f"the correlation p is a cosine, between -1 and 1; got {p}")
     g = seeded_generator(seed, 1)
@@ -65,6 +63,16 @@ def mmoe_tasks(p: float, seed: int, n: int, d: int = 100, m: int = 10, c: float 
     w1 = c * u[:, 0]
     w2 = c * (p * u[:, 0] + math.sqrt(max(0.0, 1 - p * p)) * u[:, 1])
     alpha, beta = torch.randn(m, generator=g, dtype=torch.float64), torch.randn(m, generator=g, dtype=torch.float64)
+    return w1, w2, alpha, beta
+
+
+def mmoe_tasks(p: float, seed: int, n: int, d: int = 100, m: int = 10, c: float = 1.0,
+               noise_var: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MMoE's synthetic data with task correlation ``p``: ``(x [n, d], y [n, 2] noisy, f [n, 2] noise-free)``.
+
+    Everything is drawn from ``seeded_generator(seed, ...)``: the same seed gives the same weight
+    vectors, sinusoids and inputs at every ``p`` (only ``w_2``'s mixing changes)."""
+    w1, w2, alpha, beta = mmoe_parameters(p, seed, d, m, c)
     x = torch.randn(n, d, generator=seeded_generator(seed, 2), dtype=torch.float64)
     f = []
     for w in (w1, w2):
