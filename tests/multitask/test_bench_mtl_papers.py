@@ -131,3 +131,25 @@ def test_bench_mtl_multifashion_smoke(tmp_path):
     line = _smoke("bench_mtl_multifashion.py", tmp_path)
     p = load_protocol(ROOT / "benchmarks" / "protocols" / "mtl_multifashion.yaml")
     assert "method=" in line and "smoke=true" in line and f"protocol={p.hash}" in line
+
+
+def test_toy_descent_records_the_trajectory():
+    from tasklight.multitask import EqualWeighting
+    from tasklight.multitask.toy import TOY_SCALES, TOY_STARTS, toy_descent, toy_objectives
+
+    starts, scales = TOY_STARTS["cagrad"], TOY_SCALES["cagrad"]
+    path: list = []
+    x, final = toy_descent(EqualWeighting, starts, scales, steps=7, lr=0.1, trajectory=path)
+    assert len(path) == 8 and torch.equal(path[-1], final)
+    assert torch.allclose(path[0], toy_objectives(torch.tensor(starts, dtype=torch.float64), scales))
+    x2, final2 = toy_descent(EqualWeighting, starts, scales, steps=7, lr=0.1)  # recording changes nothing
+    assert torch.equal(x, x2) and torch.equal(final, final2)
+
+
+@pytest.mark.slow
+def test_plot_mtl_toy_writes_the_figure(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_mtl_toy.py"), "--steps", "5", "--settings",
+                          "cagrad", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "mtl_toy_cagrad.png").stat().st_size > 10_000
+    assert len([line for line in res.stdout.splitlines() if "max_pareto_gap=" in line]) == len(WEIGHTINGS) - 1
