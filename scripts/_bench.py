@@ -59,21 +59,23 @@ def write_results(out: str, lines: list[str], summary: str, total_s: float) -> N
     print(summary)
 
 
-def fit_and_test(module, datamodule, steps: int, split: str = "test") -> tuple[dict, float]:
+def fit_and_test(module, datamodule, steps: int, split: str | None = "test") -> tuple[dict, float]:
     """Train ``steps`` optimiser steps without validation, then evaluate on ``split`` ("test", or "val" for
-    choosing settings); returns (metrics named ``test/...`` either way, fit seconds)."""
+    choosing settings, or None for no evaluation); returns (metrics named ``test/...`` either way, fit seconds)."""
     import time
 
     import lightning as L
 
-    if split not in ("test", "val"):
-        raise ValueError(f"split={split!r}: use 'test' or 'val'")
+    if split not in ("test", "val", None):
+        raise ValueError(f"split={split!r}: use 'test', 'val' or None")
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
     start = time.perf_counter()
     trainer.fit(module, datamodule)
     fit_s = time.perf_counter() - start
+    if split is None:
+        return {}, fit_s
     if split == "test":
         return trainer.test(module, datamodule, verbose=False)[0], fit_s
     trainer.limit_val_batches = 1.0

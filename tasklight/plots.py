@@ -119,11 +119,16 @@ def task_bars(names: Sequence[str], values, metric: str, title: str = ""):
 
 
 def pareto_trajectories(trajectories: Sequence, front=None, labels: Optional[Sequence[str]] = None,
-                        objectives: Sequence[str] = ("L1", "L2"), title: str = "trajectories in objective space"):
+                        objectives: Sequence[str] = ("L1", "L2"), title: str = "trajectories in objective space",
+                        ax=None):
     """Two-objective trajectories ``[N, 2]`` (one per start) with the Pareto front ``[M, 2]``: start
-    (circle) and end (star) marked."""
+    (circle) and end (star) marked. ``ax``: draw into this matplotlib axes (one panel of a larger figure)
+    instead of a new figure."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.5, 4.0), dpi=80)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.5, 4.0), dpi=80)
+    else:
+        fig = ax.figure
     if front is not None:
         f = _np(front)
         ax.plot(f[:, 0], f[:, 1], "k-", lw=2, alpha=0.5, label="Pareto front")

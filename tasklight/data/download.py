@@ -14,7 +14,7 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 __all__ = ["download", "md5sum", "DownloadError"]
 
@@ -34,12 +34,14 @@ def md5sum(path: Union[str, os.PathLike], chunk: int = CHUNK) -> str:
 
 
 def download(url: str, dest: Union[str, os.PathLike], md5: Optional[str], timeout: float = 60.0,
-             retries: int = 3, quiet: bool = False) -> Path:
+             retries: int = 3, quiet: bool = False, verify: Optional[Callable[[Path], None]] = None) -> Path:
     """Fetch ``url`` to ``dest`` (see the module docstring); return ``dest``.
 
     An existing ``dest`` with the right checksum is kept as is. ``md5=None`` skips the check (only
     for files without a published checksum). A wrong checksum removes the partial file and raises
-    :class:`DownloadError` naming the URL, the expected and the actual checksum.
+    :class:`DownloadError` naming the URL, the expected and the actual checksum. ``verify``, when given, is
+    called on the finished download before it is renamed into place (e.g. to check the checksum of its
+    decompressed bytes); if it raises, the partial file is removed and its error propagates.
     """
     dest = Path(dest)
     if dest.exists() and (md5 is None or md5sum(dest) == md5):
@@ -63,6 +65,12 @@ def download(url: str, dest: Union[str, os.PathLike], md5: Optional[str], timeou
             part.unlink()
             raise DownloadError(f"checksum mismatch for {url}: expected md5 {md5}, got {got}; the partial file "
                                 f"was removed, run again to download it afresh")
+    if verify is not None:
+        try:
+            verify(part)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
     os.replace(part, dest)
     return dest
 

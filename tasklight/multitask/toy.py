@@ -132,7 +132,8 @@ class TwoObjectiveToyDataModule(MultiTaskDataModule):
 
 
 def toy_descent(make_weighting, starts: Sequence[Sequence[float]], scales: Sequence[float] = (0.1, 1.0),
-                steps: int = 2000, lr: float = 0.05, epoch_length: int = 100) -> tuple[Tensor, Tensor]:
+                steps: int = 2000, lr: float = 0.05, epoch_length: int = 100,
+                trajectory: Optional[list] = None) -> tuple[Tensor, Tensor]:
     """Run a weighting method on the toy from several starting points at once.
 
     Each start is an independent problem (Adam is elementwise, so one Adam over the stacked points
@@ -140,7 +141,8 @@ def toy_descent(make_weighting, starts: Sequence[Sequence[float]], scales: Seque
     per-task gradients on the point, and the learning rate annealed from ``lr`` to 0 (cosine) over
     ``steps``. This is the update :class:`~tasklight.multitask.module.MultiTaskModule`
     makes with ``ToyPoint`` and identity heads, without the Trainer around it. Returns the final
-    points ``[K, 2]`` and their losses ``[K, 2]``.
+    points ``[K, 2]`` and their losses ``[K, 2]``; a list given as ``trajectory`` receives the losses
+    ``[K, 2]`` before every step and after the last (``steps + 1`` entries).
     """
     from tasklight.multitask.weighting import TaskStats
 
@@ -155,6 +157,8 @@ def toy_descent(make_weighting, starts: Sequence[Sequence[float]], scales: Seque
     active = torch.ones(2, dtype=torch.bool)
     for step in range(steps):
         f = toy_objectives(x, scales)
+        if trajectory is not None:
+            trajectory.append(f.detach().clone())
         g = torch.stack([torch.autograd.grad(f[:, i].sum(), x, retain_graph=True)[0] for i in range(2)], 1)
         w = torch.stack([m.compute_weights(TaskStats(f[k].detach(), active, g[k].detach(), step,
                                                      step // epoch_length)).to(f)
@@ -164,6 +168,8 @@ def toy_descent(make_weighting, starts: Sequence[Sequence[float]], scales: Seque
         opt.step()
         sched.step()
     x = x.detach()
+    if trajectory is not None:
+        trajectory.append(toy_objectives(x, scales))
     return x, toy_objectives(x, scales)
 
 
