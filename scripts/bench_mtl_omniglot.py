@@ -1,41 +1,37 @@
 """Multi-task learning on Omniglot alphabets in the low-data regime: per-task test accuracy and Delta_m
-of every architecture x weighting method against single-task networks, with model selection on a
-validation split and a paired 95 % CI over seeds.
+of multi-task models against single-task networks, under the pre-registered protocol
+``benchmarks/protocols/mtl_omniglot.yaml`` (arms, test seeds, data split, steps, selection rule).
 
 Every alphabet of Omniglot (the 8 alphabets of tasklight's two small background zips, 242 characters)
 is a classification task over its characters. Each character has 20 drawers; for every seed the drawers
 of every character are put in a seeded random order (``OmniglotAlphabetsDataModule(split_seed=seed)``)
-and split into ``--train-drawers`` training drawers (default 1: one example per class, the low-data
-regime where sharing is known to help), ``--val-drawers`` validation drawers (default 2) and all the
-remaining drawers for testing (17 per character by default, 4114 test images). Within a seed every model
-gets the same split and the same training stream: the comparison is paired.
+and split into the protocol's training drawers (1: one example per class, the low-data regime),
+validation drawers (5: 1210 validation images) and all the remaining drawers for testing (14 per
+character). Within a seed every model gets the same split and the same training stream: the comparison
+is paired.
 
 Single-task learning (STL) is one network per alphabet, trained together as soft sharing with penalty 0
 (exactly independent networks, see tests/multitask) with the same examples per task per step and the
-same number of steps: every method gets the same per-task budget. Every ``--eval-every`` steps each model
-is evaluated on the validation and the test sets; the reported test accuracy is the one at the step with
-the best validation accuracy -- one step per multi-task model (its mean validation accuracy over tasks),
-and one step per task for STL (each single-task network is selected on its own; that favours STL, never
-MTL). The SUMMARY line names the method whose validation accuracies give the best Delta_m (the test
-sets choose nothing). Delta_m is LibMTL's average relative gain over STL, ``mean_t (acc_t - acc_t^STL) / acc_t^STL`` in
-percent (higher is better), computed per seed against that seed's STL; we report its mean and the 95 % CI
-(Student t over seeds) of the paired per-seed values.
+same number of steps. Every model, STL included, is selected by one rule: every ``every`` steps it is
+evaluated on the validation sets, and its test accuracy is reported at the step with the best mean
+validation accuracy over tasks (ties: the earliest step) -- one step per model -- and at the last step.
+Delta_m is LibMTL's average relative gain over STL, ``mean_t (acc_t - acc_t^STL) / acc_t^STL`` in
+percent (higher is better), computed per seed against that seed's STL; we report its mean, its 95 %
+Student-t interval over seeds and Holm-adjusted paired p-values.
 
 The trunk normalises with running BatchNorm statistics at test time (``track_running_stats=True``),
 so a test prediction does not depend on which other examples share its evaluation batch.
 
-    python scripts/bench_mtl_omniglot.py --quick     # STL and hard sharing of the first conv block, equal
-                                                     # weights; 5 seeds x 200 steps of 16 images per task
-    python scripts/bench_mtl_omniglot.py             # every architecture x every weighting, 5 seeds
+    python scripts/bench_mtl_omniglot.py            # the protocol's 4 arms x 5 seeds (about 15 minutes)
+    python scripts/bench_mtl_omniglot.py --quick    # smoke run: 2 seeds x 20 steps, not a result
 
-Writes its section of docs/bench_multitask.md and ends with
-``SUMMARY best_delta_m=<x> ci95=<y> method=<architecture/weighting>``.
+Writes its section of docs/bench_multitask.md and ends with ``SUMMARY delta_m=<x> ci95=<y>
+delta_m_last=<z> ci95_last=<w> method=<arm> stl_selection=<rule> mtl_selection=<rule> seeds=<n>
+protocol=<hash>`` for the multi-task arm with the best validation Delta_m (the test sets choose nothing).
 """
 from __future__ import annotations
 
 import copy
-import json
-import math
 import os
 import re
 import statistics
@@ -46,18 +42,18 @@ from pathlib import Path
 import torch
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench  # noqa: E402
-
-from tasklight.data.multitask import OmniglotAlphabetsDataModule, OverlaidOmniglotDataModule  # noqa: E402
-from tasklight.multitask import architectures as A  # noqa: E402
-from tasklight.multitask import weighting as W  # noqa: E402
-from tasklight.multitask.module import MultiTaskModule  # noqa: E402
-from tasklight.nn.nets import Conv4  # noqa: E402
-from torch import nn  # noqa: E402
+import _bench
+from tasklight.data.multitask import OmniglotAlphabetsDataModule
+from tasklight.multitask import architectures as A
+from tasklight.multitask import weighting as W
+from tasklight.multitask.module import MultiTaskModule
+from tasklight.nn.nets import Conv4
+from tasklight.protocol import holm, load_protocol, paired
 
 OUT = "docs/bench_multitask.md"
+PROTOCOL = Path(__file__).resolve().parents[1] / "benchmarks" / "protocols" / "mtl_omniglot.yaml"
 WEIGHTINGS = {
     "equal": W.EqualWeighting,
     "uncertainty": W.UncertaintyWeighting,
@@ -73,17 +69,14 @@ for _name, _cls in (("cagrad", "CAGrad"), ("nashmtl", "NashMTL"), ("famo", "FAMO
         WEIGHTINGS[_name] = getattr(W, _cls)
 # name -> a factory of the architecture object
 ARCHITECTURES = {
+    "stl": lambda: A.SoftSharing(penalty=0.0),  # independent networks: single-task learning
     "hard": A.HardSharing,
     # hard_k_block(s): hard sharing of the first k conv blocks; each task has the other blocks and a linear head
     "hard_3_blocks": A.HardSharing,
     "hard_2_blocks": A.HardSharing,
     "hard_1_block": A.HardSharing,
     "soft": lambda: A.SoftSharing(penalty=1e-3),
-    "soft_0.01": lambda: A.SoftSharing(penalty=1e-2),
-    "soft_0.1": lambda: A.SoftSharing(penalty=1e-1),
-    "concat_shared_outputs": lambda: A.Concat(condition_layer=0, outputs="shared"),
     "concat": lambda: A.Concat(condition_layer=0, outputs="disjoint"),
-    "film_shared_outputs": lambda: A.FiLM(condition_layer=2, outputs="shared"),
     "film": lambda: A.FiLM(condition_layer=2, outputs="disjoint"),
     "multiplicative": lambda: A.Multiplicative(outputs="disjoint"),
     "multihead": A.MultiHead,
@@ -91,39 +84,23 @@ ARCHITECTURES = {
     "mmoe": lambda: A.MMoE(num_experts=2),
     "mtan": A.MTAN,
 }
-STL = "STL (one network per task)"
+# the model-selection rule, the same for every arm (STL included): one step per model
+SELECTION = "best_mean_validation_accuracy_per_model"
 
 
-def ci95(values: list[float]) -> float:
-    """Half-width of the 95 % confidence interval of the mean (Student t; 0 for one value)."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
-
-
-# the multi-task models of --quick, per dataset
-QUICK = {"alphabets": (("hard_1_block", "equal"),),
-         "overlaid": (("hard_3_blocks", "equal"), ("hard_1_block", "equal"))}
-# --quick's training steps per dataset
-QUICK_STEPS = {"alphabets": 200, "overlaid": 300}
+def parse_arm(arm: str) -> tuple[str, str]:
+    """``"hard/equal"`` -> ("hard", "equal"); ``"stl"`` -> ("stl", "equal")."""
+    arch, _, w = arm.partition("/")
+    w = w or "equal"
+    if arch not in ARCHITECTURES or w not in WEIGHTINGS:
+        raise ValueError(f"arm {arm!r}: architectures are {list(ARCHITECTURES)}, weightings {list(WEIGHTINGS)}")
+    return arch, w
 
 
-def runs(quick: bool, dataset: str = "alphabets") -> list[tuple[str, str]]:
-    """(architecture, weighting) pairs, STL first. Quick: the dataset's ``QUICK`` models."""
-    out = [("stl", "equal")]
-    if quick:
-        return out + list(QUICK[dataset])
-    for arch in ARCHITECTURES:
-        for w, cls in WEIGHTINGS.items():
-            if arch == "soft" and cls.needs_grads:
-                continue  # soft sharing has no shared parameters for gradient-based methods
-            if "shared_outputs" in arch and w != "equal":
-                continue  # the label-collision controls need one weighting only
-            out.append((arch, w))
-    return out
+def selection_rule(arm: str) -> str:
+    """The selection rule of ``arm``: one rule for every arm (checked by tests/multitask/test_bench_selection)."""
+    parse_arm(arm)
+    return SELECTION
 
 
 def write_section(out: str, key: str, lines: list[str], title: str = "Multi-task learning benchmarks") -> None:
@@ -138,21 +115,17 @@ def write_section(out: str, key: str, lines: list[str], title: str = "Multi-task
     path.write_text(text)
 
 
-def make_datamodule(args, seed: int, every: int):
-    """The seed's DataModule of ``args.dataset``: its drawer split (and pairing) and training stream are
-    seeded by ``seed``, so every model of a seed gets the same data."""
-    common = dict(image_size=args.image_size, batch_size_per_task=args.batch_size_per_task,
-                  train_drawers=args.train_drawers, val_drawers=args.val_drawers,
-                  test_drawers=20 - args.train_drawers - args.val_drawers, steps_per_epoch=every,
-                  eval_batch_size=1024, seed=seed, split_seed=seed)
-    if args.dataset == "alphabets":
-        return OmniglotAlphabetsDataModule(characters_per_task=args.characters_per_task, **common)
-    return OverlaidOmniglotDataModule(num_characters=args.num_characters, shift=args.shift,
-                                      test_canvases=args.test_canvases, **common)
+def make_datamodule(data: dict, batch_size_per_task: int, seed: int, every: int) -> OmniglotAlphabetsDataModule:
+    """The seed's DataModule: its drawer split and training stream are seeded by ``seed``, so every model of a
+    seed gets the same data."""
+    train, val = int(data["train_drawers"]), int(data["val_drawers"])
+    return OmniglotAlphabetsDataModule(image_size=int(data["image_size"]), batch_size_per_task=batch_size_per_task,
+                                       train_drawers=train, val_drawers=val, test_drawers=20 - train - val,
+                                       steps_per_epoch=every, eval_batch_size=1024, seed=seed, split_seed=seed)
 
 
 def make_model(arch: str, w: str, hidden: int, lr: float, dm) -> MultiTaskModule:
-    architecture = A.SoftSharing(penalty=0.0) if arch == "stl" else ARCHITECTURES[arch]()
+    architecture = ARCHITECTURES[arch]()
     trunk = Conv4(out_features=0, hidden=hidden, image_size=dm.input_shape[-1], track_running_stats=True)
     heads = None
     if arch.startswith("hard_") and arch.endswith(("_block", "_blocks")):
@@ -186,16 +159,16 @@ def task_accuracies(model: MultiTaskModule, loader) -> list[float]:
 
 
 class Curve(Callback):
-    """Validation accuracy of every task every ``every`` optimiser steps, and a copy of the weights at the best
-    validation step: one for the model (``per_task=False``: the best mean over tasks) or one per task (STL's
-    independent networks). Ties keep the earlier step."""
+    """Validation accuracy of every task every ``every`` optimiser steps, and a copy of the weights at the step
+    with the best mean validation accuracy over tasks (one step per model, whatever the architecture; ties keep
+    the earlier step)."""
 
-    def __init__(self, dm, every: int, per_task: bool) -> None:
-        self.every, self.per_task = every, per_task
+    def __init__(self, dm, every: int) -> None:
+        self.every = every
         self.val_loader = dm.val_dataloader()
         self.steps: list[int] = []
         self.val: list[list[float]] = []
-        self.best: dict[int, tuple[float, int, dict]] = {}  # key (task, or -1 for the model) -> (acc, step, state)
+        self.best: tuple[float, int, dict] | None = None  # (mean validation accuracy, step, state)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = int(trainer.global_step)
@@ -204,38 +177,29 @@ class Curve(Callback):
         accs = task_accuracies(pl_module, self.val_loader)
         self.steps.append(step)
         self.val.append(accs)
-        scores = dict(enumerate(accs)) if self.per_task else {-1: statistics.fmean(accs)}
-        state = None
-        for key, score in scores.items():
-            if key not in self.best or score > self.best[key][0]:
-                state = state or copy.deepcopy(pl_module.state_dict())
-                self.best[key] = (score, step, state)
+        score = statistics.fmean(accs)
+        if self.best is None or score > self.best[0]:
+            self.best = (score, step, copy.deepcopy(pl_module.state_dict()))
 
 
-def train_and_select(model: MultiTaskModule, dm, steps: int, every: int, per_task: bool) -> tuple[dict, float]:
+def train_and_select(model: MultiTaskModule, dm, steps: int, every: int) -> tuple[dict, float]:
     """Train ``steps`` optimiser steps, recording the validation accuracies every ``every`` steps; then the test
-    accuracy of every task at the last step and at its best validation step (see :class:`Curve`)."""
+    accuracy of every task at the last step and at the model's best validation step (see :class:`Curve`)."""
     import lightning as L
 
-    curve = Curve(dm, every, per_task)
+    curve = Curve(dm, every)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[curve])
-    begin = time.perf_counter()
+    begin = time.process_time()
     trainer.fit(model, dm)
-    fit_s = time.perf_counter() - begin
-    T = model.num_tasks
+    fit_s = time.process_time() - begin
     last = task_accuracies(model, dm.test_dataloader())
-    selected, at = [0.0] * T, [0] * T
-    groups = [(k, [k]) for k in range(T)] if per_task else [(-1, list(range(T)))]
-    for key, tasks in groups:
-        _, step, state = curve.best[key]
-        model.load_state_dict(state)
-        accs = task_accuracies(model, dm.eval_dataloader("test", tasks) if per_task else dm.test_dataloader())
-        for t in tasks:
-            selected[t], at[t] = accs[t], step
-    return {"steps": curve.steps, "val": curve.val, "test_selected": selected, "selected_step": at,
-            "test_last": last}, fit_s
+    _, step, state = curve.best
+    model.load_state_dict(state)
+    selected = task_accuracies(model, dm.test_dataloader())
+    return {"steps": curve.steps, "val": curve.val, "test_selected": selected,
+            "selected_step": [step] * model.num_tasks, "test_last": last}, fit_s
 
 
 def val_at_selected(curve: dict) -> list[float]:
@@ -252,171 +216,123 @@ def paired_delta_m(rows: list[list[float]], stl: list[list[float]]) -> list[floa
     return (100 * ((r - s) / s).mean(1)).tolist()
 
 
+def delta_m_stats(rows: list[list[float]], stl: list[list[float]]) -> dict[str, float]:
+    """Per-seed Delta_m against STL: its mean, 95 % t interval and paired-t p-value (against 0)."""
+    vals = paired_delta_m(rows, stl)
+    return {**paired(vals, [0.0] * len(vals)), "values": vals}
+
+
 def main(argv=None) -> None:
     p = _bench.parser(__doc__, OUT)
-    p.add_argument("--dataset", choices=("alphabets", "overlaid"), default="alphabets",
-                   help="alphabets: one task per Omniglot alphabet; overlaid: two tasks (left and right character) "
-                        "on canvases of two overlapping characters")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 400; quick: 200 alphabets, 300 overlaid)")
-    p.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate on the validation set every this many steps (default steps / 10)")
-    p.add_argument("--train-drawers", type=int, default=1, help="training drawers per character")
-    p.add_argument("--val-drawers", type=int, default=2, help="validation drawers per character; the remaining "
-                   "drawers (20 - train - val) all test")
-    p.add_argument("--hidden", type=int, default=32, help="Conv4 width")
-    p.add_argument("--image-size", type=int, default=16, help="square image size of one character (at least 16 "
-                   "for alphabets)")
-    p.add_argument("--characters-per-task", type=int, default=None,
-                   help="alphabets: split every alphabet into tasks of this many characters (many small related "
-                        "tasks; default: one task per alphabet)")
-    p.add_argument("--num-characters", type=int, default=20, help="overlaid: classes of each task")
-    p.add_argument("--shift", type=int, default=4, help="overlaid: offset (pixels) of the second character; "
-                   "the canvas side is image size + shift")
-    p.add_argument("--test-canvases", type=int, default=4000, help="overlaid: test canvases (distinct pairs of "
-                   "test images; the training and validation splits use all pairs of their images)")
-    p.add_argument("--batch-size-per-task", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
-    p.add_argument("--save", default=None, help="also write the learning curves to this JSON file")
-    p.add_argument("--merge", default=None,
-                   help="comma-separated JSON files of --save runs (e.g. one process per seed): tabulate them")
-    p.add_argument("--only", default=None,
-                   help="comma-separated runs to keep, e.g. 'hard/equal,mtan/equal' (STL always runs)")
+    p.add_argument("--protocol", default=str(PROTOCOL), help="the protocol file (arms, seeds, data, steps, selection)")
     args = p.parse_args(argv)
-    if args.seeds is None:
-        args.seeds = 5
-    if args.seeds < 2 and not args.merge:
-        print("note: one seed gives no confidence interval (ci95=0)")
-    seeds = [args.first_seed + s for s in _bench.setup(args)]
-    steps = args.steps or (QUICK_STEPS[args.dataset] if args.quick else 400)
-    every = args.eval_every or max(steps // 10, 1)
-    if not 1 <= every <= steps:
-        raise ValueError(f"--eval-every must be between 1 and --steps ({steps}), got {every}")
-    test_drawers = 20 - args.train_drawers - args.val_drawers
-    if args.val_drawers < 1 or test_drawers < 1:
-        raise ValueError(f"--train-drawers + --val-drawers must leave at least one test drawer and --val-drawers "
-                         f"must be >= 1 (model selection needs a validation set); got {args.train_drawers} + "
-                         f"{args.val_drawers}")
-    hidden, size = args.hidden, args.image_size
-    plan = runs(args.quick, args.dataset) if not args.only else [
-        r for r in runs(False) if r[0] == "stl" or f"{r[0]}/{r[1]}" in args.only.split(",")]
+    if args.seeds is not None:
+        p.error("--seeds: the test seeds are the protocol's (test_seeds in the protocol file)")
+    _bench.setup(args)
+    proto = load_protocol(args.protocol)
+    if proto.selection.get("granularity") != "model" or proto.selection.get("ties") != "earliest":
+        raise ValueError(f"{proto.path.name}: this script implements selection granularity 'model' with ties "
+                         f"'earliest' for every arm; the file says {dict(proto.selection)}")
+    if proto.arms[0] != "stl" or proto.baseline != "stl":
+        raise ValueError(f"{proto.path.name}: the first arm and the baseline must be 'stl' (Delta_m is against STL)")
+    data, model_cfg = proto.extra["data"], proto.extra["model"]
+    (config,) = proto.grid_for("stl")
+    lr, hidden = float(config["lr"]), int(model_cfg["hidden"])
+    seeds = list(proto.test_seeds)
+    steps, every = int(proto.budget["steps"]), int(proto.selection["every"])
+    if args.quick:
+        seeds, steps, every = seeds[:2], 20, 10
+    bpt = int(proto.budget["batch_size_per_task"])
     start = time.perf_counter()
     curves: dict[str, list[dict]] = {}
+    cpu: dict[str, float] = {}
     names: list[str] = []
-    merged_s = 0.0
-    loads: list[float] = []
-    if args.merge:
-        seeds = []
-        for f in args.merge.split(","):
-            saved = json.loads(Path(f).read_text())
-            names, seeds, merged_s = saved["names"], seeds + saved["seeds"], merged_s + saved["seconds"]
-            if saved.get("load") is not None:
-                loads.append(saved["load"])
-            for label, rows in saved["curves"].items():
-                curves.setdefault(label, []).extend(rows)
-        plan = []
-    for seed in seeds if not args.merge else []:
-        for arch, w in plan:
-            label = STL if arch == "stl" else f"{arch} / {w}"
+    for seed in seeds:
+        for arm in proto.arms:
+            arch, w = parse_arm(arm)
             seed_everything(seed)
-            dm = make_datamodule(args, seed, every)
+            dm = make_datamodule(data, bpt, seed, every)
             dm.setup()
-            model = make_model(arch, w, hidden, args.lr, dm)
-            curve, fit_s = train_and_select(model, dm, steps, every, per_task=label == STL)
+            n_val = sum(len(s) for s in dm.val_sets)
+            if n_val != int(proto.selection["validation_size"]):
+                raise ValueError(f"{proto.path.name}: validation_size {proto.selection['validation_size']} but the "
+                                 f"split gives {n_val} validation images")
+            model = make_model(arch, w, hidden, lr, dm)
+            curve, fit_s = train_and_select(model, dm, steps, every)
             names = model.task_names
-            curves.setdefault(label, []).append(curve)
-            accs, at = curve["test_selected"], curve["selected_step"]
-            print(f"seed {seed} {label:36s} mean test acc {statistics.fmean(accs):.3f} at step(s) "
-                  f"{sorted(set(at))}  ({fit_s:.0f} s)", flush=True)
-    if args.save:
-        Path(args.save).write_text(json.dumps({"names": names, "seeds": seeds, "curves": curves,
-                                               "seconds": time.perf_counter() - start,
-                                               "load": os.getloadavg()[0]}))
-    total = time.perf_counter() - start + merged_s
-    acc = {label: [c["test_selected"] for c in cs] for label, cs in curves.items()}
-    chosen = {label: [c["selected_step"] for c in cs] for label, cs in curves.items()}
-    last = {label: [c["test_last"] for c in cs] for label, cs in curves.items()}
-    val_acc = {label: [val_at_selected(c) for c in cs] for label, cs in curves.items()}
-    n_steps = curves[STL][0]["steps"]
+            curves.setdefault(arm, []).append(curve)
+            cpu[arm] = cpu.get(arm, 0.0) + fit_s
+            print(f"seed {seed} {arm:28s} test acc selected {statistics.fmean(curve['test_selected']):.3f} "
+                  f"(step {curve['selected_step'][0]}), last {statistics.fmean(curve['test_last']):.3f}  "
+                  f"({fit_s:.0f} CPU s)", flush=True)
+    total = time.perf_counter() - start
+    acc = {arm: [c["test_selected"] for c in cs] for arm, cs in curves.items()}
+    last = {arm: [c["test_last"] for c in cs] for arm, cs in curves.items()}
+    val_acc = {arm: [val_at_selected(c) for c in cs] for arm, cs in curves.items()}
+    chosen = {arm: [c["selected_step"][0] for c in cs] for arm, cs in curves.items()}
 
     short = [n.replace("_", " ") for n in names]
     cmd = " ".join(["python scripts/bench_mtl_omniglot.py"] + (argv if argv is not None else sys.argv[1:]))
-    mode = "selected runs" if args.only else ("quick" if args.quick else "full")
-    if args.dataset == "alphabets":
-        title = f"Omniglot alphabets, {args.train_drawers} training drawer(s) per character"
-        if args.characters_per_task:
-            title = (f"Omniglot alphabets in tasks of {args.characters_per_task} characters, {args.train_drawers} "
-                     f"training drawer(s) per character")
-        per = "task" if args.characters_per_task else "alphabet"
-        data = (f"Conv4 (width {hidden}, {size}x{size} images, running BatchNorm statistics at test time), Adam "
-                f"{args.lr:g}, {n_steps[-1]} steps of {args.batch_size_per_task} images per {per} (DWA's epoch: "
-                f"{every} steps), {len(seeds)} seeds. Per seed and character, a seeded random split of the 20 "
-                f"drawers: {args.train_drawers} train, {args.val_drawers} validate, {test_drawers} test (the same "
-                f"split and training stream for every model of a seed).")
-        unit = "alphabets"
-        if args.characters_per_task:
-            data = (f"Every alphabet split into tasks of {args.characters_per_task} consecutive characters "
-                    f"(`characters_per_task`; a one-character remainder joins the task before): "
-                    f"{len(names)} tasks. " + data)
-            unit = "tasks"
-    else:
-        c, side = args.num_characters, size + args.shift
-        title = (f"Overlaid Omniglot characters (two tasks), {args.train_drawers} training drawer(s) per "
-                 f"character")
-        data = (f"Two tasks on the same {side}x{side} canvases: a {size}x{size} character at the top left and one "
-                f"shifted {args.shift} pixels down and right, pixel-wise maximum (OverlaidOmniglotDataModule); "
-                f"task 'left' names the first, task 'right' the second, both over the same {c} characters (a "
-                f"fixed seeded draw from the shipped alphabets). Per seed and character, a seeded random split "
-                f"of the 20 drawers: {args.train_drawers} train, {args.val_drawers} validate, {test_drawers} "
-                f"test; the canvases of a split are pairs of its images: all {(c * args.train_drawers) ** 2} "
-                f"training and {(c * args.val_drawers) ** 2} validation pairs, {args.test_canvases} random test "
-                f"pairs (the same canvases and training stream for every model of a seed). Conv4 (width "
-                f"{hidden}, running BatchNorm statistics at test time), Adam {args.lr:g}, {n_steps[-1]} steps of "
-                f"{args.batch_size_per_task} canvases per task (DWA's epoch: {every} steps), {len(seeds)} seeds.")
-        unit = "tasks"
+    train, val = int(data["train_drawers"]), int(data["val_drawers"])
+    title = f"Omniglot alphabets, {train} training drawer(s) per character" + (" (--quick smoke run)" if args.quick else "")
     lines = _bench.header(title, cmd, args.threads, total)
-    lines[0] = f"## {title}: multi-task vs single-task ({mode})"
-    if not args.merge:
-        loads.append(os.getloadavg()[0])
-    if loads:
-        lines[-2] += f" Load average (1 min) when the run(s) ended: {', '.join(f'{v:.1f}' for v in loads)}."
-    lines += [data + f" Validation accuracy every {every} steps; the test accuracy reported is the one at the "
-              f"best validation step (one step per multi-task model, one per task for STL). Per-task columns: "
-              f"mean over seeds. Delta_m = mean over {unit} of the relative accuracy gain over the same seed's "
-              f"STL, in %, mean ± 95 % CI (Student t) of the paired per-seed values; 'last step' is the same "
-              f"without model selection, 'validation' the same on the validation sets at the selected steps. "
-              f"The SUMMARY line reports the method with the best validation Delta_m.",
-              "", "| architecture / weighting | " + " | ".join(short)
-              + " | mean acc | median selected step | Delta_m (%) | Delta_m, last step (%) | Delta_m, validation (%) |",
-              "|---|" + "---|" * (len(short) + 5)]
-    best = None
-    for label, rows in acc.items():
-        r = torch.tensor(rows)
+    lines[0] = f"## {title}: multi-task vs single-task"
+    lines[-2] += f" Load average (1 min) at the end: {os.getloadavg()[0]:.1f}."
+    lines += proto.describe()
+    stl_rule = selection_rule("stl")
+    mtl_rules = {selection_rule(a) for a in proto.arms[1:]}
+    (mtl_rule,) = mtl_rules
+    stats = {arm: delta_m_stats(acc[arm], acc["stl"]) for arm in proto.arms[1:]}
+    stats_last = {arm: delta_m_stats(last[arm], last["stl"]) for arm in proto.arms[1:]}
+    stats_val = {arm: delta_m_stats(val_acc[arm], val_acc["stl"]) for arm in proto.arms[1:]}
+    p_holm = holm({arm: s["p"] for arm, s in stats.items()})
+    p_holm_last = holm({arm: s["p"] for arm, s in stats_last.items()})
+    lines += [f"Conv4 (width {hidden}, {data['image_size']}x{data['image_size']} images, running BatchNorm "
+              f"statistics at test time), Adam {lr:g}, {steps} steps of {bpt} images per alphabet, {len(seeds)} "
+              f"seeds. Per seed and character, a seeded random split of the 20 drawers: {train} train, {val} "
+              f"validate, {20 - train - val} test (the same split and training stream for every model of a seed). "
+              f"Selection, the same for every arm (STL included): validation accuracy every {every} steps, the "
+              f"test accuracy at the step with the best mean validation accuracy over alphabets (ties: the "
+              f"earliest), one step per model. Per-alphabet columns: mean test accuracy over seeds at the "
+              f"selected step. Delta_m = mean over alphabets of the relative accuracy gain over the same seed's "
+              f"STL, in %: mean ± 95 % CI (Student t) of the per-seed values, with the paired-t p-value "
+              f"Holm-adjusted over the {len(stats)} multi-task arms; 'last step' is the same without model "
+              f"selection, 'validation' the same on the validation sets at the selected steps. Training CPU "
+              f"seconds are process time summed over seeds.",
+              "", "| arm | " + " | ".join(short)
+              + " | mean acc (selected) | mean acc (last step) | median selected step | Delta_m (%) | Holm p "
+                "| Delta_m, last step (%) | Holm p, last step | Delta_m, validation (%) | training CPU s |",
+              "|---|" + "---|" * (len(short) + 9)]
+    for arm in proto.arms:
+        r = torch.tensor(acc[arm])
         cells = [f"{v:.3f}" for v in r.mean(0).tolist()]
-        at = statistics.median(k for ks in chosen[label] for k in ks)
-        if label == STL:
-            cell, cell_last, cell_val = "0 (reference)", "0 (reference)", "0 (reference)"
+        at = statistics.median(chosen[arm])
+        mean_last = float(torch.tensor(last[arm]).mean())
+        if arm == "stl":
+            dm_cells = ["0 (reference)", "", "0 (reference)", "", "0 (reference)"]
         else:
-            vals, vals_last = paired_delta_m(rows, acc[STL]), paired_delta_m(last[label], last[STL])
-            mean, ci = statistics.fmean(vals), ci95(vals)
-            cell = f"{mean:+.2f} ± {ci:.2f}"
-            cell_last = f"{statistics.fmean(vals_last):+.2f} ± {ci95(vals_last):.2f}"
-            # the reported method is chosen on validation: the best Delta_m of the validation accuracies
-            vals_val = paired_delta_m(val_acc[label], val_acc[STL])
-            val_mean = statistics.fmean(vals_val)
-            cell_val = f"{val_mean:+.2f} ± {ci95(vals_val):.2f}"
-            if best is None or val_mean > best[3]:
-                best = (mean, ci, label, val_mean)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {float(r.mean()):.3f} | {at:g} | {cell} | "
-                     f"{cell_last} | {cell_val} |")
+            s, sl, sv = stats[arm], stats_last[arm], stats_val[arm]
+            dm_cells = [f"{s['mean']:+.2f} ± {s['ci95']:.2f}", f"{p_holm[arm]:.3f}",
+                        f"{sl['mean']:+.2f} ± {sl['ci95']:.2f}", f"{p_holm_last[arm]:.3f}",
+                        f"{sv['mean']:+.2f} ± {sv['ci95']:.2f}"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {float(r.mean()):.3f} | {mean_last:.3f} | {at:g} | "
+                     + " | ".join(dm_cells) + f" | {cpu[arm]:.0f} |")
+    lines += ["", "Per-seed Delta_m (%), selected step / last step:", ""]
+    for arm in proto.arms[1:]:
+        lines.append(f"- {arm}: " + ", ".join(f"{a:+.1f} / {b:+.1f}" for a, b in
+                                             zip(stats[arm]["values"], stats_last[arm]["values"])))
     lines.append("")
-    method = best[2].replace(" / ", "/").replace(" ", "_")
-    summary = f"SUMMARY best_delta_m={best[0]:.2f} ci95={best[1]:.2f} method={method}"
+    # the SUMMARY names the multi-task arm with the best validation Delta_m (the test sets choose nothing)
+    best = max(proto.arms[1:], key=lambda a: stats_val[a]["mean"])
+    summary = (f"SUMMARY delta_m={stats[best]['mean']:.2f} ci95={stats[best]['ci95']:.2f} "
+               f"delta_m_last={stats_last[best]['mean']:.2f} ci95_last={stats_last[best]['ci95']:.2f} method={best} "
+               f"stl_selection={stl_rule} mtl_selection={mtl_rule} seeds={len(seeds)} protocol={proto.hash}")
+    if args.quick:
+        summary = summary.replace("SUMMARY", "SMOKE")  # a smoke run is not a result
     print("\n".join(lines))
-    key = "bench_mtl_omniglot" + ("_overlaid" if args.dataset == "overlaid" else "") + (
-        f"_tasks{args.characters_per_task}" if args.dataset == "alphabets" and args.characters_per_task else "") + ("_subset" if args.only else "_quick" if args.quick else "_full")
-    write_section(args.out, key, lines + ["```", summary, "```"])
-    print(f"wrote {args.out} ({total:.0f} s)")
+    if not args.quick:
+        write_section(args.out, "bench_mtl_omniglot", lines + ["```", summary, "```"])
+        print(f"wrote {args.out} ({total:.0f} s)")
     print(summary)
 
 

@@ -1,9 +1,20 @@
-"""Task2Vec on Omniglot: the paper's three qualitative results at CPU scale, and both Fisher estimates.
+"""Task2Vec on Omniglot: expert selection among alphabet experts (the default, under a protocol), and
+the paper's three qualitative results on transformed domains (a second, labelled setting).
 
-    python scripts/bench_task2vec.py --quick      # one fold, 16-filter networks, 1 thread
-    python scripts/bench_task2vec.py              # both folds, 32-filter networks, more seeds
+    python scripts/bench_task2vec.py                             # alphabets: protocol, 5 seeds (~15 min)
+    python scripts/bench_task2vec.py --setting transforms --quick   # domains: one fold, one seed
 
-Set-up (Achille et al. 2019, Sects. 4-5, on the Omniglot alphabets shipped here):
+**Alphabets** (the default; ``benchmarks/protocols/task2vec_alphabets.yaml`` fixes every setting):
+tasks are alphabets, one Conv4 expert per alphabet. Each alphabet in turn is the held-out new task; the
+candidates are the other alphabets' experts; Task2Vec (``d_asym``, alpha 0.15) picks one from the
+embeddings of the experts' training tasks and of the new task's training split. Compared on the new
+task's test split (a linear head on the expert's frozen features): the picked expert, the oracle (the
+best candidate on the test split), a random candidate (the mean over candidates) and the generic expert
+(trained on the union of the candidates' data, with the experts' epochs), which is also the probe. The
+last line is ``SUMMARY setting=alphabets task2vec_err=<t> oracle_err=<o> random_err=<r> generic_err=<g>
+ci95=<c> ... seeds=<n> protocol=<hash>``, with ``ci95`` the 95 % t interval of task2vec_err over seeds.
+
+**Transforms** (``--setting transforms``; Achille et al. 2019, Sects. 4-5, at CPU scale):
 
 * the alphabets are cut into two halves; in a fold one half is *seen* (the probe and the experts are
   trained on it) and the other *unseen* (the new tasks come from it);
@@ -29,14 +40,15 @@ Measured (both estimators, ``montecarlo`` and ``variational``, on the same probe
     Task2Vec picks (``d_asym``, alpha = 0.15), of the oracle (best expert on the test split), of a
     random expert (expected) and of the generic expert.
 
-The last line printed (and of the results file) is
-``SUMMARY task2vec_err=<t> oracle_err=<o> random_err=<r>`` for the variational estimate.
+It writes docs/bench_task2vec_transforms.md and ends with ``SUMMARY setting=transforms task2vec_err=<t>
+oracle_err=<o> random_err=<r> generic_err=<g> seeds=1`` for the variational estimate.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -47,10 +59,13 @@ import torch.nn.functional as F
 
 from tasklight.data.omniglot import load_omniglot
 from tasklight.nn.nets import Conv4
+import _bench
+from tasklight.protocol import holm, load_protocol, paired
 from tasklight.task2vec import (Task2Vec, bootstrap_interval, distance_matrix, finetune_error, omniglot_probe,
                                 rank_experts, spearman, taxonomy_correlation, train_classifier, transfer_error)
 
 REPO = Path(__file__).resolve().parents[1]
+PROTOCOL = REPO / "benchmarks" / "protocols" / "task2vec_alphabets.yaml"
 METHODS = ("variational", "montecarlo")
 BETA = 1e-4  # the variational KL weight for this probe: its Fisher per weight is ~1e4 x a ResNet-34's
 
@@ -75,7 +90,7 @@ class Settings:
 
 QUICK = Settings(folds=1, hidden=16, probe_epochs=2, expert_epochs=2, max_examples=150, mc_samples=2,
                  variational_steps=150, finetune_steps=10, taxonomy_seeds=2, task_parts=1, probe_rotations=1,
-                 generic_fraction=0.25)
+                 generic_fraction=1.0)
 FULL = Settings(folds=2, hidden=32, probe_epochs=4, expert_epochs=6, max_examples=400, mc_samples=2,
                 variational_steps=200, finetune_steps=40, taxonomy_seeds=5, task_parts=2, probe_rotations=4,
                 generic_fraction=1.0)
@@ -120,13 +135,145 @@ def halves(alphabets: list[str], sizes: list[int]) -> list[tuple[list[str], list
 
 
 # ------------------------------------------------------------------------------------- main
+def drawer_split(seed: int, zoo: int, train: int, test: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A seeded permutation of the 20 drawers cut into the zoo's, the new task's training and its test
+    drawers (disjoint)."""
+    if zoo + train + test > 20 or min(zoo, train, test) < 1:
+        raise ValueError(f"drawers zoo={zoo}, train={train}, test={test}: each at least 1 and at most 20 in all")
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(seed))
+    return perm[:zoo], perm[zoo: zoo + train], perm[zoo + train: zoo + train + test]
+
+
+def leave_one_out(names: list[str]) -> list[tuple[str, list[str]]]:
+    """(held-out alphabet, candidate alphabets): every alphabet in turn, the candidates all the others."""
+    return [(h, [a for a in names if a != h]) for h in names]
+
+
+def run_alphabets(argv: list[str] | None) -> dict:
+    """The alphabet setting under its protocol (see the module docstring)."""
+    p = _bench.parser(__doc__, str(REPO / "docs" / "bench_task2vec.md"))
+    p.add_argument("--setting", choices=("alphabets",), default="alphabets")
+    p.add_argument("--protocol", default=str(PROTOCOL))
+    args = p.parse_args(argv)
+    if args.seeds is not None:
+        p.error("--seeds: the test seeds are the protocol's (test_seeds in the protocol file)")
+    _bench.setup(args)
+    proto = load_protocol(args.protocol)
+    b, m, t2v, dr = proto.budget, proto.extra["model"], proto.extra["task2vec"], proto.extra["drawers"]
+    (config,) = proto.grid_for("task2vec")
+    alpha, hidden = float(config["alpha"]), int(m["hidden"])
+    seeds = list(proto.test_seeds)
+    epochs, gepochs = int(b["expert_epochs"]), int(b["generic_epochs"])
+    if args.quick:  # a smoke run of the code path, not a result
+        seeds, epochs, gepochs = seeds[:2], 1, 1
+    t_start = time.perf_counter()
+    data = load_omniglot()
+    x_all = data.images.float().div(255.0).unsqueeze(1)
+    names = list(data.alphabets)
+    errs: dict[str, list[float]] = {a: [] for a in proto.arms}  # per seed, mean over held-out alphabets
+    rows, picks = [], 0
+    for seed in seeds:
+        zoo_d, train_d, test_d = drawer_split(seed, int(dr["zoo"]), int(dr["train"]), int(dr["test"]))
+        in_zoo, in_train, in_test = (torch.isin(data.image_drawer, d) for d in (zoo_d, train_d, test_d))
+
+        def alpha_mask(alphabets, drawers_mask):
+            ids = torch.tensor([names.index(a) for a in alphabets])
+            return torch.isin(data.image_alphabet, ids) & drawers_mask
+
+        def train_net(alphabets, ep, net_seed):
+            mk = alpha_mask(alphabets, in_zoo)
+            y = data.image_character[mk]
+            torch.manual_seed(net_seed)
+            net = Conv4(out_features=len(torch.unique(y)), hidden=hidden, image_size=x_all.shape[-1])
+            return train_classifier(net, x_all[mk], y, ep, lr=float(b["lr"]), batch_size=int(b["batch_size"]),
+                                    seed=net_seed)
+
+        t0 = time.perf_counter()
+        experts = {a: train_net([a], epochs, 1000 * seed + k) for k, a in enumerate(names)}
+        zoo_tasks = {a: (x_all[alpha_mask([a], in_zoo)], data.image_character[alpha_mask([a], in_zoo)]) for a in names}
+        print(f"seed {seed}: {len(experts)} experts trained in {time.perf_counter() - t0:.0f} s", flush=True)
+        per = {a: [] for a in proto.arms}
+        for k, (held, cands) in enumerate(leave_one_out(names)):
+            generic = train_net(cands, gepochs, 1000 * seed + 100 + k)
+            embedder = Task2Vec(generic, method=t2v["method"], mc_samples=int(t2v["mc_samples"]),
+                                max_examples=int(t2v["max_examples"]), seed=seed)
+            tr = (x_all[alpha_mask([held], in_train)], data.image_character[alpha_mask([held], in_train)])
+            te = (x_all[alpha_mask([held], in_test)], data.image_character[alpha_mask([held], in_test)])
+            cand_emb = {a: embedder.embed(zoo_tasks[a], a) for a in cands}
+            ranking = rank_experts(embedder.embed(tr, held), cand_emb, alpha=alpha)
+            errors = {a: transfer_error(experts[a], tr, te) for a in cands}
+            oracle = min(errors, key=errors.__getitem__)
+            row = {"task2vec": errors[ranking.chosen], "oracle": errors[oracle],
+                   "random": statistics.fmean(errors.values()), "generic": transfer_error(generic, tr, te)}
+            for a in proto.arms:
+                per[a].append(row[a])
+            picks += errors[ranking.chosen] == errors[oracle]
+            rows.append([str(seed), held, ranking.chosen, f"{row['task2vec']:.3f}", oracle, f"{row['oracle']:.3f}",
+                         f"{row['random']:.3f}", f"{row['generic']:.3f}"])
+            print("  " + " | ".join(rows[-1]), flush=True)
+        for a in proto.arms:
+            errs[a].append(statistics.fmean(per[a]))
+    total = time.perf_counter() - t_start
+    mean_ci = {a: paired(errs[a], [0.0] * len(errs[a])) for a in proto.arms}
+    diffs = {a: paired(errs["task2vec"], errs[a]) for a in proto.arms if a != "task2vec"}
+    p_holm = holm({a: d["p"] for a, d in diffs.items()})
+    cmd = " ".join(["python scripts/bench_task2vec.py"] + (argv or []))
+    lines = _bench.header("Task2Vec benchmark", cmd, args.threads, total)
+    lines[-2] += f" Load average (1 min) at the end: {os.getloadavg()[0]:.1f}."
+    lines += ["## Expert selection among alphabet experts" + (" (--quick smoke run)" if args.quick else ""), ""]
+    lines += proto.describe()
+    lines += [f"Tasks are the {len(names)} alphabets of the two small background zips. Per seed, drawers "
+              f"{sorted(zoo_d.tolist())} of the last seed (a seeded permutation per seed) make the zoo's data, "
+              f"{dr['train']} drawers the new task's training split and {dr['test']} its test split. Experts: "
+              f"Conv4 (width {hidden}), {epochs} epochs of Adam (lr {b['lr']}, batches of {b['batch_size']}) on "
+              f"one alphabet's zoo drawers. Each alphabet in turn is held out: the candidates are the other "
+              f"{len(names) - 1} experts; the generic expert, also the probe, is a Conv4 trained {gepochs} epochs "
+              f"on the union of the candidates' zoo data. Task2Vec: {t2v['method']} Fisher, at most "
+              f"{t2v['max_examples']} examples per task, `d_asym` with alpha {alpha}. Error: a linear head on the "
+              f"frozen features fitted on the new task's training split, error on its test split. Per seed, "
+              f"each arm's error is the mean over the {len(names)} held-out alphabets; mean ± 95 % t interval over "
+              f"{len(seeds)} seeds. Task2Vec picked the oracle in {picks} of {len(rows)} cases.", "",
+              "| arm | test error, mean ± 95 % CI | task2vec minus arm, mean ± 95 % CI | Holm p |",
+              "|---|---|---|---|"]
+    for a in proto.arms:
+        diff = "" if a == "task2vec" else f"{diffs[a]['mean']:+.4f} ± {diffs[a]['ci95']:.4f}"
+        lines.append(f"| {a} | {mean_ci[a]['mean']:.4f} ± {mean_ci[a]['ci95']:.4f} | {diff} | "
+                     f"{'' if a == 'task2vec' else f'{p_holm[a]:.3f}'} |")
+    lines += ["", "Per seed and held-out alphabet:", "",
+              table(["seed", "held-out alphabet", "task2vec pick", "its error", "oracle", "oracle error",
+                     "random error", "generic error"], rows), ""]
+    mc = mean_ci
+    summary = (f"SUMMARY setting=alphabets task2vec_err={mc['task2vec']['mean']:.4f} "
+               f"oracle_err={mc['oracle']['mean']:.4f} random_err={mc['random']['mean']:.4f} "
+               f"generic_err={mc['generic']['mean']:.4f} ci95={mc['task2vec']['ci95']:.4f} "
+               f"minus_oracle={diffs['oracle']['mean']:.4f} ci95_minus_oracle={diffs['oracle']['ci95']:.4f} "
+               f"minus_random={diffs['random']['mean']:.4f} ci95_minus_random={diffs['random']['ci95']:.4f} "
+               f"minus_generic={diffs['generic']['mean']:.4f} ci95_minus_generic={diffs['generic']['ci95']:.4f} "
+               f"seeds={len(seeds)} protocol={proto.hash}")
+    print("\n".join(lines))
+    if args.quick:
+        print(summary.replace("SUMMARY", "SMOKE"))
+        return errs
+    _bench.write_results(args.out, lines, summary, total)
+    return errs
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if "transforms" not in argv:
+        return run_alphabets(argv)
+    return run_transforms(argv)
+
+
+def run_transforms(argv: list[str] | None = None) -> dict:
+    """The transformed-domain setting (one fold and seed with --quick); see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", choices=("transforms",), required=True)
     parser.add_argument("--quick", action="store_true", help="one fold, fewer steps (a few minutes on 1 thread)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
     parser.add_argument("--alpha", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=str(REPO / "docs" / "bench_task2vec.md"))
+    parser.add_argument("--output", default=str(REPO / "docs" / "bench_task2vec_transforms.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -276,13 +423,15 @@ def main(argv: list[str] | None = None) -> dict:
     tax_rows = [[m, str(f), str(seed), str(n), fmt(r), f"[{lo:.3f}, {hi:.3f}]"]
                 for m in METHODS for f, seed, n, r, lo, hi in taxonomy[m]]
     t2v, orc, rnd = mean(sel["variational"]["task2vec"]), mean(sel_common["oracle"]), mean(sel_common["random"])
-    summary_line = f"SUMMARY task2vec_err={t2v:.4f} oracle_err={orc:.4f} random_err={rnd:.4f}"
+    gen_err = mean(sel_common["generic"])
+    summary_line = (f"SUMMARY setting=transforms task2vec_err={t2v:.4f} oracle_err={orc:.4f} random_err={rnd:.4f} "
+                    f"generic_err={gen_err:.4f} seeds=1")
     total = time.perf_counter() - t_start
-    command = "python scripts/bench_task2vec.py" + (" --quick" if args.quick else "")
+    command = "python scripts/bench_task2vec.py --setting transforms" + (" --quick" if args.quick else "")
     per_task_header = ["new task", "classes", "oracle expert", "oracle err", "random err", "generic err"]
     for m in METHODS:
         per_task_header += [f"{m} choice", f"{m} err"]
-    doc = f"""# Task2Vec benchmark
+    doc = f"""# Task2Vec benchmark, transformed domains (one seed, no interval)
 
 Command: `{command}`
 Date: {datetime.date.today().isoformat()}
@@ -294,7 +443,7 @@ Settings: {s.folds} fold(s) ({'; '.join(fold_notes)}). Probe: Conv4 with {s.hidd
 {s.probe_epochs} epochs on the seen alphabets, upright, {s.probe_rotations} rotation(s) as separate classes
 per character. Zoo: one Conv4 expert per domain ({', '.join(DOMAINS)}), {s.expert_epochs} epochs on the seen
 alphabets in that domain, and a generic expert, {s.expert_epochs} epochs on
-{s.generic_fraction:.0%} of the images of all domains mixed (as many examples as one expert sees).
+{s.generic_fraction:.0%} of the images of all domains mixed (the union of the experts' data, their epochs).
 New tasks: {'half' if s.task_parts == 2 else 'the first half'} of each unseen alphabet's characters in each domain. Task2Vec with at most {s.max_examples}
 examples per task; variational: beta = {BETA:g}, {s.variational_steps} Adam steps (lr 0.1 on the log-variances,
 batches of 32, the last half averaged);
@@ -348,4 +497,4 @@ Relative gap to the oracle (variational, d_asym): {(t2v - orc) / orc:+.1%}; the 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def bench():
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))  # as `python scripts/x.py` does: the scripts share _bench.py
     spec = importlib.util.spec_from_file_location("bench_mtl_omniglot", ROOT / "scripts" / "bench_mtl_omniglot.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -61,34 +64,34 @@ def _test_acc_after(arch_factory, steps, bench):
     return bench.task_accuracies(model, dm.test_dataloader())
 
 
-@pytest.mark.parametrize("per_task", [False, True])
-def test_reported_accuracy_is_the_models_at_the_selected_step(bench, per_task):
-    arch = (lambda: SoftSharing(penalty=0.0)) if per_task else HardSharing
+@pytest.mark.parametrize("stl", [False, True])
+def test_reported_accuracy_is_the_models_at_the_selected_step(bench, stl):
+    arch = (lambda: SoftSharing(penalty=0.0)) if stl else HardSharing
     seed_everything(0)
     dm, model = _dm(), _model(arch())
     torch.set_num_threads(1)
     steps, every = 24, 3
-    out, _ = bench.train_and_select(model, dm, steps, every, per_task=per_task)
+    out, _ = bench.train_and_select(model, dm, steps, every)
     assert out["steps"] == list(range(every, steps + 1, every))
     val = out["val"]  # [evaluations][tasks]
-
-    def first_best(scores):
-        return out["steps"][max(range(len(scores)), key=lambda k: (scores[k], -k))]
-
-    # the selected step is the first best validation step: of the mean over tasks, or of each task
-    if per_task:
-        expect = [first_best([v[t] for v in val]) for t in range(3)]
-    else:
-        expect = [first_best([statistics.fmean(v) for v in val])] * 3
+    # the selected step is the first best step of the mean validation accuracy over tasks, for STL too
+    means = [statistics.fmean(v) for v in val]
+    expect = [out["steps"][max(range(len(means)), key=lambda k: (means[k], -k))]] * 3
     assert out["selected_step"] == expect
-    assert len({statistics.fmean(v) for v in val}) > 1  # the validation curve moves, so selection means something
+    assert len(set(means)) > 1  # the validation curve moves, so selection means something
     # an independent run of exactly that many steps has those test accuracies (and the last step's)
-    for step in sorted(set(expect)):
-        again = _test_acc_after(arch, step, bench)
-        for t, s in enumerate(expect):
-            if s == step:
-                assert out["test_selected"][t] == pytest.approx(again[t], abs=1e-6)
+    assert out["test_selected"] == pytest.approx(_test_acc_after(arch, expect[0], bench), abs=1e-6)
     assert out["test_last"] == pytest.approx(_test_acc_after(arch, steps, bench), abs=1e-6)
+
+
+def test_one_selection_rule_for_every_arm(bench):
+    """STL and every multi-task arm of the protocol (and every other architecture x weighting) select alike."""
+    proto = bench.load_protocol(bench.PROTOCOL)
+    assert proto.arms[0] == "stl" and proto.selection["granularity"] == "model"
+    arms = list(proto.arms) + [f"{a}/{w}" for a in bench.ARCHITECTURES for w in bench.WEIGHTINGS]
+    assert {bench.selection_rule(a) for a in arms} == {bench.selection_rule("stl")}
+    with pytest.raises(ValueError, match="architectures are"):
+        bench.selection_rule("nope/equal")
 
 
 def test_paired_delta_m_and_t_interval(bench):
@@ -98,8 +101,7 @@ def test_paired_delta_m_and_t_interval(bench):
     assert bench.paired_delta_m(mtl, stl) == pytest.approx([10.0, 25.0])
     with pytest.raises(ValueError, match="same seeds and tasks as STL"):
         bench.paired_delta_m([[0.6, 0.25]], stl)
-    values = [1.0, 2.0, 4.0]
-    assert bench.ci95(values) == pytest.approx(4.302653 * statistics.stdev(values) / math.sqrt(3), rel=1e-5)
-    assert bench.ci95([1.0, 2.0, 4.0, 3.0, 5.0]) == pytest.approx(
-        2.776445 * statistics.stdev([1.0, 2.0, 4.0, 3.0, 5.0]) / math.sqrt(5), rel=1e-5)
-    assert bench.ci95([3.0]) == 0.0
+    stats = bench.delta_m_stats(mtl, stl)
+    assert stats["mean"] == pytest.approx(17.5)
+    # t interval of the two per-seed values: t_{0.975,1} * std / sqrt(2)
+    assert stats["ci95"] == pytest.approx(12.706205 * statistics.stdev([10.0, 25.0]) / math.sqrt(2), rel=1e-5)
