@@ -35,7 +35,7 @@ from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, configure_outer
                                   outer_step, setup_outer_step)
 from tasklight.core.seeding import seeded_generator
 from tasklight.data.multitask import MultiTaskBatch, TaskSpec, default_loss
-from tasklight.metrics import unshare_state
+from tasklight.metrics import eval_valid_mask, unshare_state
 from tasklight.multitask.architectures import Architecture, HardSharing, HeadFactory
 from tasklight.multitask.weighting import EqualWeighting, GRAD_SOURCES, TaskStats, Weighting
 from tasklight.config import NotConfigurable, SelfDescribing, from_config, to_config
@@ -507,16 +507,23 @@ class MultiTaskModule(SelfDescribing, LightningModule):
         return {"loss": total.detach(), "task_loss_sum": (fw.counts * fw.losses).detach(), "task_count": fw.counts,
                 "task_metric_sum": fw.metric_sums, "weights": weights.detach(), "active": present}
 
-    def _eval_step(self, batch: MultiTaskBatch) -> dict:
+    def _eval_step(self, batch: MultiTaskBatch, stage: str = "test", batch_idx: int = 0) -> dict:
+        # examples the distributed sampler repeated to even out the ranks are not counted
+        valid = eval_valid_mask(self, stage, batch_idx, len(batch), device=batch.x.device)
+        if valid is not None:
+            if not bool(valid.any()):
+                zeros = torch.zeros(self.num_tasks, device=batch.x.device)
+                return {"task_loss_sum": zeros, "task_count": zeros, "task_metric_sum": zeros}
+            batch = batch.select(valid)
         fw = self._forward(batch)
         return {"task_loss_sum": (fw.counts * fw.losses).detach(), "task_count": fw.counts,
                 "task_metric_sum": fw.metric_sums}
 
     def validation_step(self, batch: MultiTaskBatch, batch_idx: int) -> dict:
-        return self._eval_step(batch)
+        return self._eval_step(batch, "val", batch_idx)
 
     def test_step(self, batch: MultiTaskBatch, batch_idx: int) -> dict:
-        return self._eval_step(batch)
+        return self._eval_step(batch, "test", batch_idx)
 
     def predict_step(self, batch: MultiTaskBatch, batch_idx: int) -> dict:
         """``tasklight predict``: each example's output from its own task's head.
