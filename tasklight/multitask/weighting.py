@@ -694,25 +694,30 @@ def nash_bargaining_weights(gram: Tensor, max_iter: int = 100, tol: float = 1e-1
 class NashMTL(Weighting):
     """Nash-MTL (Navon et al., 2022): the Nash bargaining solution over the task gradients.
 
-    The weights ``alpha > 0`` solve ``G alpha = 1 / alpha`` (``G`` the Gram matrix of the task
+    The weights ``alpha > 0`` solve ``alpha_t (G alpha)_t = 1`` (``G`` the Gram matrix of the task
     gradients), i.e. every task's gradient has the same inner product ``1`` with the update scaled by
     its weight: ``g_t . d = 1 / alpha_t``. The equation is solved exactly (Newton's method on its
     convex potential; the paper's code approximates it by a few convex-concave iterations with
-    cvxpy). ``normalize=True`` (the paper's code and LibMTL) solves with ``G / ||G||_F``, which scales
-    the update by ``sqrt(||G||_F)``; ``False`` solves with ``G`` itself (the paper's Algorithm 1;
-    the update then has norm ``sqrt(T)`` whatever the scale of the gradients). The weights are
-    recomputed every ``update_every`` steps and reused in between. Only the shared parameters are
-    steered; heads get their own loss's gradient.
+    cvxpy). The paper's code (and LibMTL's) divides ``G`` by ``c = ||G||_F`` for conditioning, but its
+    constraint ``-log(alpha_t c) - log((G / c alpha)_t) <= 0`` multiplies the factor back in: it
+    solves the equation with ``G`` itself, so the update has norm ``sqrt(T)`` whatever the scale of
+    the gradients. ``normalize=True`` does the same (solves with ``G / c`` and rescales the weights
+    by ``1 / sqrt(c)``); ``False`` solves with ``G`` directly: both give the same weights.
+
+    As in the paper's code, the objective is ``sum_t alpha_t L_t``: the shared parameters get
+    ``sum_t alpha_t g_t`` and each task's head ``alpha_t`` times its own loss's gradient. The weights
+    are recomputed every ``update_every`` steps and reused in between.
     """
 
     needs_grads = True
-    direction_only = True
 
     def __init__(self, normalize: bool = True, update_every: int = 1, max_iter: int = 100,
                  grad_source: GradSource = "representation") -> None:
         super().__init__(grad_source)
-        if int(update_every) < 1:
-            raise ValueError(f"NashMTL update_every must be >= 1, got {update_every}")
+        if isinstance(update_every, bool) or int(update_every) != update_every or update_every < 1:
+            raise ValueError(f"NashMTL update_every must be >= 1 (an integer), got {update_every!r}")
+        if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
+            raise ValueError(f"NashMTL max_iter must be >= 1 (an integer: Newton iterations), got {max_iter!r}")
         self.normalize, self.update_every, self.max_iter = bool(normalize), int(update_every), int(max_iter)
         self.register_buffer("alpha", torch.zeros(0, dtype=torch.float64))
 
@@ -724,10 +729,10 @@ class NashMTL(Weighting):
         self._check(stats)
         idx, g, G = _active_gram(stats)
         if stats.step % self.update_every == 0 or bool((self.alpha[idx.to(self.alpha.device)] == 0).any()):
-            if self.normalize:
-                G = G / G.norm().clamp_min(1e-30)
+            c = max(float(G.norm()), 1e-30) if self.normalize else 1.0
+            a = nash_bargaining_weights(G / c, self.max_iter) / math.sqrt(c)
             alpha = torch.zeros_like(self.alpha)
-            alpha[idx.to(alpha.device)] = nash_bargaining_weights(G, self.max_iter).to(alpha)
+            alpha[idx.to(alpha.device)] = a.to(alpha)
             self.alpha = alpha
         return torch.where(stats.active.to(self.alpha.device), self.alpha, 0.0).to(stats.losses)
 

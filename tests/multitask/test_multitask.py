@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,12 +177,12 @@ def _pooled_rep_grads(model, batch):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("method", ["mgda", "pcgrad_params", "uncertainty", "imtl"])
+@pytest.mark.parametrize("method", ["mgda", "pcgrad_params", "uncertainty", "imtl", "nashmtl"])
 def test_weighted_step_matches_an_independent_computation(method):
     seed_everything(1)
     dm = tiny_dm(T=3)
     weighting = {"mgda": MGDA(), "pcgrad_params": PCGrad(grad_source="parameters", seed=4),
-                 "uncertainty": UncertaintyWeighting(init_log_var=0.3), "imtl": IMTL()}[method]
+                 "uncertainty": UncertaintyWeighting(init_log_var=0.3), "imtl": IMTL(), "nashmtl": NashMTL()}[method]
     s0 = torch.tensor([0.2, -0.1, 0.4])
     if method == "imtl":
         weighting.setup(3)
@@ -218,6 +219,15 @@ def test_weighted_step_matches_an_independent_computation(method):
         rest = rep[0] @ U.T @ torch.linalg.inv(D @ U.T)
         w = (torch.cat([1 - rest.sum().reshape(1), rest]) * e).float()
         head_w = torch.exp(s0)  # heads: the scaled losses exp(s_t) L_t
+    elif method == "nashmtl":  # alpha_t (G alpha)_t = 1 with the raw G, by a generic root finder
+        from scipy.optimize import root
+
+        rep = _pooled_rep_grads(before, batch).double().numpy()
+        Gr = rep @ rep.T
+        sol = root(lambda a: a * (Gr @ a) - 1, 1 / np.sqrt(np.diag(Gr)), tol=1e-14)
+        assert sol.success and (sol.x > 0).all()
+        # the paper's code back-propagates sum_t alpha_t L_t: trunk sum_t alpha_t g_t, heads alpha_t grad L_t
+        w = head_w = torch.from_numpy(sol.x).float()
     else:
         w = head_w = 0.5 * torch.exp(-torch.full((3,), 0.3))
     fit(model, dm, 1)

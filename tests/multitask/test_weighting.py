@@ -325,8 +325,15 @@ def test_nash_mtl_solves_the_bargaining_equation(T, seed):
     d = a @ g
     torch.testing.assert_close(g @ d, 1 / a, atol=1e-6, rtol=1e-6)  # g_t . d = 1 / alpha_t
     norm = ready(NashMTL(), T).compute_weights(stats(torch.ones(T), g.float())).double()
-    # solving with G / ||G||_F scales alpha by sqrt(||G||_F)
-    torch.testing.assert_close(norm, a * G.norm().sqrt(), atol=1e-4, rtol=1e-4)
+    # the default (normalize=True, conditioning only) solves the same equation with the raw G: the
+    # paper's code and LibMTL's constraint -log(alpha_t c) - log((G / c alpha)_t) <= 0 is
+    # alpha_t (G alpha)_t >= 1 with the raw G (issue 21: it used to be sqrt(||G||_F) times larger)
+    torch.testing.assert_close(norm, raw, atol=1e-6, rtol=1e-6)
+    ones = torch.ones(T, dtype=torch.float64)
+    exact = ready(NashMTL(), T).compute_weights(TaskStats(ones, ones > 0, g))
+    torch.testing.assert_close(exact * (G @ exact), ones, atol=1e-9, rtol=0)
+    scaled = ready(NashMTL(), T).compute_weights(TaskStats(ones, ones > 0, 10 * g))
+    torch.testing.assert_close(scaled, exact / 10, atol=1e-12, rtol=1e-9)  # d = sum alpha_t g_t keeps its norm
 
 
 def test_nash_mtl_reuses_its_weights_between_updates():
