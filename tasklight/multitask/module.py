@@ -281,22 +281,24 @@ class MultiTaskModule(SelfDescribing, LightningModule):
         rows = [r if r.numel() else None for r in rows]
         outputs, rep = self.architecture(batch.x, batch.z, rows)
         dev = batch.x.device
-        losses = torch.zeros(T, device=dev)
-        counts = torch.zeros(T, device=dev)
-        metric_sums = torch.zeros(T, device=dev)
+        # losses, counts and metrics in the outputs' precision (float64 stays float64; half -> float32)
+        dt = torch.promote_types(next((o.dtype for o in outputs if o is not None), torch.float32), torch.float32)
+        losses = torch.zeros(T, device=dev, dtype=dt)
+        counts = torch.zeros(T, device=dev, dtype=dt)
+        metric_sums = torch.zeros(T, device=dev, dtype=dt)
         if with_losses:
             per = []
             for t, r in enumerate(rows):
                 if r is None:
-                    per.append(torch.zeros((), device=dev))
+                    per.append(torch.zeros((), device=dev, dtype=dt))
                     continue
                 y = batch.y[r]
                 if self.task_specs[t].kind != "objective":
                     y = align_target(outputs[t], y, self.task_losses[t], f"the head of task {t} "
                                      f"({self.task_specs[t].name!r})")
-                per.append(self.task_losses[t](outputs[t], y).reshape(()).float())
+                per.append(self.task_losses[t](outputs[t], y).reshape(()).to(dt))
                 counts[t] = r.numel()
-                metric_sums[t] = self._metric_sum(t, outputs[t].detach(), y)
+                metric_sums[t] = self._metric_sum(t, outputs[t].detach(), y).to(dt)
             losses = torch.stack(per)
         return _Forward(outputs, rows, losses, counts, metric_sums, rep)
 
@@ -307,7 +309,8 @@ class MultiTaskModule(SelfDescribing, LightningModule):
         if kind == "regression":
             loss = self.task_losses[t]
             pred = loss.predict(out) if hasattr(loss, "predict") else out
-            return ((pred.reshape(y.shape).float() - y.float()) ** 2).sum()
+            dt = torch.promote_types(pred.dtype, torch.float32)
+            return ((pred.reshape(y.shape).to(dt) - y.to(dt)) ** 2).sum()
         return torch.zeros((), device=out.device)
 
     # ------------------------------------------------------------------ pieces of a training step
@@ -356,7 +359,7 @@ class MultiTaskModule(SelfDescribing, LightningModule):
             return out
         params = self.shared_parameters()
         size = sum(p.numel() for p in params)
-        out = torch.zeros(T, size, device=fw.losses.device)
+        out = torch.zeros(T, size, device=fw.losses.device, dtype=fw.losses.dtype)
         for t, r in enumerate(fw.rows):
             if r is None:
                 continue
@@ -475,7 +478,7 @@ class MultiTaskModule(SelfDescribing, LightningModule):
             # heads: their own loss (weighted by task_weights); trunk: sum_t w_t grad L_t (via d L / d rep)
             head_w = weighting.task_weights(weights).to(fw.losses)
             total = weighting.loss(scaled, head_w)
-            row_coef = torch.zeros(len(batch), device=fw.losses.device)
+            row_coef = torch.zeros(len(batch), device=fw.losses.device, dtype=fw.losses.dtype)
             for t, r in enumerate(fw.rows):
                 if r is not None:
                     row_coef[r] = scale[t] * (weights[t] - head_w[t])
