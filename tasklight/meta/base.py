@@ -35,6 +35,7 @@ from tasklight.nn.losses import PredictionMSE, TargetChecked, align_target, fit_
 from tasklight.nn.nets import make_vmap_safe
 from tasklight.callbacks.task_logging import log_step_means
 from tasklight.config import SelfDescribing
+from tasklight.core.checks import check_int, check_real
 
 
 @dataclass
@@ -148,6 +149,16 @@ class MetaLearner(SelfDescribing, LightningModule):
             raise ValueError(f"{type(self).__name__} does not run in chunks: set chunk_size=None (lower "
                              f"meta_batch_size to bound memory)")
         self.automatic_optimization = False
+        owner = type(self).__name__
+        check_int(owner, "inner_steps", inner_steps, 0, "inner-loop gradient steps")
+        if eval_inner_steps is not None:
+            check_int(owner, "eval_inner_steps", eval_inner_steps, 0, "inner steps at evaluation")
+        if isinstance(extra_eval_steps, (str, bytes)) or any(isinstance(k, bool) or not isinstance(k, (int, float))
+                                                            for k in extra_eval_steps):
+            raise ValueError(f"{owner}: extra_eval_steps must be a list of inner step counts >= 0, got "
+                             f"{extra_eval_steps!r}")
+        if not isinstance(inner_lr, Tensor):
+            check_real(owner, "inner_lr", inner_lr, 0.0, what="the inner loop's step size")
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner steps must be >= 0, got inner_steps={inner_steps}, "
                              f"eval_inner_steps={eval_inner_steps}")

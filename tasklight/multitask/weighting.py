@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from tasklight.config import RecordsInit
 
 from tasklight.core.seeding import seeded_generator
+from tasklight.core.checks import check_int, check_real
 
 GradSource = Literal["representation", "parameters"]
 GRAD_SOURCES = ("representation", "parameters")
@@ -169,6 +170,9 @@ class StaticWeighting(Weighting):
         self.fixed = None if weights is None else [float(w) for w in weights]
         if self.fixed is not None and any(not math.isfinite(w) or w < 0 for w in self.fixed):
             raise ValueError(f"StaticWeighting weights must be finite and >= 0, got {self.fixed}")
+        if self.fixed is not None and self.fixed and not any(w > 0 for w in self.fixed):
+            raise ValueError(f"StaticWeighting weights are all 0 ({self.fixed}): every task loss would be ignored and "
+                             f"nothing would train; give at least one weight > 0 (None for equal weights)")
         self.register_buffer("w", torch.ones(0))
 
     def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
@@ -205,7 +209,8 @@ class UncertaintyWeighting(Weighting):
 
     def __init__(self, init_log_var: float = 0.0) -> None:
         super().__init__()
-        self.init_log_var = float(init_log_var)
+        self.init_log_var = check_real("UncertaintyWeighting", "init_log_var", init_log_var,
+                                       what="the initial log variance s_t; 0 gives weights 0.5")
         self.log_vars = nn.Parameter(torch.zeros(0))
 
     def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
@@ -236,8 +241,7 @@ class DWA(Weighting):
 
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"DWA temperature must be > 0, got {temperature}")
+        check_real("DWA", "temperature", temperature, 0.0, strict=True)
         self.temperature = float(temperature)
         for name in ("prev", "acc_sum", "acc_count"):
             self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
@@ -284,8 +288,7 @@ class DROWeighting(Weighting):
 
     def __init__(self, step_size: float = 0.01) -> None:
         super().__init__()
-        if not step_size > 0:
-            raise ValueError(f"DROWeighting step_size must be > 0, got {step_size}")
+        check_real("DROWeighting", "step_size", step_size, 0.0, strict=True, what="the exponentiated-gradient step")
         self.step_size = float(step_size)
         self.register_buffer("log_q", torch.zeros(0, dtype=torch.float64))
 
@@ -407,7 +410,7 @@ class MGDA(Weighting):
         super().__init__(grad_source)
         gradient_normalizers(torch.zeros(1, 1), torch.zeros(1), normalization)  # validates the name
         self.normalization = normalization
-        self.max_iter = int(max_iter)
+        self.max_iter = check_int("MGDA", "max_iter", max_iter, 1, "active-set iterations")
 
     def compute_weights(self, stats: TaskStats) -> Tensor:
         self._check(stats)
@@ -484,8 +487,8 @@ class GradNorm(Weighting):
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, grad_source: GradSource = "representation") -> None:
         super().__init__(grad_source)
-        if alpha < 0 or not lr > 0:
-            raise ValueError(f"GradNorm needs alpha >= 0 and lr > 0, got alpha={alpha}, lr={lr}")
+        check_real("GradNorm", "alpha", alpha, 0.0, what="the restoring force")
+        check_real("GradNorm", "lr", lr, 0.0, strict=True, what="the weights' learning rate")
         self.alpha, self.lr = float(alpha), float(lr)
         for name in ("w", "initial", "m", "v"):
             self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
@@ -572,8 +575,9 @@ class FAMO(Weighting):
 
     def __init__(self, lr: float = 0.025, gamma: float = 1e-3, eps: float = 1e-8) -> None:
         super().__init__()
-        if not lr > 0 or gamma < 0 or not eps > 0:
-            raise ValueError(f"FAMO needs lr > 0, gamma >= 0 and eps > 0, got lr={lr}, gamma={gamma}, eps={eps}")
+        check_real("FAMO", "lr", lr, 0.0, strict=True, what="the logits' learning rate")
+        check_real("FAMO", "gamma", gamma, 0.0, what="the logits' weight decay")
+        check_real("FAMO", "eps", eps, 0.0, strict=True)
         self.lr, self.gamma, self.eps = float(lr), float(gamma), float(eps)
         for name in ("xi", "m", "v", "prev"):
             self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
@@ -835,6 +839,8 @@ class UPGrad(Weighting):
 
     def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
                  grad_source: GradSource = "representation") -> None:
+        check_real("UPGrad", "norm_eps", norm_eps, 0.0)
+        check_real("UPGrad", "reg_eps", reg_eps, 0.0)
         super().__init__(grad_source)
         self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
         from torchjd.linalg import QuadprogProjector
