@@ -33,6 +33,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from tasklight.core.checks import check_learning_rates
+
 NonFinite = Literal["raise", "skip"]
 NONFINITE_POLICIES = ("raise", "skip")
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
@@ -72,7 +74,15 @@ def setup_outer_step(module, clip_grad_norm: Optional[float] = None, nonfinite: 
 def configure_outer_optimizers(optimizer_factory: Callable, scheduler_factory: Optional[Callable],
                                params: Iterable) -> object:
     """``configure_optimizers`` of every learner: one optimiser, an optional scheduler stepped per step."""
-    opt = optimizer_factory(params)
+    try:
+        opt = optimizer_factory(params)
+    except ValueError as err:  # torch's "Invalid learning rate: -0.1" from inside fit
+        if "learning rate" not in str(err):
+            raise
+        raise ValueError(f"the outer optimiser refused its settings ({err}): the outer learning rate must be a finite "
+                         f"number > 0; set the optimizer's lr, e.g. --model.init_args.optimizer.init_args.lr 0.001"
+                         ) from None
+    check_learning_rates(opt)
     if scheduler_factory is None:
         return opt
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler_factory(opt), "interval": "step"}}

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from tasklight.data.batch import MetaBatch, check_episode_shapes
-from tasklight.metrics import MeanCI, unshare_state
+from tasklight.metrics import MeanCI, eval_valid_mask, unshare_state
 from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
 from tasklight.core.engine import check_engine_settings
 from tasklight.core.functional import FunctionalLearner, check_finite_inner
@@ -34,6 +35,7 @@ from tasklight.nn.losses import PredictionMSE, TargetChecked, align_target, fit_
 from tasklight.nn.nets import make_vmap_safe
 from tasklight.callbacks.task_logging import log_step_means
 from tasklight.config import SelfDescribing
+from tasklight.core.checks import check_int, check_real
 
 
 @dataclass
@@ -147,6 +149,16 @@ class MetaLearner(SelfDescribing, LightningModule):
             raise ValueError(f"{type(self).__name__} does not run in chunks: set chunk_size=None (lower "
                              f"meta_batch_size to bound memory)")
         self.automatic_optimization = False
+        owner = type(self).__name__
+        check_int(owner, "inner_steps", inner_steps, 0, "inner-loop gradient steps")
+        if eval_inner_steps is not None:
+            check_int(owner, "eval_inner_steps", eval_inner_steps, 0, "inner steps at evaluation")
+        if isinstance(extra_eval_steps, (str, bytes)) or any(isinstance(k, bool) or not isinstance(k, (int, float))
+                                                            for k in extra_eval_steps):
+            raise ValueError(f"{owner}: extra_eval_steps must be a list of inner step counts >= 0, got "
+                             f"{extra_eval_steps!r}")
+        if not isinstance(inner_lr, Tensor):
+            check_real(owner, "inner_lr", inner_lr, 0.0, what="the inner loop's step size")
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner steps must be >= 0, got inner_steps={inner_steps}, "
                              f"eval_inner_steps={eval_inner_steps}")
@@ -286,9 +298,11 @@ class MetaLearner(SelfDescribing, LightningModule):
         target = align_target(pred, query_y, None, "the predictions")
         return F.mse_loss(pred, target, reduction="none").flatten(1).mean(-1)
 
-    def _eval_step(self, batch: MetaBatch, stage: str) -> None:
+    def _eval_step(self, batch: MetaBatch, stage: str, batch_idx: int = 0) -> None:
         self._check_grad_mode()
         self.check_inputs(batch.support_x, batch.support_y)
+        # episodes the distributed sampler repeated to even out the ranks are evaluated but not counted
+        valid = eval_valid_mask(self, stage, batch_idx, batch.num_tasks, device=batch.support_x.device)
         with torch.enable_grad():
             for k in self.eval_steps:
                 try:
@@ -297,7 +311,8 @@ class MetaLearner(SelfDescribing, LightningModule):
                     if not _is_oom(err):
                         raise
                     raise self._memory_error(err, batch, stage) from err
-                self.eval_metrics[f"{stage}_{k}"].update(self.episode_metric(outputs.detach(), batch.query_y))
+                values = self.episode_metric(outputs.detach(), batch.query_y)
+                self.eval_metrics[f"{stage}_{k}"].update(values if valid is None else values[valid])
         if stage == "test" and getattr(self, "_plot_batch", None) is None:
             self._plot_batch = batch  # the first test batch: the fitted curves of a few tasks
 
@@ -326,32 +341,54 @@ class MetaLearner(SelfDescribing, LightningModule):
                 batch.query_y[:n].cpu()))
 
     def _eval_epoch_end(self, stage: str) -> None:
-        curve = []
+        curve, means = [], {}
+        name = f"{stage}/{self.metric_name}"
         for k in self.eval_steps:
             m = self.eval_metrics[f"{stage}_{k}"]
             if m._update_count == 0:
                 continue
             res = m.compute()
+            count = int(res["count"])
             curve.append((k, float(res["mean"]), float(res["ci95"])))
-            name = f"{stage}/{self.metric_name}"
-            check_finite_metrics({f"{name}@{k}": res["mean"], f"{name}@{k}_ci95": res["ci95"]},
-                                 where=f"{stage} (episodes: {int(res['count'])})")
+            checked = {f"{name}@{k}": res["mean"]}
+            if count >= 2:  # the interval of one episode is undefined (NaN), not an error
+                checked[f"{name}@{k}_ci95"] = res["ci95"]
+            check_finite_metrics(checked, where=f"{stage} (episodes: {count})")
             self.log(f"{name}@{k}", res["mean"].float(), sync_dist=False)
             self.log(f"{name}@{k}_ci95", res["ci95"].float(), sync_dist=False)
             if k == self.eval_inner_steps:
                 self.log(name, res["mean"].float(), prog_bar=True, sync_dist=False)
+            means[k] = float(res["mean"])
             m.reset()
+        if curve and int(res["count"]) < 2 and stage == "test":
+            rank_zero_warn(f"{stage} ran on {int(res['count'])} episode: its 95 % intervals ({name}@k_ci95) are "
+                           f"undefined and reported as nan; set test_episodes >= 2 for an interval.")
+        self._flag_adaptation(stage, means)
         if stage == "test":
             self._plot_test(curve)
 
+    def _flag_adaptation(self, stage: str, means: dict[int, float]) -> None:
+        """Log ``{stage}/adaptation_hurts`` (1.0 or 0.0) and warn when adapting on the support set makes the
+        query metric worse than before adapting (step 0): the inner loop is not doing its job."""
+        k = self.eval_inner_steps
+        if k == 0 or 0 not in means or k not in means or self.trainer.sanity_checking:
+            return
+        worse = means[k] < means[0] if self.task_type == "classification" else means[k] > means[0]
+        self.log(f"{stage}/adaptation_hurts", float(worse), sync_dist=False)
+        if worse:
+            name = f"{stage}/{self.metric_name}"
+            rank_zero_warn(f"{type(self).__name__}: adaptation makes the {stage} metric worse than before adapting "
+                           f"({name}@0={means[0]:.4g}, {name}@{k}={means[k]:.4g}): lower inner_lr, change "
+                           f"inner_steps or train longer ({stage}/adaptation_hurts=1).")
+
     def validation_step(self, batch: MetaBatch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch, "val", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def test_step(self, batch: MetaBatch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, "test", batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

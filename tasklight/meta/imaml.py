@@ -23,6 +23,7 @@ from tasklight.core.functional import merge_task_buffers, split_state
 from tasklight.core.implicit import gauss_newton_vp, proximal_meta_gradient
 from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS, default_optimizer
 from tasklight.meta.base import MetaLearner, MetaOutput
+from tasklight.core.checks import check_int, check_real
 
 
 class IMAMLModule(MetaLearner):
@@ -60,8 +61,11 @@ class IMAMLModule(MetaLearner):
                          lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips,
                          strategy=strategy, chunk_size=chunk_size, compile_cache_dir=compile_cache_dir,
                          inner_loss=inner_loss)
-        if not (lam > 0 and math.isfinite(lam)):
+        if not (isinstance(lam, (int, float)) and lam > 0 and math.isfinite(lam)):
             raise ValueError(f"lam (the proximal weight) must be a finite number > 0, got {lam}")
+        check_int("IMAMLModule", "cg_steps", cg_steps, 1, "conjugate-gradient iterations")
+        check_real("IMAMLModule", "cg_damping", cg_damping, 0.0)
+        check_real("IMAMLModule", "cg_tol", cg_tol, 0.0, strict=True, what="the largest accepted CG residual")
         if cg_steps < 1 or not (cg_damping >= 0 and math.isfinite(cg_damping)):
             raise ValueError(f"need cg_steps >= 1 and cg_damping >= 0, got {cg_steps}, {cg_damping}")
         if not cg_tol > 0 or cg_check not in ("warn", "raise"):

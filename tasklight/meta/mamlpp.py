@@ -33,6 +33,7 @@ from tasklight.core.functional import _batched_buffers, match_names, merge_task_
 from tasklight.data.batch import MetaBatch
 from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS, default_optimizer
 from tasklight.meta.base import MetaLearner, MetaOutput
+from tasklight.core.checks import check_int, check_real
 
 
 def msl_weights(steps: int, epoch: int, msl_epochs: int) -> Tensor:
@@ -96,6 +97,9 @@ class MAMLPlusPlusModule(MetaLearner):
                          inner_loss=inner_loss)
         if inner_steps < 1:
             raise ValueError(f"MAML++ needs inner_steps >= 1 (per-step parameters), got {inner_steps}")
+        check_int("MAMLPlusPlusModule", "msl_epochs", msl_epochs, 0, "epochs of multi-step-loss annealing")
+        check_int("MAMLPlusPlusModule", "first_order_epochs", first_order_epochs, 0)
+        check_real("MAMLPlusPlusModule", "min_outer_lr", min_outer_lr, 0.0, what="the cosine schedule's floor")
         if msl_epochs < 0 or first_order_epochs < 0 or min_outer_lr < 0:
             raise ValueError(f"msl_epochs, first_order_epochs and min_outer_lr must be >= 0, got {msl_epochs}, "
                              f"{first_order_epochs}, {min_outer_lr}")

@@ -35,7 +35,7 @@ from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, configure_outer
                                   outer_step, setup_outer_step)
 from tasklight.core.seeding import seeded_generator
 from tasklight.data.multitask import MultiTaskBatch, TaskSpec, default_loss
-from tasklight.metrics import unshare_state
+from tasklight.metrics import eval_valid_mask, unshare_state
 from tasklight.multitask.architectures import Architecture, HardSharing, HeadFactory
 from tasklight.multitask.jacobian import task_jacobian
 from tasklight.multitask.weighting import EqualWeighting, GRAD_SOURCES, TaskStats, Weighting
@@ -289,22 +289,24 @@ class MultiTaskModule(SelfDescribing, LightningModule):
         rows = [r if r.numel() else None for r in rows]
         outputs, rep = self.architecture(batch.x, batch.z, rows)
         dev = batch.x.device
-        losses = torch.zeros(T, device=dev)
-        counts = torch.zeros(T, device=dev)
-        metric_sums = torch.zeros(T, device=dev)
+        # losses, counts and metrics in the outputs' precision (float64 stays float64; half -> float32)
+        dt = torch.promote_types(next((o.dtype for o in outputs if o is not None), torch.float32), torch.float32)
+        losses = torch.zeros(T, device=dev, dtype=dt)
+        counts = torch.zeros(T, device=dev, dtype=dt)
+        metric_sums = torch.zeros(T, device=dev, dtype=dt)
         if with_losses:
             per = []
             for t, r in enumerate(rows):
                 if r is None:
-                    per.append(torch.zeros((), device=dev))
+                    per.append(torch.zeros((), device=dev, dtype=dt))
                     continue
                 y = batch.y[r]
                 if self.task_specs[t].kind != "objective":
                     y = align_target(outputs[t], y, self.task_losses[t], f"the head of task {t} "
                                      f"({self.task_specs[t].name!r})")
-                per.append(self.task_losses[t](outputs[t], y).reshape(()).float())
+                per.append(self.task_losses[t](outputs[t], y).reshape(()).to(dt))
                 counts[t] = r.numel()
-                metric_sums[t] = self._metric_sum(t, outputs[t].detach(), y)
+                metric_sums[t] = self._metric_sum(t, outputs[t].detach(), y).to(dt)
             losses = torch.stack(per)
         return _Forward(outputs, rows, losses, counts, metric_sums, rep)
 
@@ -315,7 +317,8 @@ class MultiTaskModule(SelfDescribing, LightningModule):
         if kind == "regression":
             loss = self.task_losses[t]
             pred = loss.predict(out) if hasattr(loss, "predict") else out
-            return ((pred.reshape(y.shape).float() - y.float()) ** 2).sum()
+            dt = torch.promote_types(pred.dtype, torch.float32)
+            return ((pred.reshape(y.shape).to(dt) - y.to(dt)) ** 2).sum()
         return torch.zeros((), device=out.device)
 
     # ------------------------------------------------------------------ pieces of a training step
@@ -365,11 +368,22 @@ class MultiTaskModule(SelfDescribing, LightningModule):
                 out.index_add_(0, task, R[rows])
             return out
         params = self.shared_parameters()
+<<<<<<< HEAD
         out = torch.zeros(T, sum(p.numel() for p in params), device=fw.losses.device)
         if present:
             idx = torch.tensor(present, device=fw.losses.device)
             out[idx] = task_jacobian(fw.losses[idx], params, self.task_gradient_engine,
                                      self.task_gradient_chunk).to(out)
+=======
+        size = sum(p.numel() for p in params)
+        out = torch.zeros(T, size, device=fw.losses.device, dtype=fw.losses.dtype)
+        for t, r in enumerate(fw.rows):
+            if r is None:
+                continue
+            g = torch.autograd.grad(fw.losses[t], params, retain_graph=True, allow_unused=True)
+            out[t] = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
+                                for gi, p in zip(g, params)])
+>>>>>>> numerics21
         return out
 
     def _sync(self, counts: Tensor, losses: Tensor, grads: Optional[Tensor]):
@@ -485,7 +499,7 @@ class MultiTaskModule(SelfDescribing, LightningModule):
             # heads: their own loss (weighted by task_weights); trunk: sum_t w_t grad L_t (via d L / d rep)
             head_w = weighting.task_weights(weights).to(fw.losses)
             total = weighting.loss(scaled, head_w)
-            row_coef = torch.zeros(len(batch), device=fw.losses.device)
+            row_coef = torch.zeros(len(batch), device=fw.losses.device, dtype=fw.losses.dtype)
             for t, r in enumerate(fw.rows):
                 if r is not None:
                     row_coef[r] = scale[t] * (weights[t] - head_w[t])
@@ -519,16 +533,23 @@ class MultiTaskModule(SelfDescribing, LightningModule):
         return {"loss": total.detach(), "task_loss_sum": (fw.counts * fw.losses).detach(), "task_count": fw.counts,
                 "task_metric_sum": fw.metric_sums, "weights": weights.detach(), "active": present}
 
-    def _eval_step(self, batch: MultiTaskBatch) -> dict:
+    def _eval_step(self, batch: MultiTaskBatch, stage: str = "test", batch_idx: int = 0) -> dict:
+        # examples the distributed sampler repeated to even out the ranks are not counted
+        valid = eval_valid_mask(self, stage, batch_idx, len(batch), device=batch.x.device)
+        if valid is not None:
+            if not bool(valid.any()):
+                zeros = torch.zeros(self.num_tasks, device=batch.x.device)
+                return {"task_loss_sum": zeros, "task_count": zeros, "task_metric_sum": zeros}
+            batch = batch.select(valid)
         fw = self._forward(batch)
         return {"task_loss_sum": (fw.counts * fw.losses).detach(), "task_count": fw.counts,
                 "task_metric_sum": fw.metric_sums}
 
     def validation_step(self, batch: MultiTaskBatch, batch_idx: int) -> dict:
-        return self._eval_step(batch)
+        return self._eval_step(batch, "val", batch_idx)
 
     def test_step(self, batch: MultiTaskBatch, batch_idx: int) -> dict:
-        return self._eval_step(batch)
+        return self._eval_step(batch, "test", batch_idx)
 
     def predict_step(self, batch: MultiTaskBatch, batch_idx: int) -> dict:
         """``tasklight predict``: each example's output from its own task's head.

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from tasklight.config import RecordsInit
 
 from tasklight.core.seeding import seeded_generator
+from tasklight.core.checks import check_int, check_real
 
 GradSource = Literal["representation", "parameters"]
 GRAD_SOURCES = ("representation", "parameters")
@@ -178,6 +179,9 @@ class StaticWeighting(Weighting):
         self.fixed = None if weights is None else [float(w) for w in weights]
         if self.fixed is not None and any(not math.isfinite(w) or w < 0 for w in self.fixed):
             raise ValueError(f"StaticWeighting weights must be finite and >= 0, got {self.fixed}")
+        if self.fixed is not None and self.fixed and not any(w > 0 for w in self.fixed):
+            raise ValueError(f"StaticWeighting weights are all 0 ({self.fixed}): every task loss would be ignored and "
+                             f"nothing would train; give at least one weight > 0 (None for equal weights)")
         self.register_buffer("w", torch.ones(0))
 
     def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
@@ -214,7 +218,8 @@ class UncertaintyWeighting(Weighting):
 
     def __init__(self, init_log_var: float = 0.0) -> None:
         super().__init__()
-        self.init_log_var = float(init_log_var)
+        self.init_log_var = check_real("UncertaintyWeighting", "init_log_var", init_log_var,
+                                       what="the initial log variance s_t; 0 gives weights 0.5")
         self.log_vars = nn.Parameter(torch.zeros(0))
 
     def setup(self, num_tasks: int, lower_bounds: Optional[Sequence[float]] = None) -> None:
@@ -245,8 +250,7 @@ class DWA(Weighting):
 
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"DWA temperature must be > 0, got {temperature}")
+        check_real("DWA", "temperature", temperature, 0.0, strict=True)
         self.temperature = float(temperature)
         for name in ("prev", "acc_sum", "acc_count"):
             self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
@@ -293,8 +297,7 @@ class DROWeighting(Weighting):
 
     def __init__(self, step_size: float = 0.01) -> None:
         super().__init__()
-        if not step_size > 0:
-            raise ValueError(f"DROWeighting step_size must be > 0, got {step_size}")
+        check_real("DROWeighting", "step_size", step_size, 0.0, strict=True, what="the exponentiated-gradient step")
         self.step_size = float(step_size)
         self.register_buffer("log_q", torch.zeros(0, dtype=torch.float64))
 
@@ -321,48 +324,66 @@ def _scatter(values: Tensor, idx: Tensor, stats: TaskStats) -> Tensor:
     return w.to(stats.losses)
 
 
-def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-6) -> Tensor:
+def _simplex_face_minimizer(G: np.ndarray, free: list[int]) -> np.ndarray:
+    """argmin ``a^T G a`` over ``sum a = 1`` with ``a`` zero outside ``free`` (its KKT system; the
+    least-squares solution where ``G`` is singular on that face)."""
+    k = len(free)
+    K = np.zeros((k + 1, k + 1))
+    K[:k, :k] = G[np.ix_(free, free)]
+    K[:k, k] = K[k, :k] = 1.0
+    rhs = np.zeros(k + 1)
+    rhs[k] = 1.0
+    sol = np.linalg.lstsq(K, rhs, rcond=None)[0]
+    a = np.zeros(G.shape[0])
+    a[free] = sol[:k]
+    return a
+
+
+def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-12) -> Tensor:
     """The convex combination ``alpha`` (``alpha >= 0``, ``sum alpha = 1``) that minimises
     ``|| sum_t alpha_t g_t ||^2 = alpha^T G alpha``, given only the Gram matrix ``G``.
 
-    Two tasks: closed form. More: the Frank-Wolfe solver of Sener & Koltun (2018), started from the
-    best pair.
+    Solved exactly (to rounding) by a primal active-set method: the minimiser on the current face of
+    the simplex comes from its KKT system; a step that would leave the simplex stops at its boundary
+    and drops the blocking task; at a face's minimiser, the task whose multiplier
+    ``(G alpha)_t - alpha^T G alpha`` is most negative (beyond ``tol`` relative to ``max |G|``) joins.
+    It stops when every multiplier is ``>= 0``: the KKT conditions of the problem. Sener & Koltun's
+    Frank-Wolfe solver (and LibMTL's) stops ``1e-5`` to ``1e-4`` (relative) from this point.
+    ``max_iter`` bounds the face changes (at most a few per task in practice).
     """
     G = gram.detach().double().cpu().numpy()  # small T x T problem: numpy is much faster per operation
     T = G.shape[0]
     if T == 1:
         return torch.ones(1, dtype=torch.float64)
-
-    def pair(v11: float, v12: float, v22: float) -> float:
-        """argmin_gamma || gamma v1 + (1 - gamma) v2 ||^2 over [0, 1]."""
-        den = v11 + v22 - 2 * v12
-        if den <= 1e-30:
-            return 0.5
-        return min(max((v22 - v12) / den, 0.0), 1.0)
-
-    if T == 2:
-        g = pair(G[0, 0], G[0, 1], G[1, 1])
-        return torch.tensor([g, 1.0 - g], dtype=torch.float64)
-    best, sol = float("inf"), None
-    for i in range(T):
-        for j in range(i + 1, T):
-            g = pair(G[i, i], G[i, j], G[j, j])
-            val = g * g * G[i, i] + 2 * g * (1 - g) * G[i, j] + (1 - g) ** 2 * G[j, j]
-            if val < best:
-                best, sol = val, (i, j, g)
+    G = 0.5 * (G + G.T)
+    scale = max(float(np.abs(G).max()), 1e-300)
+    k = int(np.argmin(np.diag(G)))  # the best vertex
     alpha = np.zeros(T)
-    alpha[sol[0]], alpha[sol[1]] = sol[2], 1.0 - sol[2]
+    alpha[k] = 1.0
+    free = [k]
     for _ in range(max_iter):
-        grad = G @ alpha
-        t = int(np.argmin(grad))
-        gamma = pair(float(alpha @ grad), float(grad[t]), float(G[t, t]))
-        new = gamma * alpha
-        new[t] += 1.0 - gamma
-        done = float(np.abs(new - alpha).sum()) < tol
-        alpha = new
-        if done:
-            break
-    return torch.from_numpy(alpha)
+        target = _simplex_face_minimizer(G, free)
+        if target[free].min() >= 0:
+            alpha = target
+            grad = G @ alpha
+            mult = grad - alpha @ grad
+            out = [t for t in range(T) if t not in free]
+            if not out:
+                break
+            j = min(out, key=lambda t: mult[t])
+            if mult[j] >= -tol * scale:
+                break
+            free.append(j)
+            continue
+        # move towards the face's minimiser until a weight reaches 0; that task leaves the face
+        step = target - alpha
+        shrinking = [t for t in free if step[t] < 0]
+        t_max, block = min(((-alpha[t] / step[t], t) for t in shrinking), key=lambda x: x[0])
+        alpha = alpha + min(max(t_max, 0.0), 1.0) * step
+        alpha[block] = 0.0
+        free.remove(block)
+    alpha = np.clip(alpha, 0.0, None)
+    return torch.from_numpy(alpha / alpha.sum())
 
 
 def gradient_normalizers(grads: Tensor, losses: Tensor, kind: str) -> Tensor:
@@ -398,7 +419,7 @@ class MGDA(Weighting):
         super().__init__(grad_source)
         gradient_normalizers(torch.zeros(1, 1), torch.zeros(1), normalization)  # validates the name
         self.normalization = normalization
-        self.max_iter = int(max_iter)
+        self.max_iter = check_int("MGDA", "max_iter", max_iter, 1, "active-set iterations")
 
     def compute_weights(self, stats: TaskStats) -> Tensor:
         self._check(stats)
@@ -475,8 +496,8 @@ class GradNorm(Weighting):
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, grad_source: GradSource = "representation") -> None:
         super().__init__(grad_source)
-        if alpha < 0 or not lr > 0:
-            raise ValueError(f"GradNorm needs alpha >= 0 and lr > 0, got alpha={alpha}, lr={lr}")
+        check_real("GradNorm", "alpha", alpha, 0.0, what="the restoring force")
+        check_real("GradNorm", "lr", lr, 0.0, strict=True, what="the weights' learning rate")
         self.alpha, self.lr = float(alpha), float(lr)
         for name in ("w", "initial", "m", "v"):
             self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
@@ -563,8 +584,9 @@ class FAMO(Weighting):
 
     def __init__(self, lr: float = 0.025, gamma: float = 1e-3, eps: float = 1e-8) -> None:
         super().__init__()
-        if not lr > 0 or gamma < 0 or not eps > 0:
-            raise ValueError(f"FAMO needs lr > 0, gamma >= 0 and eps > 0, got lr={lr}, gamma={gamma}, eps={eps}")
+        check_real("FAMO", "lr", lr, 0.0, strict=True, what="the logits' learning rate")
+        check_real("FAMO", "gamma", gamma, 0.0, what="the logits' weight decay")
+        check_real("FAMO", "eps", eps, 0.0, strict=True)
         self.lr, self.gamma, self.eps = float(lr), float(gamma), float(eps)
         for name in ("xi", "m", "v", "prev"):
             self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
@@ -703,25 +725,30 @@ def nash_bargaining_weights(gram: Tensor, max_iter: int = 100, tol: float = 1e-1
 class NashMTL(Weighting):
     """Nash-MTL (Navon et al., 2022): the Nash bargaining solution over the task gradients.
 
-    The weights ``alpha > 0`` solve ``G alpha = 1 / alpha`` (``G`` the Gram matrix of the task
+    The weights ``alpha > 0`` solve ``alpha_t (G alpha)_t = 1`` (``G`` the Gram matrix of the task
     gradients), i.e. every task's gradient has the same inner product ``1`` with the update scaled by
     its weight: ``g_t . d = 1 / alpha_t``. The equation is solved exactly (Newton's method on its
     convex potential; the paper's code approximates it by a few convex-concave iterations with
-    cvxpy). ``normalize=True`` (the paper's code and LibMTL) solves with ``G / ||G||_F``, which scales
-    the update by ``sqrt(||G||_F)``; ``False`` solves with ``G`` itself (the paper's Algorithm 1;
-    the update then has norm ``sqrt(T)`` whatever the scale of the gradients). The weights are
-    recomputed every ``update_every`` steps and reused in between. Only the shared parameters are
-    steered; heads get their own loss's gradient.
+    cvxpy). The paper's code (and LibMTL's) divides ``G`` by ``c = ||G||_F`` for conditioning, but its
+    constraint ``-log(alpha_t c) - log((G / c alpha)_t) <= 0`` multiplies the factor back in: it
+    solves the equation with ``G`` itself, so the update has norm ``sqrt(T)`` whatever the scale of
+    the gradients. ``normalize=True`` does the same (solves with ``G / c`` and rescales the weights
+    by ``1 / sqrt(c)``); ``False`` solves with ``G`` directly: both give the same weights.
+
+    As in the paper's code, the objective is ``sum_t alpha_t L_t``: the shared parameters get
+    ``sum_t alpha_t g_t`` and each task's head ``alpha_t`` times its own loss's gradient. The weights
+    are recomputed every ``update_every`` steps and reused in between.
     """
 
     needs_grads = True
-    direction_only = True
 
     def __init__(self, normalize: bool = True, update_every: int = 1, max_iter: int = 100,
                  grad_source: GradSource = "representation") -> None:
         super().__init__(grad_source)
-        if int(update_every) < 1:
-            raise ValueError(f"NashMTL update_every must be >= 1, got {update_every}")
+        if isinstance(update_every, bool) or int(update_every) != update_every or update_every < 1:
+            raise ValueError(f"NashMTL update_every must be >= 1 (an integer), got {update_every!r}")
+        if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
+            raise ValueError(f"NashMTL max_iter must be >= 1 (an integer: Newton iterations), got {max_iter!r}")
         self.normalize, self.update_every, self.max_iter = bool(normalize), int(update_every), int(max_iter)
         self.register_buffer("alpha", torch.zeros(0, dtype=torch.float64))
 
@@ -733,10 +760,10 @@ class NashMTL(Weighting):
         self._check(stats)
         idx, g, G = _active_gram(stats)
         if stats.step % self.update_every == 0 or bool((self.alpha[idx.to(self.alpha.device)] == 0).any()):
-            if self.normalize:
-                G = G / G.norm().clamp_min(1e-30)
+            c = max(float(G.norm()), 1e-30) if self.normalize else 1.0
+            a = nash_bargaining_weights(G / c, self.max_iter) / math.sqrt(c)
             alpha = torch.zeros_like(self.alpha)
-            alpha[idx.to(alpha.device)] = nash_bargaining_weights(G, self.max_iter).to(alpha)
+            alpha[idx.to(alpha.device)] = a.to(alpha)
             self.alpha = alpha
         return torch.where(stats.active.to(self.alpha.device), self.alpha, 0.0).to(stats.losses)
 
@@ -821,6 +848,8 @@ class UPGrad(Weighting):
 
     def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
                  grad_source: GradSource = "representation") -> None:
+        check_real("UPGrad", "norm_eps", norm_eps, 0.0)
+        check_real("UPGrad", "reg_eps", reg_eps, 0.0)
         super().__init__(grad_source)
         self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
         from torchjd.linalg import QuadprogProjector

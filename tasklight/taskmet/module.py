@@ -28,7 +28,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.func import functional_call, grad
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 
 from tasklight.taskmet.problems import DecisionProblem, normalize_dq
 from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
@@ -37,7 +37,7 @@ from tasklight.core.implicit import implicit_gradient
 from tasklight.core.update_rules import make_update_rule
 from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, check_finite_metrics, configure_outer_optimizers,
                                   default_optimizer, first_nonfinite, outer_step, setup_outer_step)
-from tasklight.metrics import unshare_state
+from tasklight.metrics import eval_valid_mask, unshare_state
 from tasklight.nn.losses import align_target, mahalanobis_loss
 from tasklight.nn.nets import MLP
 from tasklight.config import RecordsInit, SelfDescribing
@@ -177,6 +177,9 @@ class DecisionLearner(SelfDescribing, LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         setup_outer_step(self, clip_grad_norm, nonfinite, max_consecutive_skips)
         self.eval_ndq = nn.ModuleDict({s: NormalizedDecisionQuality() for s in ("val", "test")})
+        # means over instances (sums, one all-reduce under DDP): exact with unequal shares per rank
+        self.eval_dq = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        self.eval_mse = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
 
     # ----- the problem
     @property
@@ -205,22 +208,29 @@ class DecisionLearner(SelfDescribing, LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.predictor(x)
 
-    def _eval_step(self, batch, stage: str) -> None:
+    def _eval_step(self, batch, stage: str, batch_idx: int = 0) -> None:
         x, y, best, rand = batch
-        y_hat = self(x)
-        y = self._checked_target(y_hat, y)
-        dq = self.problem.decision_quality(y_hat, y, x)
-        self.eval_ndq[stage].update(dq, best, rand)
+        # instances the distributed sampler repeated to even out the ranks are not counted
+        valid = eval_valid_mask(self, stage, batch_idx, x.shape[0], device=x.device)
+        if valid is not None:
+            x, y, best, rand = x[valid], y[valid], best[valid], rand[valid]
         n = x.shape[0]
-        self.log(f"{stage}/ndq", self.eval_ndq[stage], on_epoch=True, batch_size=n)
-        self.log(f"{stage}/dq", dq.mean(), on_epoch=True, batch_size=n, sync_dist=True)
-        self.log(f"{stage}/mse", F.mse_loss(y_hat, y), on_epoch=True, batch_size=n, sync_dist=True)
+        if n:
+            y_hat = self(x)
+            y = self._checked_target(y_hat, y)
+            dq = self.problem.decision_quality(y_hat, y, x)
+            self.eval_ndq[stage].update(dq, best, rand)
+            self.eval_dq[stage].update(dq)
+            self.eval_mse[stage].update(F.mse_loss(y_hat, y, reduction="none").flatten(1).mean(1))
+        self.log(f"{stage}/ndq", self.eval_ndq[stage], on_epoch=True)
+        self.log(f"{stage}/dq", self.eval_dq[stage], on_epoch=True)
+        self.log(f"{stage}/mse", self.eval_mse[stage], on_epoch=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch, "val", batch_idx)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, "test", batch_idx)
 
     def _check_eval_metrics(self, stage: str) -> None:
         if self.trainer.sanity_checking:

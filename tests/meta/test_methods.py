@@ -1,6 +1,7 @@
 """ANIL/BOIL (the ``adapt`` filter), MAML++, Reptile, Prototypical Networks and ProtoMAML: meta-gradients in
 float64 against explicit unrolled per-task loops written with plain ``torch.autograd``."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -237,6 +238,30 @@ def test_msl_weights_anneal_to_the_last_step():
     assert (msl_weights(5, 9, 10)[:-1] >= 0.03 / 5 - 1e-12).all()
 
 
+def _paper_msl(n, epoch, msl_epochs):
+    """The per-step loss importance of MAML++'s code (HowToTrainYourMAMLPytorch,
+    ``get_per_step_loss_importance_vector``), restated: non-final steps 1/n - epoch/(n E), floored at
+    0.03/n; the final step 1/n + epoch (n-1)/(n E), capped at 1 - (n-1) 0.03/n; not renormalised. From
+    epoch E on, the code trains on the final step's loss alone."""
+    if epoch >= msl_epochs:
+        return [0.0] * (n - 1) + [1.0]
+    rate = 1.0 / n / msl_epochs
+    return [max(1.0 / n - epoch * rate, 0.03 / n)] * (n - 1) + \
+        [min(1.0 / n + epoch * (n - 1) * rate, 1.0 - (n - 1) * 0.03 / n)]
+
+
+def test_msl_weights_equal_the_papers_schedule_value_for_value():
+    assert msl_weights(5, 5, 10).tolist() == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.6], abs=1e-15)
+    assert msl_weights(5, 0, 10).tolist() == pytest.approx([0.2] * 5, abs=1e-15)
+    assert msl_weights(3, 3, 4).tolist() == pytest.approx([1 / 12, 1 / 12, 5 / 6], abs=1e-15)
+    assert msl_weights(5, 10, 10).tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
+    for n in (1, 2, 3, 5, 8):
+        for msl_epochs in (1, 3, 10, 15):
+            for epoch in range(msl_epochs + 3):
+                assert msl_weights(n, epoch, msl_epochs).tolist() == pytest.approx(
+                    _paper_msl(n, epoch, msl_epochs), abs=1e-15), (n, epoch, msl_epochs)
+
+
 class BNNet(nn.Module):
     def __init__(self, track=False):
         super().__init__()
@@ -259,7 +284,7 @@ def test_mamlpp_meta_gradient_equals_unrolled(epoch, first_order_epochs):
         for v in module.inner_lrs.values():
             v.copy_(torch.tensor([0.1, 0.05, 0.2]))
     module.first_order_now = lambda: epoch < first_order_epochs
-    module.loss_weights = lambda: msl_weights(steps, epoch, msl_epochs)
+    module._trainer = SimpleNamespace(current_epoch=epoch)  # the module reads its own schedule at this epoch
     b = class_batch()
     got, out = module_grads(module, b)
 
@@ -270,7 +295,8 @@ def test_mamlpp_meta_gradient_equals_unrolled(epoch, first_order_epochs):
     leaves = {**{f"net.{n}": p for n, p in base.items()}, **{f"bn_params.{n.replace('.', '__')}": p
                                                              for n, p in bn.items()},
               **{f"inner_lrs.{n.replace('.', '__')}": p for n, p in lrs.items()}}
-    w = msl_weights(steps, epoch, msl_epochs)
+    # the paper's schedule at 3 steps, 4 MSL epochs (not the module's own msl_weights)
+    w = {0: [1 / 3, 1 / 3, 1 / 3], 3: [1 / 12, 1 / 12, 5 / 6], 5: [0.0, 0.0, 1.0]}[epoch]
     fo = epoch < first_order_epochs
     total = 0.0
     for t in range(T):

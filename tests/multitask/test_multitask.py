@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from tasklight.multitask.module import MultiTaskModule
 from tasklight.nn.nets import MLP
 from tasklight.multitask.weighting import (
     FAMO, IMTL, NashMTL, DROWeighting, EqualWeighting, MGDA, PCGrad, UncertaintyWeighting, min_norm_weights,
-    pcgrad_coefficients,
+    nash_bargaining_weights, pcgrad_coefficients,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,12 +177,57 @@ def _pooled_rep_grads(model, batch):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("method", ["mgda", "pcgrad_params", "uncertainty", "imtl"])
+@pytest.mark.parametrize("method", ["equal", "mgda", "nashmtl", "pcgrad_params"])
+def test_a_float64_model_keeps_float64_end_to_end(method):
+    """Issue 21: losses and per-task gradients were cast to float32 (parity stopped at 1e-8); a float64
+    model's step now equals the weightings' float64 arithmetic to 1e-12."""
+    seed_everything(3)
+    sets = [TensorDataset(ds.tensors[0].double(), ds.tensors[1]) for ds in task_sets(3)]
+    dm = MultiTaskDataModule(train_sets=sets, batch_size_per_task=4, steps_per_epoch=4)
+    weighting = {"equal": EqualWeighting(), "mgda": MGDA(), "nashmtl": NashMTL(),
+                 "pcgrad_params": PCGrad(grad_source="parameters", seed=4)}[method]
+    model = MultiTaskModule(MLP(4, [8], 6), weighting=weighting, optimizer=sgd(0.1))
+    dm.setup()
+    model.build(dm.task_specs)
+    model.double()
+    before = copy.deepcopy(model)
+    batch = first_batch(dm)
+    trunk = list(before.trunk.parameters())
+    tgrads, hgrads = [], []
+    for t in range(3):
+        m = batch.task == t
+        loss = F.cross_entropy(before.heads[t](before.trunk(batch.x[m])), batch.y[m])
+        g = torch.autograd.grad(loss, trunk + list(before.heads[t].parameters()))
+        tgrads.append(torch.cat([x.reshape(-1) for x in g[:4]]))
+        hgrads.append(g[4:])
+    G = torch.stack(tgrads)
+    rep = _pooled_rep_grads(before, batch)
+    assert rep.dtype == torch.float64
+    if method == "equal":
+        w = head_w = torch.ones(3, dtype=torch.float64)
+    elif method == "mgda":
+        w, head_w = min_norm_weights(rep @ rep.T), torch.ones(3, dtype=torch.float64)
+    elif method == "nashmtl":
+        w = head_w = nash_bargaining_weights(rep @ rep.T)
+    else:
+        w = pcgrad_coefficients(G @ G.T, weighting.orders(0, [0, 1, 2]))
+        head_w = torch.ones(3, dtype=torch.float64)
+    fit(model, dm, 1)
+    expected = torch.cat([p.reshape(-1) for p in trunk]) - 0.1 * (w[:, None] * G).sum(0)
+    got = torch.cat([p.reshape(-1) for p in model.trunk.parameters()])
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    for t in range(3):
+        for p0, p1, g in zip(before.heads[t].parameters(), model.heads[t].parameters(), hgrads[t]):
+            torch.testing.assert_close(p1, p0 - 0.1 * head_w[t] * g, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["mgda", "pcgrad_params", "uncertainty", "imtl", "nashmtl"])
 def test_weighted_step_matches_an_independent_computation(method):
     seed_everything(1)
     dm = tiny_dm(T=3)
     weighting = {"mgda": MGDA(), "pcgrad_params": PCGrad(grad_source="parameters", seed=4),
-                 "uncertainty": UncertaintyWeighting(init_log_var=0.3), "imtl": IMTL()}[method]
+                 "uncertainty": UncertaintyWeighting(init_log_var=0.3), "imtl": IMTL(), "nashmtl": NashMTL()}[method]
     s0 = torch.tensor([0.2, -0.1, 0.4])
     if method == "imtl":
         weighting.setup(3)
@@ -218,6 +264,15 @@ def test_weighted_step_matches_an_independent_computation(method):
         rest = rep[0] @ U.T @ torch.linalg.inv(D @ U.T)
         w = (torch.cat([1 - rest.sum().reshape(1), rest]) * e).float()
         head_w = torch.exp(s0)  # heads: the scaled losses exp(s_t) L_t
+    elif method == "nashmtl":  # alpha_t (G alpha)_t = 1 with the raw G, by a generic root finder
+        from scipy.optimize import root
+
+        rep = _pooled_rep_grads(before, batch).double().numpy()
+        Gr = rep @ rep.T
+        sol = root(lambda a: a * (Gr @ a) - 1, 1 / np.sqrt(np.diag(Gr)), tol=1e-14)
+        assert sol.success and (sol.x > 0).all()
+        # the paper's code back-propagates sum_t alpha_t L_t: trunk sum_t alpha_t g_t, heads alpha_t grad L_t
+        w = head_w = torch.from_numpy(sol.x).float()
     else:
         w = head_w = 0.5 * torch.exp(-torch.full((3,), 0.3))
     fit(model, dm, 1)
