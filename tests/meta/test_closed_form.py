@@ -142,6 +142,16 @@ def test_closed_form_omniglot_config_runs_fit_then_test(name, tmp_path, monkeypa
     metrics = cli.trainer.callback_metrics
     assert "test/acc" in metrics and "test/acc@0" in metrics
     assert 0.0 <= float(metrics["test/acc"]) <= 1.0
+    # the checkpoint describes itself: the same learner back from the file alone
+    ckpt = tmp_path / "runs" / "checkpoints" / name / "last.ckpt"
+    loaded = type(cli.model).load_from_checkpoint(ckpt).eval()
+    cli.model.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+    batch = next(iter(cli.datamodule.test_dataloader()))
+    with torch.no_grad():
+        want = cli.model.eval().predict_episode(batch.support_x, batch.support_y, batch.query_x)
+        got = loaded.predict_episode(batch.support_x, batch.support_y, batch.query_x)
+    assert loaded.head == cli.model.head and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
 
 
 def test_logistic_hessian_vector_product_is_the_hessians():
