@@ -17,6 +17,7 @@ from tasklight.data import (MetaBatch, MultiTaskBatch, MultiTaskDataModule, Omni
                             OmniglotDataModule, SinusoidDataModule, SinusoidTasksDataModule, TaskSpec)
 from tasklight.meta import (IMAMLModule, MAMLModule, MAMLPlusPlusModule, MetaLearner, ProtoMAMLModule,  # noqa: E402
                             ProtoNetModule, ReptileModule)
+from tasklight.meta import ClosedFormHeadModule, LogisticHeadModule, R2D2Module  # noqa: E402
 from tasklight.multitask import MultiTaskModule, TwoObjectiveToyDataModule  # noqa: E402
 from tasklight.nn import MLP, Conv4, HistogramLoss, MahalanobisLoss  # noqa: E402
 from tasklight.task2vec import Task2Vec  # noqa: E402
@@ -28,7 +29,8 @@ __all__ = ["__version__", "MetaLearner", "MAMLModule", "IMAMLModule", "MAMLPlusP
            "MSEModule", "DFLModule", "Task2Vec", "MLP", "Conv4", "HistogramLoss", "MahalanobisLoss", "MetaBatch",
            "MultiTaskBatch", "TaskSpec", "SinusoidDataModule", "OmniglotDataModule", "MultiTaskDataModule",
            "OmniglotAlphabetsDataModule", "SinusoidTasksDataModule", "TwoObjectiveToyDataModule",
-           "DecisionDataModule", "GradientConflictMonitor", "TaskLossLogger", "Task2VecCallback", "TimedDDPStrategy"]
+           "DecisionDataModule", "GradientConflictMonitor", "TaskLossLogger", "Task2VecCallback", "TimedDDPStrategy",
+           "ClosedFormHeadModule", "R2D2Module", "LogisticHeadModule"]
 
 from tasklight.multitask.registry import weightings  # noqa: E402  (every loss-weighting method, by short name)
 

@@ -6,7 +6,8 @@ from tasklight.core.functional import (AdaptResult, FunctionalLearner, check_fin
                                        merge_task_buffers, split_state)
 from tasklight.core.seeding import seeded_generator
 from tasklight.core.engine import STRATEGIES, Engine, check_engine_settings, stack_plan, surrogate_objective
-from tasklight.core.update_rules import SGD, Adam, make_update_rule
+from tasklight.core.update_rules import (SGD, Adagrad, Adam, AdamW, MomentumSGD, RMSprop, UPDATE_RULES,
+                                         make_update_rule)
 from tasklight.core.implicit import (conjugate_gradient, gauss_newton_vp, hvp, implicit_gradient,
                                      proximal_meta_gradient, tree_axpy, tree_dot)
 from tasklight.core.outer import (check_finite_metrics, configure_outer_optimizers, default_optimizer, outer_step,
@@ -14,7 +15,7 @@ from tasklight.core.outer import (check_finite_metrics, configure_outer_optimize
 from tasklight.core.checkpoint import check_checkpoint_file, stamp_checkpoint, verify_checkpoint
 
 __all__ = ["STRATEGIES", "Engine", "check_engine_settings", "stack_plan", "surrogate_objective", "SGD", "Adam",
-           "make_update_rule", "AdaptResult", "FunctionalLearner", "check_finite_inner", "match_names", "merge_task_buffers", "split_state",
+           "make_update_rule", "MomentumSGD", "AdamW", "RMSprop", "Adagrad", "UPDATE_RULES", "AdaptResult", "FunctionalLearner", "check_finite_inner", "match_names", "merge_task_buffers", "split_state",
            "seeded_generator", "conjugate_gradient", "hvp", "implicit_gradient", "proximal_meta_gradient", "tree_axpy", "tree_dot",
            "gauss_newton_vp", "check_finite_metrics", "configure_outer_optimizers", "default_optimizer", "outer_step",
            "setup_outer_step", "check_checkpoint_file", "stamp_checkpoint", "verify_checkpoint"]

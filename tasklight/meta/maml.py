@@ -3,11 +3,13 @@
 The default backend is tasklight's functional core and its engine (``strategy``: all tasks of a
 meta-batch in one stacked or vmapped call, or in chunks). ``backend="higher"`` runs the same
 algorithm with the optional ``higher`` library (a loop over tasks), kept as a checked alternative.
-Both take differentiable inner SGD or Adam steps (``inner_optimizer``).
+Both take differentiable inner steps of SGD, SGD with (Nesterov) momentum, Adam, AdamW, RMSprop or Adagrad
+(``inner_optimizer``; AdamW on the functorch backend only: ``higher`` has no differentiable AdamW).
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence, Union
+from functools import partial
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -16,7 +18,7 @@ from torch import Tensor, nn
 from tasklight.data.batch import MetaBatch
 from tasklight.core.engine import surrogate_objective
 from tasklight.core.functional import merge_task_buffers, split_state
-from tasklight.core.update_rules import Adam, SGD
+from tasklight.core.update_rules import UPDATE_RULES, make_update_rule
 from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS, default_optimizer
 from tasklight.meta.base import MetaLearner, MetaOutput
 
@@ -32,9 +34,12 @@ class MAMLModule(MetaLearner):
             (``inner_lr_granularity="element"``) or per parameter tensor (``"tensor"``), initialised
             to ``inner_lr`` and trained by the outer optimiser.
         backend: ``"functorch"`` (vmapped core) or ``"higher"``.
-        inner_optimizer: the differentiable inner optimiser: ``"sgd"`` (with ``learn_inner_lr``:
-            Meta-SGD) or ``"adam"`` (:class:`tasklight.core.update_rules.Adam`, ``torch.optim.Adam``'s
-            arithmetic, second order through its steps; the ``higher`` backend uses higher's Adam).
+        inner_optimizer: the differentiable inner optimiser (:mod:`tasklight.core.update_rules`, each
+            ``torch.optim``'s arithmetic, second order through its steps): ``"sgd"`` (with
+            ``learn_inner_lr``: Meta-SGD), ``"momentum"`` (SGD with momentum, ``nesterov``), ``"adam"``,
+            ``"adamw"``, ``"rmsprop"`` or ``"adagrad"``; the ``higher`` backend uses higher's versions.
+        inner_optimizer_args: the inner optimiser's options (its ``torch.optim`` keyword arguments
+            other than ``lr``), e.g. ``{momentum: 0.9, nesterov: true}``.
         adapt: the parameters the inner loop adapts (see :class:`MetaLearner`): ``["head"]`` gives
             ANIL (Raghu et al. 2020), ``["features"]`` BOIL (Oh et al. 2021) on ``Conv4``. With
             ``learn_inner_lr`` only the adapted parameters get inner learning rates.
@@ -46,7 +51,8 @@ class MAMLModule(MetaLearner):
                  inner_lr: float = 0.01, first_order: bool = False, learn_inner_lr: bool = False,
                  inner_lr_granularity: Literal["element", "tensor"] = "element",
                  backend: Literal["functorch", "higher"] = "functorch",
-                 inner_optimizer: Literal["sgd", "adam"] = "sgd", eval_inner_steps: Optional[int] = None,
+                 inner_optimizer: Literal["sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad"] = "sgd",
+                 inner_optimizer_args: Optional[dict[str, Any]] = None, eval_inner_steps: Optional[int] = None,
                  extra_eval_steps: Sequence[int] = (0,), optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[LRSchedulerCallable] = None, clip_grad_norm: Optional[float] = None,
                  nonfinite: Literal["raise", "skip"] = "raise",
@@ -64,8 +70,12 @@ class MAMLModule(MetaLearner):
         if backend == "higher" and (strategy != "auto" or chunk_size is not None):
             raise ValueError(f"strategy={strategy!r} / chunk_size={chunk_size!r} are settings of the core's engine; "
                              f"backend='higher' loops over tasks itself: leave them at their defaults")
-        if inner_optimizer not in ("sgd", "adam"):
-            raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
+        if inner_optimizer not in UPDATE_RULES:
+            raise ValueError(f"inner_optimizer must be one of {sorted(UPDATE_RULES)}, got {inner_optimizer!r}")
+        self.inner_optimizer_args = dict(inner_optimizer_args or {})
+        make_update_rule(inner_optimizer, inner_lr, **self.inner_optimizer_args)  # bad options fail here
+        if backend == "higher" and inner_optimizer == "adamw":
+            raise ValueError("higher has no differentiable AdamW: use backend='functorch' for inner_optimizer='adamw'")
         if adapt is not None and backend == "higher":
             raise ValueError("adapt (a subset of adapted parameters) needs backend='functorch'")
         if learn_inner_lr and first_order and backend == "higher":
@@ -91,7 +101,7 @@ class MAMLModule(MetaLearner):
     def update_rule(self, detach: bool = False):
         """The inner update rule of the core backend (:mod:`tasklight.core.update_rules`)."""
         lr = self.lr_for_core(detach=detach)
-        return Adam(lr) if self.inner_optimizer == "adam" else SGD(lr)
+        return make_update_rule(self.inner_optimizer, lr, **self.inner_optimizer_args)
 
     # ----------------------------------------------------------------- core backend
     def _adapt(self, sx, sy, qx, qy, steps: int, first_order: bool, outer_graph: bool = True):
@@ -137,10 +147,7 @@ class MAMLModule(MetaLearner):
             override = {"lr": [self.inner_lrs[_key(n)] for n, _ in self.net.named_parameters()]}
         for t in range(sx.shape[0]):
             groups = [{"params": [p]} for p in params]  # one group per tensor: per-tensor lr overrides
-            if self.inner_optimizer == "sgd":
-                inner_opt = torch.optim.SGD(groups, lr=self.inner_lr)
-            else:
-                inner_opt = torch.optim.Adam(groups, lr=self.inner_lr)
+            inner_opt = _TORCH_OPTIMIZERS[self.inner_optimizer](groups, lr=self.inner_lr, **self.inner_optimizer_args)
             with higher.innerloop_ctx(self.net, inner_opt, copy_initial_weights=False,
                                       track_higher_grads=track) as (fmodel, diffopt):
                 task_inner = []
@@ -174,6 +181,11 @@ class MAMLModule(MetaLearner):
                       for i, p in enumerate(params)]
         surrogate = surrogate_objective(params, mean_grads)
         return MetaOutput(surrogate, torch.stack([q for q, _ in qlosses]), inner)
+
+
+#: the torch.optim class higher makes differentiable for each inner optimiser (AdamW: none in higher)
+_TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "momentum": partial(torch.optim.SGD, momentum=0.9),
+                     "adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
 
 
 def _key(name: str) -> str:

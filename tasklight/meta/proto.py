@@ -57,6 +57,23 @@ def flat(z: Tensor) -> Tensor:
     return z.reshape(z.shape[0], -1)
 
 
+def embed_tasks(learner: MetaLearner, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
+    """Flattened embeddings ``[T, S, D]`` and ``[T, Q, D]`` of ``learner.net`` on each task's support and
+    query examples, one vmapped forward per task (BatchNorm batch statistics per task; in training the
+    task-average of the running statistics is written back)."""
+    params, buffers = split_state(learner.net)
+    core = learner.core
+
+    def one_task(bufs, sx, qx):
+        return flat(core.forward(params, bufs, sx)), flat(core.forward(params, bufs, qx)), bufs
+
+    support, query, new_bufs = vmap(one_task, randomness="different")(
+        _batched_buffers(buffers, support_x.shape[0]), support_x, query_x)
+    if learner.net.training and new_bufs:
+        merge_task_buffers(learner.net, new_bufs)
+    return support, query
+
+
 class ProtoNetModule(MetaLearner):
     """Prototypical Networks.
 
@@ -86,18 +103,8 @@ class ProtoNetModule(MetaLearner):
     def logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Query logits ``[T, Q, N]`` of episodes with the task dimension first."""
         n_way = episode_ways(support_y)
-        params, buffers = split_state(self.net)
-        core = self.core
-
-        def one_task(bufs, sx, sy, qx):
-            protos = prototypes(flat(core.forward(params, bufs, sx)), sy, n_way)
-            return squared_distance_logits(flat(core.forward(params, bufs, qx)), protos), bufs
-
-        out, new_bufs = vmap(one_task, randomness="different")(_batched_buffers(buffers, support_x.shape[0]),
-                                                              support_x, support_y, query_x)
-        if self.net.training and new_bufs:
-            merge_task_buffers(self.net, new_bufs)
-        return out
+        support, query = embed_tasks(self, support_x, query_x)
+        return vmap(lambda s, sy, q: squared_distance_logits(q, prototypes(s, sy, n_way)))(support, support_y, query)
 
     def meta_objective(self, batch: MetaBatch) -> MetaOutput:
         logits = self.logits(batch.support_x, batch.support_y, batch.query_x)

@@ -136,6 +136,17 @@ class Architecture(RecordsInit, nn.Module):
         return f"tasks={self.num_tasks}" if self.built else "not built"
 
 
+def fresh_copies(module: nn.Module, n: int) -> nn.ModuleList:
+    """``n`` copies of ``module``: the first with its initial values, the others re-initialised
+    (independent experts)."""
+    copies = nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
+    for e in list(copies)[1:]:
+        for m in e.modules():
+            if hasattr(m, "reset_parameters") and m is not e:
+                m.reset_parameters()
+    return copies
+
+
 def _params(*modules: nn.Module) -> list[nn.Parameter]:
     return [p for m in modules for p in m.parameters() if p.requires_grad]
 
@@ -561,11 +572,7 @@ class MMoE(Architecture):
     def build(self, trunk, tasks, descriptor_dim, features, heads, example=None) -> None:
         x = _example_input(trunk, example, "MMoE")
         in_dim = int(np.prod(x.shape[1:]))
-        self.experts = nn.ModuleList([copy.deepcopy(trunk) for _ in range(self.num_experts)])
-        for e in list(self.experts)[1:]:  # independent initial experts
-            for m in e.modules():
-                if hasattr(m, "reset_parameters") and m is not e:
-                    m.reset_parameters()
+        self.experts = fresh_copies(trunk, self.num_experts)
         self.gates = nn.ModuleList([nn.Linear(in_dim, self.num_experts) for _ in tasks])
         for g in self.gates:  # start from the uniform mixture
             nn.init.zeros_(g.weight)
@@ -666,6 +673,7 @@ class MTAN(Architecture):
 
 ARCHITECTURES = {"hard": HardSharing, "soft": SoftSharing, "concat": Concat, "multiplicative": Multiplicative,
                  "film": FiLM, "multihead": MultiHead, "cross_stitch": CrossStitch, "mmoe": MMoE, "mtan": MTAN}
+# the expert and branching architectures (tasklight.multitask.arch_experts) add themselves on import
 
 __all__ = ["Architecture", "HeadFactory", "HardSharing", "SoftSharing", "Concat", "Multiplicative", "FiLM",
            "MultiHead", "CrossStitch", "MMoE", "MTAN", "ConditionedLayer", "BilinearHead", "trunk_stages",

@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 from tasklight.data.multitask import MultiTaskDataModule, MultiTaskStream, TaskSpec
 from tasklight.multitask import (MMoE, MTAN, Concat, CrossStitch, FiLM, HardSharing, MultiHead, Multiplicative,
                                  SoftSharing, trunk_stages)
+from tasklight.multitask.arch_experts import CGC, LTB, PLE, DSelectK
 from tasklight.multitask.module import MultiTaskModule
 from tasklight.multitask.weighting import MGDA, PCGrad
 from tasklight.nn.nets import MLP, Conv4
@@ -51,6 +52,7 @@ ALL = {
     "hard": HardSharing, "soft": lambda: SoftSharing(penalty=0.01), "concat": lambda: Concat(condition_layer=1),
     "film": lambda: FiLM(condition_layer=1, outputs="disjoint"), "multiplicative": Multiplicative,
     "multihead": MultiHead, "cross_stitch": CrossStitch, "mmoe": lambda: MMoE(num_experts=3), "mtan": MTAN,
+    "cgc": CGC, "ple": PLE, "dselect_k": lambda: DSelectK(num_experts=3), "ltb": LTB,
 }
 
 

@@ -25,6 +25,7 @@ from tasklight.multitask.toy import (
 from tasklight.nn.losses import HistogramLoss
 from tasklight.multitask.architectures import (MMoE, MTAN, Concat, ConditionedLayer, CrossStitch, FiLM, HardSharing,
                                                MultiHead, Multiplicative, SoftSharing, _ZContext, trunk_stages)
+from tasklight.multitask.arch_experts import CGC, LTB, PLE, DSelectK
 from tasklight.multitask.module import MultiTaskModule
 from tasklight.nn.nets import MLP
 from tasklight.multitask.weighting import (
@@ -633,7 +634,8 @@ def test_every_mtl_config_parses_and_builds_its_classes():
         if name.startswith("mtl_omniglot_"):
             assert isinstance(init.data, OmniglotAlphabetsDataModule)
             expected = {"hard": HardSharing, "soft": SoftSharing, "concat": Concat, "film": FiLM, "multihead": MultiHead,
-                        "multiplicative": Multiplicative, "cross": CrossStitch, "mmoe": MMoE, "mtan": MTAN}[arch]
+                        "multiplicative": Multiplicative, "cross": CrossStitch, "mmoe": MMoE, "mtan": MTAN,
+                        "cgc": CGC, "ple": PLE, "dselect": DSelectK, "ltb": LTB}[arch]
             assert type(model.architecture) is expected, name
         else:
             assert isinstance(init.data, TwoObjectiveToyDataModule) and model.head_factory.kind == "identity"

@@ -364,6 +364,10 @@ def _classifier(name):
         return MAMLModule(Conv4(1, 5, hidden=4, image_size=28), loss="cross_entropy", inner_steps=1)
     if name == "protonet":
         return ProtoNetModule(Conv4(1, 0, hidden=4, image_size=28))
+    if name in ("r2d2", "logreg"):
+        from tasklight.meta import LogisticHeadModule, R2D2Module
+
+        return (R2D2Module if name == "r2d2" else LogisticHeadModule)(Conv4(1, 0, hidden=4, image_size=28))
     return ProtoMAMLModule(Conv4(1, 0, hidden=4, image_size=28), inner_steps=1)
 
 
@@ -372,7 +376,7 @@ class _TestEpisodes(_Episodes):
         return self.train_dataloader()
 
 
-@pytest.mark.parametrize("name", ["maml", "protonet", "protomaml"])
+@pytest.mark.parametrize("name", ["maml", "protonet", "protomaml", "r2d2", "logreg"])
 def test_non_finite_logits_make_the_accuracy_an_error(name):
     """argmax of NaN logits still picks a class: the accuracy would be a finite, meaningless number."""
     torch.manual_seed(0)
@@ -385,7 +389,7 @@ def test_non_finite_logits_make_the_accuracy_an_error(name):
         trainer().test(module, _TestEpisodes(), verbose=False)
 
 
-@pytest.mark.parametrize("name", ["protonet", "protomaml"])
+@pytest.mark.parametrize("name", ["protonet", "protomaml", "r2d2", "logreg"])
 def test_prototype_learners_end_a_run_of_skips(name):
     torch.manual_seed(0)
     module = _classifier(name)
