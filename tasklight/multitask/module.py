@@ -368,22 +368,11 @@ class MultiTaskModule(SelfDescribing, LightningModule):
                 out.index_add_(0, task, R[rows])
             return out
         params = self.shared_parameters()
-<<<<<<< HEAD
-        out = torch.zeros(T, sum(p.numel() for p in params), device=fw.losses.device)
+        out = torch.zeros(T, sum(p.numel() for p in params), device=fw.losses.device, dtype=fw.losses.dtype)
         if present:
             idx = torch.tensor(present, device=fw.losses.device)
             out[idx] = task_jacobian(fw.losses[idx], params, self.task_gradient_engine,
                                      self.task_gradient_chunk).to(out)
-=======
-        size = sum(p.numel() for p in params)
-        out = torch.zeros(T, size, device=fw.losses.device, dtype=fw.losses.dtype)
-        for t, r in enumerate(fw.rows):
-            if r is None:
-                continue
-            g = torch.autograd.grad(fw.losses[t], params, retain_graph=True, allow_unused=True)
-            out[t] = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
-                                for gi, p in zip(g, params)])
->>>>>>> numerics21
         return out
 
     def _sync(self, counts: Tensor, losses: Tensor, grads: Optional[Tensor]):
