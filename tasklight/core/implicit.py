@@ -26,7 +26,8 @@ def tree_axpy(alpha: Tensor, x: Tree, y: Tree) -> Tree:
 
 
 def conjugate_gradient(matvec: Callable[[Tree], Tree], b: Tree, steps: int = 10, damping: float = 0.0,
-                       x0: Tree | None = None, return_info: bool = False):
+                       x0: Tree | None = None, return_info: bool = False,
+                       dot: Callable[[Tree, Tree], Tensor] = tree_dot):
     """Solve ``(A + damping I) x = b`` for symmetric positive-definite ``A`` given by ``matvec``.
 
     A fixed number of iterations (``steps``); divisions are guarded so that a system that has
@@ -37,6 +38,10 @@ def conjugate_gradient(matvec: Callable[[Tree], Tree], b: Tree, steps: int = 10,
     is True if a search direction with ``p^T A p <= 0`` was met while the residual was not zero:
     the system is not positive definite, and CG's answer is not its solution. Both are tensors (no
     data-dependent Python control flow), so the function stays ``vmap``-able.
+
+    ``dot`` is the inner product (default :func:`tree_dot`, one scalar). One that returns a tensor
+    broadcastable against the leaves, e.g. ``(a * b).sum((-2, -1), keepdim=True)`` on ``[T, m, n]``
+    tensors, solves ``T`` independent systems at once (each with its own step lengths), without ``vmap``.
     """
     if steps < 0:
         raise ValueError(f"conjugate_gradient needs steps >= 0, got {steps}")
@@ -48,17 +53,17 @@ def conjugate_gradient(matvec: Callable[[Tree], Tree], b: Tree, steps: int = 10,
     x = tree_map(torch.zeros_like, b) if x0 is None else x0
     r = b if x0 is None else tree_map(lambda u, v: u - v, b, A(x0))
     p = r
-    rs = tree_dot(r, r)
-    b_norm2 = tree_dot(b, b)
+    rs = dot(r, r)
+    b_norm2 = dot(b, b)
     indefinite = torch.zeros_like(rs, dtype=torch.bool)
     for _ in range(steps):
         ap = A(p)
-        pap = tree_dot(p, ap)
+        pap = dot(p, ap)
         indefinite = indefinite | ((pap <= 0) & (rs > 0))
         alpha = torch.where(pap > 0, rs / torch.where(pap > 0, pap, torch.ones_like(pap)), torch.zeros_like(pap))
         x = tree_axpy(alpha, p, x)
         r = tree_axpy(-alpha, ap, r)
-        rs_new = tree_dot(r, r)
+        rs_new = dot(r, r)
         beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
         p = tree_axpy(beta, p, r)
         rs = rs_new

@@ -10,7 +10,7 @@ adapted by gradient steps, and the queries are classified by ``scale * [f(x), 1]
   ``(X^T X + lam I) W = X^T Y`` one);
 * multinomial logistic regression: ``W* = argmin_W sum_i CE(x_i W, y_i) + lam/2 ||W||^2``, solved by
   Newton's method with conjugate-gradient Newton directions on Hessian-vector products and a
-  monotone step-length choice (no data-dependent Python control flow: vmapped over tasks).
+  monotone step-length choice (no data-dependent Python control flow; all tasks at once).
 
 The meta-gradient reaches the embedding through the head. For ridge it is taken through the
 closed-form solve (``differentiation="closed_form"``) or, like logistic regression, by the implicit
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import vmap
 
 from tasklight.core.implicit import conjugate_gradient, implicit_gradient
 from tasklight.core.outer import DEFAULT_MAX_CONSECUTIVE_SKIPS, default_optimizer
@@ -58,8 +58,10 @@ def ridge_loss(w: Tensor, x: Tensor, y: Tensor, lam: Tensor, n_way: int) -> Tens
 
 
 def logistic_loss(w: Tensor, x: Tensor, y: Tensor, lam: Tensor, n_way: int) -> Tensor:
-    """``sum_i CE(x_i w, y_i) + lam/2 ||w||^2`` for ``x [S, D]``, ``w [D, N]``."""
-    return F.cross_entropy(x @ w, y, reduction="sum") + 0.5 * lam * (w ** 2).sum()
+    """``sum_i CE(x_i w, y_i) + lam/2 ||w||^2`` for ``x [S, D]``, ``w [D, N]``; for a batch of tasks
+    (``x [T, S, D]``, ``w [.., T, D, N]``, ``lam [T]``) one value per task."""
+    ce = -(one_hot(y, n_way, x.dtype) * torch.log_softmax(x @ w, -1)).sum((-2, -1))
+    return ce + 0.5 * lam * (w ** 2).sum((-2, -1))
 
 
 def logistic_hvp(x: Tensor, probs: Tensor, lam: Tensor, v: Tensor) -> Tensor:
@@ -82,26 +84,35 @@ def ridge_solve(x: Tensor, y: Tensor, lam: Tensor, n_way: int) -> Tensor:
     return torch.linalg.solve(xt @ x + lam * torch.eye(D, dtype=x.dtype, device=x.device), xt @ target)
 
 
+def _task_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-task inner products ``[T, 1, 1]`` of ``[T, D, N]`` tensors (batched conjugate gradient)."""
+    return (a * b).sum((-2, -1), keepdim=True)
+
+
 def logistic_solve(x: Tensor, y: Tensor, lam: Tensor, n_way: int, newton_steps: int,
                    cg_steps: int) -> tuple[Tensor, Tensor]:
-    """The logistic head ``W* [D, N]`` of one task (``x [S, D]``, ``y [S]``) by Newton-CG from 0.
+    """The logistic heads ``W* [T, D, N]`` of a batch of tasks (``x [T, S, D]``, ``y [T, S]``,
+    ``lam [T]``) by Newton-CG from 0: every task's Newton system solved by its own conjugate
+    gradient on the exact Hessian-vector product, all tasks at once.
 
-    Returns ``(W*, losses [newton_steps + 1])``: the objective before each step and at the end.
+    Returns ``(W*, losses [T, newton_steps + 1])``: each task's objective before each step and at the end.
     """
-    f = lambda w: logistic_loss(w, x, y, lam, n_way)  # noqa: E731
-    w = x.new_zeros(x.shape[-1], n_way)
+    target = one_hot(y, n_way, x.dtype)
+    lam3 = lam[:, None, None]
+    xt = x.transpose(-1, -2)
+    w = x.new_zeros(x.shape[0], x.shape[-1], n_way)
     steps = x.new_tensor(NEWTON_STEP_LENGTHS)
-    losses = [f(w)]
+    losses = [logistic_loss(w, x, y, lam, n_way)]
     for _ in range(newton_steps):
-        g = grad(f)(w)
         p = torch.softmax(x @ w, -1)
-        d = conjugate_gradient(lambda v: logistic_hvp(x, p, lam, v), g, steps=cg_steps)
-        cand = w[None] - steps[:, None, None] * d[None]
-        vals = vmap(f)(cand)
-        pick = one_hot(vals.argmin(), len(NEWTON_STEP_LENGTHS), x.dtype)
-        w = (pick[:, None, None] * cand).sum(0)
-        losses.append(f(w))
-    return w, torch.stack(losses)
+        g = xt @ (p - target) + lam3 * w
+        d = conjugate_gradient(lambda v: logistic_hvp(x, p, lam3, v), g, steps=cg_steps, dot=_task_dot)
+        cand = w[None] - steps[:, None, None, None] * d[None]  # [C, T, D, N]
+        vals = logistic_loss(cand, x, y, lam, n_way)  # [C, T]
+        pick = one_hot(vals.argmin(0), len(NEWTON_STEP_LENGTHS), x.dtype)  # [T, C]
+        w = torch.einsum("tc,ctdn->tdn", pick, cand)
+        losses.append(logistic_loss(w, x, y, lam, n_way))
+    return w, torch.stack(losses, -1)
 
 
 class _ImplicitHead(torch.autograd.Function):
@@ -109,8 +120,7 @@ class _ImplicitHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, lam: Tensor, y: Tensor, solve: Callable, inner: Callable, cg_steps: int):
-        with torch.enable_grad():
-            w, extra = solve(x.detach(), y, lam.detach())
+        w, extra = solve(x.detach(), y, lam.detach())
         ctx.save_for_backward(x, lam, y, w)
         ctx.inner, ctx.cg_steps = inner, cg_steps
         ctx.mark_non_differentiable(extra)
@@ -197,7 +207,7 @@ class ClosedFormHeadModule(MetaLearner):
             inner = lambda w, x, y, lam: ridge_loss(w, x, y, lam, n_way)  # noqa: E731
         else:
             newton, cg = self.newton_steps, self.cg_steps
-            solve = vmap(lambda x, y, lam: logistic_solve(x, y, lam, n_way, newton, cg))
+            solve = lambda x, y, lam: logistic_solve(x, y, lam, n_way, newton, cg)  # noqa: E731
             inner = lambda w, x, y, lam: logistic_loss(w, x, y, lam, n_way)  # noqa: E731
         return _ImplicitHead.apply(x, lam, support_y, solve, inner, self.cg_steps)
 

@@ -23,7 +23,7 @@ input of their level, and every example is routed through its own task's gate.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -49,6 +49,22 @@ def _task_outputs(heads: nn.ModuleList, rows, reps: dict[int, Tensor], n: int):
     return [heads[t](rep[r]) if r is not None else None for t, r in enumerate(rows)], rep
 
 
+def _task_counts(who: str, counts: Union[int, Sequence[int]], T: int) -> list[int]:
+    """``num_task_experts`` as one count per task (a number: the same for every task)."""
+    if isinstance(counts, int):
+        return [counts] * T
+    counts = list(counts)
+    if len(counts) != T:
+        raise ValueError(f"{who} got num_task_experts={counts} for {T} tasks: give one count per task, or one number")
+    return counts
+
+
+def _check_experts(who: str, num_shared: int, num_task: Union[int, Sequence[int]]) -> None:
+    _positive(who, num_shared_experts=num_shared)
+    for k in [num_task] if isinstance(num_task, int) else list(num_task):
+        _positive(who, num_task_experts=k)
+
+
 def _positive(who: str, **values: int) -> None:
     bad = {k: v for k, v in values.items() if not (isinstance(v, int) and v >= 1)}
     if bad:
@@ -57,25 +73,23 @@ def _positive(who: str, **values: int) -> None:
 
 class CGC(Architecture):
     """Customised gate control: ``num_shared_experts`` shared copies of the trunk, ``num_task_experts``
-    copies per task, and per task a softmax gate on the flattened input over its ``S + K`` experts:
+    copies per task (a number, or one per task as in LibMTL), and per task a softmax gate on the flattened input over its ``S + K`` experts:
     ``rep_t(x) = sum_e softmax(W_t x + b_t)_e E_e(x)``. Shared: the shared experts; per task: its
     experts, gate and head. Gates start at the uniform mixture."""
 
-    def __init__(self, num_shared_experts: int = 2, num_task_experts: int = 1) -> None:
+    def __init__(self, num_shared_experts: int = 2, num_task_experts: Union[int, Sequence[int]] = 1) -> None:
         super().__init__()
-        _positive("CGC", num_shared_experts=num_shared_experts, num_task_experts=num_task_experts)
+        _check_experts("CGC", num_shared_experts, num_task_experts)
         self.num_shared_experts, self.num_task_experts = num_shared_experts, num_task_experts
 
     def build(self, trunk, tasks, descriptor_dim, features, heads, example=None) -> None:
         x = _example_input(trunk, example, type(self).__name__)
         in_dim = int(np.prod(x.shape[1:]))
-        experts = fresh_copies(trunk, self.num_shared_experts + len(tasks) * self.num_task_experts)
-        self.shared_experts = nn.ModuleList(experts[:self.num_shared_experts])
-        K = self.num_task_experts
-        self.task_experts = nn.ModuleList([nn.ModuleList(experts[self.num_shared_experts + t * K:
-                                                                 self.num_shared_experts + (t + 1) * K])
-                                           for t in range(len(tasks))])
-        self.gates = nn.ModuleList([nn.Linear(in_dim, self.num_shared_experts + K) for _ in tasks])
+        S, counts = self.num_shared_experts, _task_counts("CGC", self.num_task_experts, len(tasks))
+        experts = iter(fresh_copies(trunk, S + sum(counts)))
+        self.shared_experts = nn.ModuleList([next(experts) for _ in range(S)])
+        self.task_experts = nn.ModuleList([nn.ModuleList([next(experts) for _ in range(k)]) for k in counts])
+        self.gates = nn.ModuleList([nn.Linear(in_dim, S + k) for k in counts])
         for g in self.gates:
             nn.init.zeros_(g.weight)
             nn.init.zeros_(g.bias)
@@ -103,28 +117,28 @@ class PLE(Architecture):
     """Progressive layered extraction: a CGC level at every stage of the trunk (:func:`trunk_stages`).
 
     At stage j, task t's representation ``h_t`` (the input at stage 0) goes through
-    ``num_shared_experts`` shared copies and ``num_task_experts`` copies of the stage owned by t, and
+    ``num_shared_experts`` shared copies and ``num_task_experts`` copies (a number, or one per task) of
+    the stage owned by t, and
     ``h_t <- sum_e softmax(gate_{j,t}(flat h_t))_e E_e(h_t)``. Shared: the shared experts of every
     stage; per task: its experts, gates and head. Gates start at the uniform mixture.
     """
 
-    def __init__(self, num_shared_experts: int = 2, num_task_experts: int = 1) -> None:
+    def __init__(self, num_shared_experts: int = 2, num_task_experts: Union[int, Sequence[int]] = 1) -> None:
         super().__init__()
-        _positive("PLE", num_shared_experts=num_shared_experts, num_task_experts=num_task_experts)
+        _check_experts("PLE", num_shared_experts, num_task_experts)
         self.num_shared_experts, self.num_task_experts = num_shared_experts, num_task_experts
 
     def build(self, trunk, tasks, descriptor_dim, features, heads, example=None) -> None:
         stages = trunk_stages(trunk)
         x = _example_input(trunk, example, "PLE")
         in_dims = [int(np.prod(x.shape[1:]))] + [int(np.prod(s)) for s in _stage_shapes(stages, x)[:-1]]
-        S, K, T = self.num_shared_experts, self.num_task_experts, len(tasks)
+        S, counts, T = self.num_shared_experts, _task_counts("PLE", self.num_task_experts, len(tasks)), len(tasks)
         self.shared_experts, self.task_experts, self.gates = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for stage, d in zip(stages, in_dims):
-            copies = fresh_copies(stage, S + T * K)
-            self.shared_experts.append(nn.ModuleList(copies[:S]))
-            self.task_experts.append(nn.ModuleList([nn.ModuleList(copies[S + t * K:S + (t + 1) * K])
-                                                    for t in range(T)]))
-            gates = nn.ModuleList([nn.Linear(d, S + K) for _ in range(T)])
+            copies = iter(fresh_copies(stage, S + sum(counts)))
+            self.shared_experts.append(nn.ModuleList([next(copies) for _ in range(S)]))
+            self.task_experts.append(nn.ModuleList([nn.ModuleList([next(copies) for _ in range(k)]) for k in counts]))
+            gates = nn.ModuleList([nn.Linear(d, S + k) for k in counts])
             for g in gates:
                 nn.init.zeros_(g.weight)
                 nn.init.zeros_(g.bias)

@@ -171,6 +171,18 @@ def test_conjugate_gradient_matches_linalg_solve():
     assert r(8) < r(2) < b.norm()
 
 
+def test_conjugate_gradient_with_a_per_system_inner_product_solves_each_system():
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(3, 6, 6, generator=g, dtype=torch.float64)
+    c = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+    a = m @ m.transpose(1, 2) + c[:, None, None] * torch.eye(6, dtype=torch.float64)  # 3 systems, unlike spectra
+    b = torch.randn(3, 6, 2, generator=g, dtype=torch.float64)
+    x, info = conjugate_gradient(lambda v: a @ v, b, steps=30, return_info=True,
+                                 dot=lambda u, v: (u * v).sum((-2, -1), keepdim=True))
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
+    assert info["rel_residual"].shape == (3, 1, 1) and (info["rel_residual"] < 1e-8).all()
+
+
 def _flat(d):
     return torch.cat([v.reshape(-1) for v in d.values()])
 

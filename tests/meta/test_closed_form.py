@@ -53,7 +53,8 @@ def test_logistic_head_matches_scikit_learn():
     x = with_bias_feature(torch.randn(9, 4, generator=g, dtype=torch.float64))
     y = torch.arange(9) % 3
     lam = 0.5
-    w, losses = logistic_solve(x, y, torch.tensor(lam, dtype=x.dtype), 3, newton_steps=20, cg_steps=30)
+    w, losses = logistic_solve(x[None], y[None], torch.tensor([lam], dtype=x.dtype), 3, newton_steps=20, cg_steps=30)
+    w, losses = w[0], losses[0]
     # sklearn minimises 1/2 ||W||^2 + C sum CE: the same minimiser with C = 1 / lam (bias as a feature)
     ref = LogisticRegression(C=1 / lam, fit_intercept=False, tol=1e-12, max_iter=10_000).fit(x.numpy(), y.numpy())
     np.testing.assert_allclose(w.T.numpy(), ref.coef_, rtol=1e-6, atol=1e-7)
@@ -163,3 +164,31 @@ def test_logistic_hessian_vector_product_is_the_hessians():
     y, lam = torch.arange(7) % 3, torch.tensor(0.4, dtype=torch.float64)
     torch.testing.assert_close(logistic_hvp(x, torch.softmax(x @ w, -1), lam, v),
                                hvp(lambda w: logistic_loss(w, x, y, lam, 3), w, v))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [R2D2Module, LogisticHeadModule])
+def test_closed_form_heads_learn_omniglot_5way(cls):
+    import functools
+
+    from lightning.pytorch import Trainer
+
+    from tasklight.data.omniglot import OmniglotDataModule
+    from tasklight.nn.nets import Conv4
+
+    def trainer(**kw):
+        return Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                       inference_mode=False, **kw)
+
+    torch.manual_seed(0)
+    kw = dict(newton_steps=5, cg_steps=26) if cls is LogisticHeadModule else {}  # CG exact: 5 x 5 + 1 steps
+    module = cls(Conv4(1, 0, hidden=16), optimizer=functools.partial(torch.optim.Adam, lr=3e-3), **kw)
+    dm = OmniglotDataModule(n_way=5, k_shot=1, q_queries=5, meta_batch_size=4, batches_per_epoch=30,
+                            test_episodes=60, eval_batch_size=20)
+    before = trainer().test(module, dm, verbose=False)[0]
+    trainer(max_steps=30).fit(module, dm)
+    res = trainer().test(module, dm, verbose=False)[0]
+    assert res["test/acc"] > 0.5, res  # chance is 0.2
+    assert res["test/acc"] > before["test/acc"] + 0.05, (before, res)
+    assert float(module.log_lam.exp()) != 1.0 and float(module.log_scale.exp()) != 1.0  # both meta-learned

@@ -135,7 +135,9 @@ def test_bad_settings_are_refused_and_the_names_are_registered():
     with pytest.raises(ValueError, match="CGC needs num_shared_experts >= 1"):
         CGC(num_shared_experts=0)
     with pytest.raises(ValueError, match="PLE needs num_task_experts >= 1"):
-        PLE(num_task_experts=0)
+        PLE(num_task_experts=[1, 0])
+    with pytest.raises(ValueError, match=r"CGC got num_task_experts=\[1, 2\] for 3 tasks: give one count per task"):
+        build(CGC(num_task_experts=[1, 2]), MLP(2, [], 2), T=3)
     with pytest.raises(ValueError, match="DSelectK needs gamma > 0"):
         DSelectK(gamma=0.0)
     with pytest.raises(ValueError, match="LTB temperature must be a finite number > 0"):
@@ -214,25 +216,27 @@ def _compare(lib, ours, copy_pairs, T=3):
 
 def test_cgc_equals_libmtl(libmtl_arch):
     enc = lambda: MLP(4, [6], 5, activation_name="tanh")  # noqa: E731
-    lib = _lib(libmtl_arch.CGC, enc, num_experts=[2, 1, 1, 1])  # shared, then one count per task (equal here)
-    ours = _ours(CGC(num_shared_experts=2, num_task_experts=1), enc(), lib)
+    lib = _lib(libmtl_arch.CGC, enc, num_experts=[2, 1, 2, 1])  # shared, then one count per task
+    ours = _ours(CGC(num_shared_experts=2, num_task_experts=[1, 2, 1]), enc(), lib)
     pairs = [(ours.shared_experts[i].net[j], lib.experts_shared[i].net[j]) for i in range(2) for j in (0, 2)]
-    for t in range(3):
-        pairs += [(ours.task_experts[t][0].net[j], lib.experts_specific[f"t{t}"][0].net[j]) for j in (0, 2)]
+    for t, k in enumerate([1, 2, 1]):
+        pairs += [(ours.task_experts[t][e].net[j], lib.experts_specific[f"t{t}"][e].net[j])
+                  for e in range(k) for j in (0, 2)]
         pairs.append((ours.gates[t], lib.gate_specific[f"t{t}"][0]))
     _compare(lib, ours, pairs)
 
 
 def test_ple_equals_libmtl(libmtl_arch):
-    lib = _lib(libmtl_arch.PLE, _ResNetLike, num_experts=[2, 1, 1, 1])
+    lib = _lib(libmtl_arch.PLE, _ResNetLike, num_experts=[2, 1, 1, 2])
     trunk = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), *[m for _ in range(4) for m in (nn.Linear(5, 5), nn.Tanh())])
-    ours = _ours(PLE(num_shared_experts=2, num_task_experts=1), trunk, lib)
+    ours = _ours(PLE(num_shared_experts=2, num_task_experts=[1, 1, 2]), trunk, lib)
     pairs = []
     for j in range(5):
         for i in range(2):
             pairs.append((ours.shared_experts[j][i][0], first_linear(lib.encoder.shared_layer[str(j)][i])))
-        for t in range(3):
-            pairs.append((ours.task_experts[j][t][0][0], first_linear(lib.encoder.specific_layer[str(j)][f"t{t}"][0])))
+        for t, k in enumerate([1, 1, 2]):
+            pairs += [(ours.task_experts[j][t][e][0], first_linear(lib.encoder.specific_layer[str(j)][f"t{t}"][e]))
+                      for e in range(k)]
             pairs.append((ours.gates[j][t], lib.encoder.gate_specific[f"t{t}"][j][0]))
     _compare(lib, ours, pairs)
 
