@@ -49,11 +49,12 @@ def test_aligned_mtl(scale_mode):
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
 def test_fairgrad(alpha):
-    J = jacobian(3, 8, 1)
-    G = J @ J.T
-    w = FairGrad(alpha=alpha).compute_weights(stats(J))
-    close(G @ w, w ** (-1.0 / alpha), 1e-9)  # the alpha-fair equation, solved to our tolerance
-    close(w, jd.FairGradWeighting(alpha=alpha)(G), 1e-5)  # torchjd: scipy's default tolerance
+    for T, P, seed in [(3, 8, 1), (5, 6, 2), (2, 4, 3)]:
+        J = jacobian(T, P, seed)
+        G = J @ J.T
+        w = FairGrad(alpha=alpha).compute_weights(stats(J))
+        close(G @ w, w ** (-1.0 / alpha), 1e-9)  # the alpha-fair equation, solved to our tolerance
+        close(w, jd.FairGradWeighting(alpha=alpha)(G), 1e-5)  # torchjd: scipy's least squares, default tolerance
 
 
 def test_sdmgrad():
