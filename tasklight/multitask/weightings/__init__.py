@@ -22,9 +22,10 @@ from tasklight.multitask.weightings.torchjd_adapter import TorchJD
 
 _LIBMTL = "tests/multitask/test_libmtl_parity.py"
 _W = "tests/multitask/test_weighting.py"
+_JD = "tests/multitask/test_torchjd_parity.py"
 for _name, _cls, _paper, _ref, _test in [
-    ("static", _w.StaticWeighting, "linear scalarisation", "closed form", f"{_W}::test_static_weights_and_equal_weighting"),
-    ("equal", _w.EqualWeighting, "linear scalarisation, all weights 1", "LibMTL 1.1.5 `EW`",
+    ("static", _w.StaticWeighting, "linear scalarisation", "torchjd `Constant`", f"{_JD}::test_the_earlier_methods_that_torchjd_also_has"),
+    ("equal", _w.EqualWeighting, "linear scalarisation, all weights 1", "LibMTL 1.1.5 `EW`; torchjd `Sum`",
      f"{_LIBMTL}::test_equal_and_uncertainty_weighting"),
     ("uncertainty", _w.UncertaintyWeighting, "Kendall, Gal & Cipolla (2018)", "LibMTL 1.1.5 `UW`",
      f"{_LIBMTL}::test_equal_and_uncertainty_weighting"),
@@ -33,17 +34,17 @@ for _name, _cls, _paper, _ref, _test in [
      f"{_W}::test_dro_weights_are_exponentiated_gradient_on_the_simplex"),
     ("gradnorm", _w.GradNorm, "Chen et al. (2018), GradNorm", "LibMTL 1.1.5 `GradNorm`",
      f"{_LIBMTL}::test_gradnorm_weights_update_direction"),
-    ("mgda", _w.MGDA, "Sener & Koltun (2018), MGDA-UB", "LibMTL 1.1.5 `MGDA`", f"{_LIBMTL}::test_mgda"),
-    ("pcgrad", _w.PCGrad, "Yu et al. (2020), PCGrad", "LibMTL 1.1.5 `PCGrad`",
+    ("mgda", _w.MGDA, "Sener & Koltun (2018), MGDA-UB", "LibMTL 1.1.5 `MGDA`; torchjd `MGDA`", f"{_LIBMTL}::test_mgda"),
+    ("pcgrad", _w.PCGrad, "Yu et al. (2020), PCGrad", "LibMTL 1.1.5 `PCGrad`; torchjd `PCGrad`",
      f"{_LIBMTL}::test_pcgrad_with_the_same_visiting_orders"),
-    ("rlw", _w.RLW, "Lin et al. (2022), random loss weighting", "LibMTL 1.1.5 `RLW`",
+    ("rlw", _w.RLW, "Lin et al. (2022), random loss weighting", "LibMTL 1.1.5 `RLW`; torchjd `Random`",
      f"{_LIBMTL}::test_rlw_from_the_same_normal_draws"),
     ("famo", _w.FAMO, "Liu et al. (2023), FAMO", "autograd and torch.optim.Adam",
      f"{_W}::test_famo_weights_and_logit_updates_against_autograd_and_torch_adam"),
     ("cagrad", _w.CAGrad, "Liu et al. (2021), CAGrad", "LibMTL 1.1.5 `CAGrad`", f"{_LIBMTL}::test_cagrad"),
     ("nashmtl", _w.NashMTL, "Navon et al. (2022), Nash-MTL", "the bargaining equation G a = 1/a",
      f"{_W}::test_nash_mtl_solves_the_bargaining_equation"),
-    ("imtl", _w.IMTL, "Liu et al. (2021), IMTL", "LibMTL 1.1.5 `IMTL`; torchjd `IMTLGWeighting`",
+    ("imtl", _w.IMTL, "Liu et al. (2021), IMTL", "LibMTL 1.1.5 `IMTL`; torchjd `IMTLG`",
      f"{_LIBMTL}::test_imtl_hybrid"),
     ("upgrad", _w.UPGrad, "Quinton & Rey (2024), Jacobian Descent", "torchjd `UPGrad`",
      f"{_W}::test_upgrad_never_conflicts_and_matches_torchjd_on_the_jacobian"),
