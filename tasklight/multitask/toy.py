@@ -158,7 +158,7 @@ def toy_descent(make_weighting, starts: Sequence[Sequence[float]], scales: Seque
         g = torch.stack([torch.autograd.grad(f[:, i].sum(), x, retain_graph=True)[0] for i in range(2)], 1)
         stats = [TaskStats(f[k].detach(), active, g[k].detach(), step, step // epoch_length) for k in range(len(x))]
         w = torch.stack([m.compute_weights(stats[k]).to(f) for k, m in enumerate(methods)])
-        directions = [m.shared_direction(stats[k], w[k]) for k, m in enumerate(methods)]
+        directions = [m.shared_direction(stats[k], w[k]) if m.gives_direction else None for k, m in enumerate(methods)]
         opt.zero_grad()
         torch.stack([m.loss(f[k], m.task_weights(w[k]) if directions[k] is not None else w[k])
                      for k, m in enumerate(methods)]).sum().backward()

@@ -24,12 +24,14 @@ _LIBMTL = "tests/multitask/test_libmtl_parity.py"
 _W = "tests/multitask/test_weighting.py"
 _JD = "tests/multitask/test_torchjd_parity.py"
 for _name, _cls, _paper, _ref, _test in [
-    ("static", _w.StaticWeighting, "linear scalarisation", "torchjd `Constant`", f"{_JD}::test_the_earlier_methods_that_torchjd_also_has"),
+    ("static", _w.StaticWeighting, "linear scalarisation", "torchjd `Constant`",
+     f"{_JD}::test_the_earlier_methods_that_torchjd_also_has"),
     ("equal", _w.EqualWeighting, "linear scalarisation, all weights 1", "LibMTL 1.1.5 `EW`; torchjd `Sum`",
      f"{_LIBMTL}::test_equal_and_uncertainty_weighting"),
     ("uncertainty", _w.UncertaintyWeighting, "Kendall, Gal & Cipolla (2018)", "LibMTL 1.1.5 `UW`",
      f"{_LIBMTL}::test_equal_and_uncertainty_weighting"),
-    ("dwa", _w.DWA, "Liu, Johns & Davison (2019), MTAN", "LibMTL 1.1.5 `DWA`", f"{_LIBMTL}::test_dwa_from_the_same_epoch_means"),
+    ("dwa", _w.DWA, "Liu, Johns & Davison (2019), MTAN", "LibMTL 1.1.5 `DWA`",
+     f"{_LIBMTL}::test_dwa_from_the_same_epoch_means"),
     ("dro", _w.DROWeighting, "Sagawa et al. (2020), group DRO", "the exponentiated-gradient update written out",
      f"{_W}::test_dro_weights_are_exponentiated_gradient_on_the_simplex"),
     ("gradnorm", _w.GradNorm, "Chen et al. (2018), GradNorm", "LibMTL 1.1.5 `GradNorm`",

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from tasklight.multitask.registry import register_weighting
 from tasklight.multitask.weighting import GradSource, TaskStats, Weighting, _scatter
-from tasklight.multitask.weightings._common import GradientSizedState, check_positive, project_onto_simplex, require_parameter_grads
+from tasklight.multitask.weightings._common import (GradientSizedState, check_positive, project_onto_simplex,
+                                                    require_parameter_grads)
 
 
 @register_weighting("moco", paper="Fernando et al. (2023), Mitigating Gradient Bias in Multi-objective Learning: "
@@ -34,6 +35,7 @@ class MoCo(GradientSizedState, Weighting):
     needs_grads = True
     _gradient_sized = ("y",)
     direction_only = True
+    gives_direction = True
     needs_bounded_losses = True
 
     def __init__(self, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1, gamma_sigma: float = 0.5,

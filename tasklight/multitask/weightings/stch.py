@@ -12,7 +12,8 @@ from tasklight.multitask.weightings._common import check_positive
 @register_weighting("stch", paper="Lin et al. (2024), Smooth Tchebycheff Scalarization for Multi-Objective "
                     "Optimization", reference="the authors' STCH_MTL code (as in LibMTL's `STCH`); checked against "
                     "autograd of the objective",
-                    parity="tests/multitask/test_new_weightings.py::test_stch_weights_are_the_gradient_of_its_objective")
+                    parity="tests/multitask/test_new_weightings.py::"
+                           "test_stch_weights_are_the_gradient_of_its_objective")
 class STCH(Weighting):
     """Smooth Tchebycheff scalarisation, in the form of the authors' multi-task code.
 
