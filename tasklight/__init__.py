@@ -18,6 +18,7 @@ from tasklight.data import (MetaBatch, MultiTaskBatch, MultiTaskDataModule, Omni
 from tasklight.meta import (IMAMLModule, MAMLModule, MAMLPlusPlusModule, MetaLearner, ProtoMAMLModule,  # noqa: E402
                             ProtoNetModule, ReptileModule)
 from tasklight.multitask import MultiTaskModule, TwoObjectiveToyDataModule  # noqa: E402
+from tasklight.multitask.registry import weightings  # noqa: E402,F401  (every weighting method, by name)
 from tasklight.nn import MLP, Conv4, HistogramLoss, MahalanobisLoss  # noqa: E402
 from tasklight.task2vec import Task2Vec  # noqa: E402
 from tasklight.strategies import TimedDDPStrategy  # noqa: E402
@@ -29,7 +30,3 @@ __all__ = ["__version__", "MetaLearner", "MAMLModule", "IMAMLModule", "MAMLPlusP
            "MultiTaskBatch", "TaskSpec", "SinusoidDataModule", "OmniglotDataModule", "MultiTaskDataModule",
            "OmniglotAlphabetsDataModule", "SinusoidTasksDataModule", "TwoObjectiveToyDataModule",
            "DecisionDataModule", "GradientConflictMonitor", "TaskLossLogger", "Task2VecCallback", "TimedDDPStrategy"]
-
-from tasklight.multitask.registry import weightings  # noqa: E402  (every loss-weighting method, by short name)
-
-__all__ += ["weightings"]
