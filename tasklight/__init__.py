@@ -19,6 +19,7 @@ from tasklight.meta import (IMAMLModule, MAMLModule, MAMLPlusPlusModule, MetaLea
                             ProtoNetModule, ReptileModule)
 from tasklight.meta import ClosedFormHeadModule, LogisticHeadModule, R2D2Module  # noqa: E402
 from tasklight.multitask import MultiTaskModule, TwoObjectiveToyDataModule  # noqa: E402
+from tasklight.multitask.registry import weightings  # noqa: E402,F401  (every weighting method, by name)
 from tasklight.nn import MLP, Conv4, HistogramLoss, MahalanobisLoss  # noqa: E402
 from tasklight.task2vec import Task2Vec  # noqa: E402
 from tasklight.strategies import TimedDDPStrategy  # noqa: E402
@@ -30,8 +31,4 @@ __all__ = ["__version__", "MetaLearner", "MAMLModule", "IMAMLModule", "MAMLPlusP
            "MultiTaskBatch", "TaskSpec", "SinusoidDataModule", "OmniglotDataModule", "MultiTaskDataModule",
            "OmniglotAlphabetsDataModule", "SinusoidTasksDataModule", "TwoObjectiveToyDataModule",
            "DecisionDataModule", "GradientConflictMonitor", "TaskLossLogger", "Task2VecCallback", "TimedDDPStrategy",
-           "ClosedFormHeadModule", "R2D2Module", "LogisticHeadModule"]
-
-from tasklight.multitask.registry import weightings  # noqa: E402  (every loss-weighting method, by short name)
-
-__all__ += ["weightings"]
+           "ClosedFormHeadModule", "R2D2Module", "LogisticHeadModule", "weightings"]

@@ -460,6 +460,7 @@ class MultiTaskModule(SelfDescribing, LightningModule):
         weighting = self.weighting
         direction = weighting.direction_only and self.architecture.heads_on_representation and any(
             p.requires_grad for t in range(self.num_tasks) for p in self._task_specific_parameters(t))
+        direction = direction and not weighting.gives_direction  # such a method sets the shared update itself
         sources = set()
         if weighting.needs_grads:
             sources.add(weighting.grad_source)
@@ -481,7 +482,7 @@ class MultiTaskModule(SelfDescribing, LightningModule):
                           step=step, epoch=int(self.current_epoch))
         weights = weighting.compute_weights(stats).to(fw.losses)
         scaled = scale * fw.losses
-        shared_dir = weighting.shared_direction(stats, weights)
+        shared_dir = weighting.shared_direction(stats, weights) if weighting.gives_direction else None
         if shared_dir is not None:  # heads: their own (task-weighted) loss; shared: the method's direction
             total = weighting.loss(scaled, weighting.task_weights(weights).to(fw.losses))
         elif direction:

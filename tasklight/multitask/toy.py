@@ -160,11 +160,15 @@ def toy_descent(make_weighting, starts: Sequence[Sequence[float]], scales: Seque
         if trajectory is not None:
             trajectory.append(f.detach().clone())
         g = torch.stack([torch.autograd.grad(f[:, i].sum(), x, retain_graph=True)[0] for i in range(2)], 1)
-        w = torch.stack([m.compute_weights(TaskStats(f[k].detach(), active, g[k].detach(), step,
-                                                     step // epoch_length)).to(f)
-                         for k, m in enumerate(methods)])
+        stats = [TaskStats(f[k].detach(), active, g[k].detach(), step, step // epoch_length) for k in range(len(x))]
+        w = torch.stack([m.compute_weights(stats[k]).to(f) for k, m in enumerate(methods)])
+        directions = [m.shared_direction(stats[k], w[k]) if m.gives_direction else None for k, m in enumerate(methods)]
         opt.zero_grad()
-        torch.stack([m.loss(f[k], w[k]) for k, m in enumerate(methods)]).sum().backward()
+        torch.stack([m.loss(f[k], m.task_weights(w[k]) if directions[k] is not None else w[k])
+                     for k, m in enumerate(methods)]).sum().backward()
+        for k, d in enumerate(directions):  # a method that gives the point's update itself
+            if d is not None:
+                x.grad[k] = d.to(x)
         opt.step()
         sched.step()
     x = x.detach()

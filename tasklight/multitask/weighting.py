@@ -97,6 +97,7 @@ class Weighting(RecordsInit, nn.Module):
     needs_grads: bool = False
     direction_only: bool = False
     needs_bounded_losses: bool = False
+    gives_direction: bool = False  # the update of the shared parameters comes from shared_direction
 
     def __init__(self, grad_source: GradSource = "representation") -> None:
         super().__init__()
@@ -157,8 +158,9 @@ class Weighting(RecordsInit, nn.Module):
         gradients (GradDrop's sign masks, MoCo's and DB-MTL's tracked gradients, a torchjd
         aggregator): the gradient ``[P]`` to give the shared parameters, in the order of
         ``MultiTaskModule.shared_parameters()``, computed from ``stats.grads`` (``grad_source =
-        "parameters"``). The module then sets the shared parameters' gradient to it and trains the
-        heads on ``loss(losses, task_weights(weights))``. Default None: the weights say it all."""
+        "parameters"``). Called when ``gives_direction`` is True; the module then sets the shared
+        parameters' gradient to it and trains the heads on ``loss(losses, task_weights(weights))``.
+        Default None: the weights say it all."""
         return None
 
     def task_weights(self, weights: Tensor) -> Tensor:

@@ -192,3 +192,16 @@ def test_state_the_size_of_the_gradients_round_trips_through_a_state_dict(make):
     b.load_state_dict(a.state_dict())  # resumed from a checkpoint: the buffers take the saved size
     s = stats(grads(3, 10, 9), torch.tensor([0.7, 1.1, 1.5], dtype=torch.float64), 3)
     close(a.compute_weights(s), b.compute_weights(s))
+
+
+@pytest.mark.slow
+def test_direction_methods_descend_to_the_pareto_front_of_the_toy():
+    """The toy of CAGrad / Nash-MTL (losses below 0: measured from their lower bound) with the
+    schedule of configs/mtl_toy_*.yaml: MoCo's and DB-MTL's own directions end on the Pareto front."""
+    from tasklight.multitask.toy import TOY_SCALES, TOY_STARTS, pareto_gap, toy_descent, toy_pareto_front
+
+    scales, starts = TOY_SCALES["nashmtl"], TOY_STARTS["nashmtl"][:2]
+    front = toy_pareto_front(scales)
+    for make in (MoCo, DBMTL):
+        x, f = toy_descent(make, starts, scales, steps=600, lr=0.2)
+        assert float(pareto_gap(f, front).max()) < 0.05, make.__name__

@@ -49,11 +49,12 @@ def test_aligned_mtl(scale_mode):
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
 def test_fairgrad(alpha):
-    J = jacobian(3, 8, 1)
-    G = J @ J.T
-    w = FairGrad(alpha=alpha).compute_weights(stats(J))
-    close(G @ w, w ** (-1.0 / alpha), 1e-9)  # the alpha-fair equation, solved to our tolerance
-    close(w, jd.FairGradWeighting(alpha=alpha)(G), 1e-5)  # torchjd: scipy's default tolerance
+    for T, P, seed in [(3, 8, 1), (5, 6, 2), (2, 4, 3)]:
+        J = jacobian(T, P, seed)
+        G = J @ J.T
+        w = FairGrad(alpha=alpha).compute_weights(stats(J))
+        close(G @ w, w ** (-1.0 / alpha), 1e-9)  # the alpha-fair equation, solved to our tolerance
+        close(w, jd.FairGradWeighting(alpha=alpha)(G), 1e-5)  # torchjd: scipy's least squares, default tolerance
 
 
 def test_sdmgrad():
@@ -171,3 +172,38 @@ def test_inactive_tasks_get_zero_weight_and_the_rest_match_the_reduced_problem()
         assert float(w[1]) == 0.0, make
         close(w[active], make().compute_weights(stats(sub)), 1e-7)
     assert np.isfinite(w.numpy()).all()
+
+
+# ------------------------------------------------------------------ methods of tasklight.multitask.weighting
+def test_the_earlier_methods_that_torchjd_also_has(monkeypatch):
+    """Equal, static, MGDA, PCGrad (the same visiting orders), RLW (the same normal draws), IMTL-G and
+    UPGrad against torchjd's aggregators on the Jacobian. torchjd's CAGrad and Nash-MTL need cvxpy,
+    which the suite does not install: CAGrad is checked against LibMTL 1.1.5, Nash-MTL against its
+    defining equation (tests/multitask/test_weighting.py)."""
+    from tasklight.multitask.weighting import IMTL, MGDA, PCGrad, RLW, EqualWeighting, StaticWeighting
+
+    J = jacobian(3, 8, 90)
+    s = stats(J)
+
+    def update(method):
+        method.setup(3)
+        return J.T @ method.compute_weights(s).double()
+
+    close(update(EqualWeighting()), jd.Sum()(J))
+    close(update(StaticWeighting([0.5, 2.0, 1.0])), jd.Constant(torch.tensor([0.5, 2.0, 1.0]).double())(J))
+    close(update(MGDA()), jd.MGDA(epsilon=1e-12, max_iters=100_000)(J), 1e-5)  # torchjd: Frank-Wolfe to a gap
+    close(update(IMTL(scale_losses=False)), jd.IMTLG()(J))
+    close(update(UPGrad()), jd.UPGrad()(J), 1e-7)
+    pc = PCGrad(seed=3)
+    orders = iter(pc.orders(s.step, [0, 1, 2]))
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randperm", lambda n, **kw: torch.tensor(next(orders)))
+        expected = jd.PCGrad()(J)
+    assert (J @ J.T).min() < 0  # there is a conflict to project
+    close(update(pc), expected)
+    rlw = RLW(seed=4)
+    z = rlw.logits(s.step, 3)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randn", lambda *a, **kw: z)
+        expected = jd.Random()(J)
+    close(update(rlw), expected)

@@ -32,6 +32,7 @@ class DBMTL(GradientSizedState, Weighting):
     needs_grads = True
     _gradient_sized = ("h",)
     direction_only = True
+    gives_direction = True
     needs_bounded_losses = True
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8,

@@ -41,6 +41,7 @@ class GradDrop(Weighting):
 
     needs_grads = True
     direction_only = True
+    gives_direction = True
 
     def __init__(self, leak: Union[float, Sequence[float]] = 0.0, seed: int = 0,
                  grad_source: GradSource = "parameters") -> None:

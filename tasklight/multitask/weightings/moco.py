@@ -8,7 +8,8 @@ from torch import Tensor
 
 from tasklight.multitask.registry import register_weighting
 from tasklight.multitask.weighting import GradSource, TaskStats, Weighting, _scatter
-from tasklight.multitask.weightings._common import GradientSizedState, check_positive, project_onto_simplex, require_parameter_grads
+from tasklight.multitask.weightings._common import (GradientSizedState, check_positive, project_onto_simplex,
+                                                    require_parameter_grads)
 
 
 @register_weighting("moco", paper="Fernando et al. (2023), Mitigating Gradient Bias in Multi-objective Learning: "
@@ -18,8 +19,9 @@ from tasklight.multitask.weightings._common import GradientSizedState, check_pos
 class MoCo(GradientSizedState, Weighting):
     """MoCo: track each task's gradient and steer with the min-norm combination of the tracked ones.
 
-    With step ``k`` (from 1) and the task gradients rescaled to ``g_t L_t / ||g_t||`` (the authors'
-    code), ``y_t <- y_t - beta_k (y_t - g_t)`` (``y`` starts at 0), ``lambda <- Proj_simplex(lambda -
+    With step ``k`` (from 1) and the task gradients rescaled to ``g_t (L_t - b_t) / ||g_t||`` (the
+    authors' code, with ``b_t`` the loss's lower bound, 0 by default: a negative loss would turn the
+    gradient around), ``y_t <- y_t - beta_k (y_t - g_t)`` (``y`` starts at 0), ``lambda <- Proj_simplex(lambda -
     gamma_k (Y Y^T + rho I) lambda)`` (start ``1/T``) and the shared parameters move along ``Y^T
     lambda``; ``beta_k = beta / k^beta_sigma``, ``gamma_k = gamma / k^gamma_sigma``. Defaults: ``beta =
     0.5``, ``beta_sigma = 0.5``, ``gamma = 0.1``, ``gamma_sigma = 0.5``, ``rho = 0`` (the authors' code
@@ -33,6 +35,8 @@ class MoCo(GradientSizedState, Weighting):
     needs_grads = True
     _gradient_sized = ("y",)
     direction_only = True
+    gives_direction = True
+    needs_bounded_losses = True
 
     def __init__(self, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1, gamma_sigma: float = 0.5,
                  rho: float = 0.0, grad_source: GradSource = "parameters") -> None:
@@ -62,7 +66,7 @@ class MoCo(GradientSizedState, Weighting):
         k = int(self.k)
         active = stats.active.to(g.device)
         idx = active.nonzero().flatten()
-        losses = stats.losses.detach().double().to(g.device)
+        losses = self.shifted_losses(stats).to(g.device)
         g = g / (g.norm(dim=1, keepdim=True) + 1e-8) * losses[:, None]
         beta = self.beta / k ** self.beta_sigma
         self.y = torch.where(active[:, None], self.y - beta * (self.y - g), self.y)

@@ -12,18 +12,19 @@ from tasklight.multitask.weightings._common import check_positive
 @register_weighting("stch", paper="Lin et al. (2024), Smooth Tchebycheff Scalarization for Multi-Objective "
                     "Optimization", reference="the authors' STCH_MTL code (as in LibMTL's `STCH`); checked against "
                     "autograd of the objective",
-                    parity="tests/multitask/test_new_weightings.py::test_stch_weights_are_the_gradient_of_its_objective")
+                    parity="tests/multitask/test_new_weightings.py::"
+                           "test_stch_weights_are_the_gradient_of_its_objective")
 class STCH(Weighting):
     """Smooth Tchebycheff scalarisation, in the form of the authors' multi-task code.
 
-    For ``warmup_epochs`` epochs the objective is ``sum_t log(L_t)``; the mean losses of the last
-    warm-up epoch become the nadir point ``z_t``; from then on the objective is
+    Up to and including epoch ``warmup_epochs`` the objective is ``sum_t log(L_t)``; the mean losses of
+    epoch ``warmup_epochs`` become the nadir point ``z_t``; from the next epoch on the objective is
     ``T mu log sum_t exp(log(L_t / z_t) / mu)``, a smooth maximum (temperature ``mu``) of the log
     loss ratios. Both are expressed as weights on the losses (their gradients with respect to
     ``L_t``): ``1 / L_t`` during warm-up, then ``T softmax_t(log(L_t / z_t) / mu) / L_t``. Losses are
     measured from their lower bound. Defaults: ``mu = 1``, ``warmup_epochs = 4`` (the authors' and
-    LibMTL's ``STCH_mu`` and ``STCH_warmup_epoch``; their loop averages over epoch 4 and switches at
-    epoch 5, i.e. warm-up epochs 0-3, nadir from epoch 4).
+    LibMTL's ``STCH_mu`` and ``STCH_warmup_epoch``: log losses in epochs 0-4, the nadir from epoch 4,
+    the smooth Tchebycheff objective from epoch 5).
     """
 
     needs_bounded_losses = True

@@ -41,10 +41,10 @@ class TorchJD(Weighting):
     Resolution: a torchjd ``Weighting`` named ``method``, or else ``<method>Weighting`` when torchjd has
     it, maps the Gram matrix of the task gradients (MoDo's and SDMGrad's: of one batch, as in
     :class:`~tasklight.multitask.weightings.MoDo`) or, for a matrix weighting such as ExcessMTL's, the
-    gradients themselves, to task weights; any other ``Aggregator`` (``ConFIG``, ``GradDrop``, ``Krum``, ``TrimmedMean``...) maps the
-    matrix to the shared parameters' update, which the module applies directly
-    (:meth:`Weighting.shared_direction`, ``grad_source="parameters"`` required). Only the shared
-    parameters are steered; heads get their own loss's gradient.
+    gradients themselves, to task weights; any other ``Aggregator`` (``ConFIG``, ``GradDrop``, ``Krum``,
+    ``TrimmedMean``...) maps the matrix to the shared parameters' update, which the module applies
+    directly (:meth:`Weighting.shared_direction`, ``grad_source="parameters"`` required). Only the
+    shared parameters are steered; heads get their own loss's gradient.
     """
 
     needs_grads = True
