@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from tasklight.config import RecordsInit
 from tasklight.core.seeding import seeded_generator
 from tasklight.data.batch import MetaBatch, collate_tasks
+from tasklight.core.checks import check_int
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]
 TaskFn = Callable[[torch.Generator], Task]
@@ -160,6 +161,7 @@ class EpisodicDataModule(RecordsInit, LightningDataModule):
                                  ("num_workers", num_workers, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be >= {low} (an integer), got {value!r}")
+        check_int(type(self).__name__, "seed", seed, 0, "the root of every episode's randomness")
         self.meta_batch_size, self.batches_per_epoch = meta_batch_size, batches_per_epoch
         self.val_episodes, self.test_episodes = val_episodes, test_episodes
         self.eval_batch_size = eval_batch_size or meta_batch_size
