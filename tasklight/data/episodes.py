@@ -235,7 +235,8 @@ class EpisodicDataModule(RecordsInit, LightningDataModule):
         saved = state_dict.get("settings")
         if saved is not None:
             mine = episode_settings(self)
-            diff = {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
+            # settings the checkpoint recorded (one written before a setting was recorded is not refused for it)
+            diff = {k: (saved[k], mine.get(k)) for k in sorted(saved) if saved[k] != mine.get(k)}
             if diff:
                 text = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
                 raise ValueError(f"the checkpoint was trained on other episodes ({text}): resume with the checkpoint's "
@@ -252,10 +253,20 @@ RESUMABLE_SETTINGS = frozenset({"root", "cache_dir", "num_workers", "batches_per
 
 
 def episode_settings(dm) -> dict:
-    """A DataModule's saved hyperparameters that change what a learner's state means (all plain-valued
-    ones but :data:`RESUMABLE_SETTINGS`), plus ``meta_batch_size``."""
-    hp = dict(getattr(dm, "hparams", {}) or {})
+    """A DataModule's settings that change what a learner's state means (all plain-valued constructor
+    arguments and saved hyperparameters but :data:`RESUMABLE_SETTINGS`), plus ``meta_batch_size``.
+
+    The constructor arguments are recorded for every subclass (``RecordsInit``), so a DataModule that
+    does not call ``save_hyperparameters`` (as the guide's does not) is checked on resume too."""
+    hp = {**(getattr(dm, "init_args", None) or {}), **dict(getattr(dm, "hparams", {}) or {})}
     if hasattr(dm, "meta_batch_size"):
         hp.setdefault("meta_batch_size", dm.meta_batch_size)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(hp.items())
-            if k not in RESUMABLE_SETTINGS and isinstance(v, (int, float, str, bool, tuple, list, type(None)))}
+            if k not in RESUMABLE_SETTINGS and _plain(v)}
+
+
+def _plain(v) -> bool:
+    """A value a checkpoint can store and compare: numbers, strings, None, and lists of them."""
+    if isinstance(v, (tuple, list)):
+        return all(_plain(x) for x in v)
+    return isinstance(v, (int, float, str, bool, type(None)))
