@@ -273,3 +273,11 @@ def test_evaluation_flags_adaptation_that_makes_the_loss_worse():
         warnings.filterwarnings("error", message=".*adaptation makes.*")
         good = quiet_trainer().test(MAMLModule(net(), inner_steps=3, inner_lr=0.01), dm, verbose=False)[0]
     assert good["test/adaptation_hurts"] == 0.0 and good["test/mse@3"] <= good["test/mse@0"]
+
+
+def test_every_setting_tried_here_is_listed_in_the_reliability_table():
+    from pathlib import Path
+
+    table = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
+    missing = [f"{o}({s}=...)" for o, _, s, _ in SETTINGS if f"`{o}({s}=...)`" not in table]
+    assert not missing, missing
