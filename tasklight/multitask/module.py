@@ -274,6 +274,7 @@ class MultiTaskModule(SelfDescribing, LightningModule):
         if not self.built:
             raise RuntimeError("the MultiTaskModule is not built yet: fit it with a MultiTaskDataModule or pass `tasks`")
         T = self.num_tasks
+        self._check_dtype(batch.x)
         self.architecture.check_descriptors(int(batch.z.shape[1]))
         if len(batch) and (int(batch.task.min()) < 0 or int(batch.task.max()) >= T):
             raise ValueError(f"the batch has task ids outside 0..{T - 1}; the model was built for {T} tasks")
@@ -301,6 +302,17 @@ class MultiTaskModule(SelfDescribing, LightningModule):
                 metric_sums[t] = self._metric_sum(t, outputs[t].detach(), y).to(dt)
             losses = torch.stack(per)
         return _Forward(outputs, rows, losses, counts, metric_sums, rep)
+
+    def _check_dtype(self, x: Tensor) -> None:
+        """8-bit images and a floating dtype other than the parameters' are one error naming the fix."""
+        if x.dtype in (torch.uint8, torch.int8, torch.bool):
+            raise ValueError(f"MultiTaskModule: the batch's inputs have dtype {x.dtype} but the network computes in "
+                             f"floating point: convert them in the DataModule (e.g. x.float() / 255 for 8-bit images).")
+        param = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if param is not None and x.is_floating_point() and x.dtype != param.dtype:
+            raise ValueError(f"MultiTaskModule: the batch's inputs are {x.dtype} but the network's parameters are "
+                             f"{param.dtype}: cast the data to {param.dtype} in the DataModule, or the module to "
+                             f"{x.dtype} (module.to({x.dtype})).")
 
     def _metric_sum(self, t: int, out: Tensor, y: Tensor) -> Tensor:
         kind = self.task_specs[t].kind

@@ -281,3 +281,18 @@ def test_every_setting_tried_here_is_listed_in_the_reliability_table():
     table = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
     missing = [f"{o}({s}=...)" for o, _, s, _ in SETTINGS if f"`{o}({s}=...)`" not in table]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("dtype,match", [(torch.uint8, r"x.float\(\) / 255"),
+                                         (torch.float64, "network's parameters are torch.float32")])
+def test_multitask_batches_of_another_dtype_are_one_error(dtype, match):
+    from tasklight.data.batch import MultiTaskBatch, TaskSpec
+    from tasklight.multitask import MultiTaskModule
+
+    module = MultiTaskModule(MLP(4, [8], 6), tasks=[TaskSpec("a", 3), TaskSpec("b", 3)])
+    batch = MultiTaskBatch(torch.zeros(4, 4, dtype=dtype), torch.zeros(4, dtype=torch.long),
+                           torch.tensor([0, 0, 1, 1]), torch.eye(2)[[0, 0, 1, 1]])
+    for run in (lambda: module.training_step(batch, 0), lambda: module._eval_step(batch, "test", 0)):
+        with pytest.raises(ValueError, match=match) as err:
+            run()
+        assert "\n" not in str(err.value)
