@@ -35,7 +35,7 @@ from tasklight.nn.losses import PredictionMSE, TargetChecked, align_target, fit_
 from tasklight.nn.nets import make_vmap_safe
 from tasklight.callbacks.task_logging import log_step_means
 from tasklight.config import SelfDescribing
-from tasklight.core.checks import check_int, check_real
+from tasklight.core.checks import check_input_dtype, check_int, check_real
 
 
 @dataclass
@@ -239,18 +239,10 @@ class MetaLearner(SelfDescribing, LightningModule):
                 raise ValueError(f"{owner}: the episodes have an empty {name} set ({name}_x of shape "
                                  f"{tuple(x.shape)}): give every task at least one {name} example "
                                  f"({'k_shot' if name == 'support' else 'q_queries'} >= 1).")
-        if support_x.dtype in (torch.uint8, torch.int8, torch.bool):  # images or masks (int64: token ids pass)
-            raise ValueError(f"{owner}: the episodes' inputs have dtype {support_x.dtype} but the network computes in "
-                             f"floating point: convert them in the DataModule (e.g. x.float() / 255 for 8-bit "
-                             f"images).")
+        check_input_dtype(owner, support_x, self.net, "episodes' inputs")
         if query_x is not None and query_x.dtype != support_x.dtype:
             raise ValueError(f"{owner}: support_x is {support_x.dtype} but query_x is {query_x.dtype}: give the "
                              f"support and query sets one dtype.")
-        param = next((p for p in self.net.parameters() if p.is_floating_point()), None)
-        if param is not None and support_x.is_floating_point() and support_x.dtype != param.dtype:
-            raise ValueError(f"{owner}: the episodes are {support_x.dtype} but the network's parameters are "
-                             f"{param.dtype}: cast the data to {param.dtype} in the DataModule, or the learner to "
-                             f"{support_x.dtype} (module.to({support_x.dtype})).")
         shape = getattr(self.net, "input_shape", None)
         if shape is not None and tuple(support_x.shape[2:]) != tuple(shape):
             raise ValueError(f"the episodes have examples of shape {tuple(support_x.shape[2:])} but the network "

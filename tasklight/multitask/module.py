@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
 from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, configure_outer_optimizers, default_optimizer,
                                   outer_step, setup_outer_step)
+from tasklight.core.checks import check_input_dtype
 from tasklight.core.seeding import seeded_generator
 from tasklight.data.multitask import MultiTaskBatch, TaskSpec, default_loss
 from tasklight.metrics import eval_valid_mask, unshare_state
@@ -274,7 +275,7 @@ class MultiTaskModule(SelfDescribing, LightningModule):
         if not self.built:
             raise RuntimeError("the MultiTaskModule is not built yet: fit it with a MultiTaskDataModule or pass `tasks`")
         T = self.num_tasks
-        self._check_dtype(batch.x)
+        check_input_dtype("MultiTaskModule", batch.x, self, "batch's inputs")
         self.architecture.check_descriptors(int(batch.z.shape[1]))
         if len(batch) and (int(batch.task.min()) < 0 or int(batch.task.max()) >= T):
             raise ValueError(f"the batch has task ids outside 0..{T - 1}; the model was built for {T} tasks")
@@ -302,17 +303,6 @@ class MultiTaskModule(SelfDescribing, LightningModule):
                 metric_sums[t] = self._metric_sum(t, outputs[t].detach(), y).to(dt)
             losses = torch.stack(per)
         return _Forward(outputs, rows, losses, counts, metric_sums, rep)
-
-    def _check_dtype(self, x: Tensor) -> None:
-        """8-bit images and a floating dtype other than the parameters' are one error naming the fix."""
-        if x.dtype in (torch.uint8, torch.int8, torch.bool):
-            raise ValueError(f"MultiTaskModule: the batch's inputs have dtype {x.dtype} but the network computes in "
-                             f"floating point: convert them in the DataModule (e.g. x.float() / 255 for 8-bit images).")
-        param = next((p for p in self.parameters() if p.is_floating_point()), None)
-        if param is not None and x.is_floating_point() and x.dtype != param.dtype:
-            raise ValueError(f"MultiTaskModule: the batch's inputs are {x.dtype} but the network's parameters are "
-                             f"{param.dtype}: cast the data to {param.dtype} in the DataModule, or the module to "
-                             f"{x.dtype} (module.to({x.dtype})).")
 
     def _metric_sum(self, t: int, out: Tensor, y: Tensor) -> Tensor:
         kind = self.task_specs[t].kind

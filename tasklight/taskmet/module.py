@@ -41,7 +41,7 @@ from tasklight.metrics import eval_valid_mask, unshare_state
 from tasklight.nn.losses import align_target, mahalanobis_loss
 from tasklight.nn.nets import MLP
 from tasklight.config import RecordsInit, SelfDescribing
-from tasklight.core.checks import check_int, check_real
+from tasklight.core.checks import check_input_dtype, check_int, check_real
 
 ParamDict = dict[str, Tensor]
 
@@ -210,6 +210,7 @@ class DecisionLearner(SelfDescribing, LightningModule):
 
     # ----- prediction and evaluation
     def forward(self, x: Tensor) -> Tensor:
+        check_input_dtype(type(self).__name__, x, self.predictor, "instances' features")
         return self.predictor(x)
 
     def _eval_step(self, batch, stage: str, batch_idx: int = 0) -> None:

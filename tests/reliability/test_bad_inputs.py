@@ -296,3 +296,16 @@ def test_multitask_batches_of_another_dtype_are_one_error(dtype, match):
         with pytest.raises(ValueError, match=match) as err:
             run()
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("learner", ["TaskMetModule", "DFLModule"])
+def test_taskmet_batches_of_another_dtype_are_one_error(learner):
+    problem = CubicTopK(num_items=10)
+    module = TaskMetModule(net(), MetricNet(1, 1), problem=problem) if learner == "TaskMetModule" else \
+        DFLModule(net(), problem=problem)
+    x, y = problem.generate(2, torch.Generator().manual_seed(0))
+    batch = (x.double(), y.double(), torch.zeros(2), torch.zeros(2))
+    for run in (lambda: module.training_step(batch, 0), lambda: module._eval_step(batch, "test", 0)):
+        with pytest.raises(ValueError, match="network's parameters are torch.float32") as err:
+            run()
+        assert "\n" not in str(err.value)
