@@ -45,4 +45,17 @@ def check_learning_rates(optimizer: torch.optim.Optimizer, owner: str = "the out
                              f"e.g. --model.init_args.optimizer.init_args.lr 0.001")
 
 
-__all__ = ["check_int", "check_learning_rates", "check_real"]
+def check_input_dtype(owner: str, x: torch.Tensor, module: torch.nn.Module, what: str = "inputs") -> None:
+    """8-bit or bool inputs (images, masks), and floating inputs of another dtype than ``module``'s
+    parameters, are one error naming the fix (integer token ids pass)."""
+    if x.dtype in (torch.uint8, torch.int8, torch.bool):
+        raise ValueError(f"{owner}: the {what} have dtype {x.dtype} but the network computes in floating point: "
+                         f"convert them in the DataModule (e.g. x.float() / 255 for 8-bit images).")
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if param is not None and x.is_floating_point() and x.dtype != param.dtype:
+        raise ValueError(f"{owner}: the {what} are {x.dtype} but the network's parameters are {param.dtype}: cast the "
+                         f"data to {param.dtype} in the DataModule, or the learner to {x.dtype} "
+                         f"(module.to({x.dtype})).")
+
+
+__all__ = ["check_input_dtype", "check_int", "check_learning_rates", "check_real"]

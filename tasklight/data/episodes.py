@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from tasklight.config import RecordsInit
 from tasklight.core.seeding import seeded_generator
 from tasklight.data.batch import MetaBatch, collate_tasks
+from tasklight.core.checks import check_int
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]
 TaskFn = Callable[[torch.Generator], Task]
@@ -160,6 +161,7 @@ class EpisodicDataModule(RecordsInit, LightningDataModule):
                                  ("num_workers", num_workers, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be >= {low} (an integer), got {value!r}")
+        check_int(type(self).__name__, "seed", seed, 0, "the root of every episode's randomness")
         self.meta_batch_size, self.batches_per_epoch = meta_batch_size, batches_per_epoch
         self.val_episodes, self.test_episodes = val_episodes, test_episodes
         self.eval_batch_size = eval_batch_size or meta_batch_size
@@ -235,7 +237,8 @@ class EpisodicDataModule(RecordsInit, LightningDataModule):
         evaluating = trainer is not None and getattr(trainer.state, "fn", None) not in (None, "fit")
         if saved is not None and not evaluating:  # test / predict may evaluate on other episodes
             mine = episode_settings(self)
-            diff = {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
+            # settings the checkpoint recorded (one written before a setting was recorded is not refused for it)
+            diff = {k: (saved[k], mine.get(k)) for k in sorted(saved) if saved[k] != mine.get(k)}
             if diff:
                 text = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
                 raise ValueError(f"the checkpoint was trained on other episodes ({text}): resume with the checkpoint's "
@@ -252,10 +255,20 @@ RESUMABLE_SETTINGS = frozenset({"root", "cache_dir", "num_workers", "batches_per
 
 
 def episode_settings(dm) -> dict:
-    """A DataModule's saved hyperparameters that change what a learner's state means (all plain-valued
-    ones but :data:`RESUMABLE_SETTINGS`), plus ``meta_batch_size``."""
-    hp = dict(getattr(dm, "hparams", {}) or {})
+    """A DataModule's settings that change what a learner's state means (all plain-valued constructor
+    arguments and saved hyperparameters but :data:`RESUMABLE_SETTINGS`), plus ``meta_batch_size``.
+
+    The constructor arguments are recorded for every subclass (``RecordsInit``), so a DataModule that
+    does not call ``save_hyperparameters`` (as the guide's does not) is checked on resume too."""
+    hp = {**(getattr(dm, "init_args", None) or {}), **dict(getattr(dm, "hparams", {}) or {})}
     if hasattr(dm, "meta_batch_size"):
         hp.setdefault("meta_batch_size", dm.meta_batch_size)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(hp.items())
-            if k not in RESUMABLE_SETTINGS and not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple, list, type(None)))}
+            if k not in RESUMABLE_SETTINGS and not k.startswith("_") and _plain(v)}
+
+
+def _plain(v) -> bool:
+    """A value a checkpoint can store and compare: numbers, strings, None, and lists of them."""
+    if isinstance(v, (tuple, list)):
+        return all(_plain(x) for x in v)
+    return isinstance(v, (int, float, str, bool, type(None)))

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from tasklight.data.multitask import MultiTaskDataModule, TaskSpec
+from tasklight.core.checks import check_int, check_real
 
 
 class SinusoidTasksDataModule(MultiTaskDataModule):
@@ -36,6 +37,9 @@ class SinusoidTasksDataModule(MultiTaskDataModule):
         super().__init__(batch_size_per_task=batch_size_per_task, steps_per_epoch=steps_per_epoch,
                          eval_batch_size=eval_batch_size, task_descriptors=task_descriptors, seed=seed,
                          num_workers=num_workers)
+        for name, value in (("num_tasks", num_tasks), ("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+            check_int("SinusoidTasksDataModule", name, value, 1)
+        check_real("SinusoidTasksDataModule", "noise", noise, 0.0, what="the std of the training targets' noise")
         if num_tasks < 1 or min(n_train, n_val, n_test) < 1:
             raise ValueError(f"need num_tasks >= 1 and n_train, n_val, n_test >= 1; got {num_tasks}, "
                              f"{n_train}, {n_val}, {n_test}")

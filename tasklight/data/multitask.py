@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tasklight.config import RecordsInit
 from tasklight.data.episodes import EpisodeStream, EpisodicDataModule, episode_generator
 from tasklight.data.batch import TASK_KINDS, MultiTaskBatch, TaskKind, TaskSpec, default_loss  # noqa: F401
+from tasklight.core.checks import check_int
 
 
 def load_descriptors(descriptors: Union[Tensor, str, Path, None], num_tasks: int,
@@ -196,6 +197,10 @@ class MultiTaskDataModule(RecordsInit, LightningDataModule):
                  steps_per_epoch: int = 100, eval_batch_size: int = 256,
                  task_descriptors: Optional[Union[Tensor, str]] = None, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
+        for name, value in (("batch_size_per_task", batch_size_per_task), ("steps_per_epoch", steps_per_epoch),
+                            ("eval_batch_size", eval_batch_size)):
+            check_int(type(self).__name__, name, value, 1)
+        check_int(type(self).__name__, "seed", seed, 0)
         if batch_size_per_task < 1 or steps_per_epoch < 1 or eval_batch_size < 1:
             raise ValueError(f"batch_size_per_task, steps_per_epoch and eval_batch_size must be >= 1, got "
                              f"{batch_size_per_task}, {steps_per_epoch}, {eval_batch_size}")

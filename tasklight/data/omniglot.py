@@ -20,6 +20,7 @@ from typing import Iterable, Literal, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor
+from tasklight.core.checks import check_int
 
 PathLike = Union[str, os.PathLike]
 _DRAWER = re.compile(r"_(\d+)\.png$", re.IGNORECASE)
@@ -365,6 +366,13 @@ class OmniglotDataModule(EpisodicDataModule):
                  eval_n_way: Optional[int] = None) -> None:
         super().__init__(meta_batch_size, batches_per_epoch, val_episodes, test_episodes, eval_batch_size, seed,
                          num_workers)
+        check_int("OmniglotDataModule", "n_way", n_way, 2, "classes per episode")
+        if eval_n_way is not None:
+            check_int("OmniglotDataModule", "eval_n_way", eval_n_way, 2, "classes per evaluation episode")
+        check_int("OmniglotDataModule", "k_shot", k_shot, 1, "support images per class")
+        check_int("OmniglotDataModule", "q_queries", q_queries, 1, "query images per class")
+        check_int("OmniglotDataModule", "image_size", image_size, 1, "the side of the square images")
+        check_int("OmniglotDataModule", "split_seed", split_seed, 0)
         self.save_hyperparameters()
         self.download, self.download_url = download, download_url
         if download:

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from tasklight.data.episodes import EpisodicDataModule, Task, TaskFn
+from tasklight.core.checks import check_int
 
 
 def sinusoid_task(gen: torch.Generator, k_shot: int, q_queries: int, amplitude=(0.1, 5.0), phase=(0.0, math.pi),
@@ -35,6 +36,8 @@ class SinusoidDataModule(EpisodicDataModule):
                  seed: int = 0, num_workers: int = 0) -> None:
         super().__init__(meta_batch_size, batches_per_epoch, val_episodes, test_episodes, eval_batch_size, seed,
                          num_workers)
+        check_int("SinusoidDataModule", "k_shot", k_shot, 1, "support points per task")
+        check_int("SinusoidDataModule", "q_queries", q_queries, 1, "query points per task")
         if k_shot < 1 or q_queries < 1:
             raise ValueError(f"k_shot and q_queries must be >= 1, got {k_shot}, {q_queries}")
         for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):

@@ -35,7 +35,7 @@ from tasklight.nn.losses import PredictionMSE, TargetChecked, align_target, fit_
 from tasklight.nn.nets import make_vmap_safe
 from tasklight.callbacks.task_logging import log_step_means
 from tasklight.config import SelfDescribing
-from tasklight.core.checks import check_int, check_real
+from tasklight.core.checks import check_input_dtype, check_int, check_real
 
 
 @dataclass
@@ -229,20 +229,50 @@ class MetaLearner(SelfDescribing, LightningModule):
             raise ValueError(f"the network's head has out_features={out} but the loss "
                              f"{type(self.loss_fn).__name__} has num_bins={bins}: set out_features to {bins}.")
 
-    def check_inputs(self, support_x: Tensor, support_y: Tensor) -> None:
-        """Examples against the net's ``input_shape`` and class labels against its outputs."""
+    def check_inputs(self, support_x: Tensor, support_y: Tensor, query_x: Optional[Tensor] = None,
+                     query_y: Optional[Tensor] = None) -> None:
+        """Examples against the net's ``input_shape`` and dtype, empty sets, and class labels (support
+        and query) against its outputs; one ``ValueError`` naming the problem and the fix."""
+        owner = type(self).__name__
+        for name, x in (("support", support_x), ("query", query_x)):
+            if x is not None and x.dim() >= 2 and x.shape[1] == 0:
+                raise ValueError(f"{owner}: the episodes have an empty {name} set ({name}_x of shape "
+                                 f"{tuple(x.shape)}): give every task at least one {name} example "
+                                 f"({'k_shot' if name == 'support' else 'q_queries'} >= 1).")
+        check_input_dtype(owner, support_x, self.net, "episodes' inputs")
+        if query_x is not None and query_x.dtype != support_x.dtype:
+            raise ValueError(f"{owner}: support_x is {support_x.dtype} but query_x is {query_x.dtype}: give the "
+                             f"support and query sets one dtype.")
         shape = getattr(self.net, "input_shape", None)
         if shape is not None and tuple(support_x.shape[2:]) != tuple(shape):
             raise ValueError(f"the episodes have examples of shape {tuple(support_x.shape[2:])} but the network "
                              f"{type(self.net).__name__} was built for input_shape {tuple(shape)}: make the data's "
                              f"image_size (or feature size) and the net's agree.")
+        if self.task_type != "classification":
+            for name, y in (("support_y", support_y), ("query_y", query_y)):
+                if y is not None and y.is_floating_point() and y.dtype != support_x.dtype:
+                    raise ValueError(f"{owner}: {name} is {y.dtype} but the inputs are {support_x.dtype}: give the "
+                                     f"regression targets the inputs' dtype.")
+            return
+        for name, y in (("support_y", support_y), ("query_y", query_y)):
+            if y is not None and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+                raise ValueError(f"{owner}: {name} has dtype {y.dtype}, but class labels are integers 0..n_way-1 "
+                                 f"(torch.long): convert them with .long().")
         out = getattr(self.net, "out_features", None)
-        if (self.task_type == "classification" and self.net_is_classifier and isinstance(out, int)
-                and support_y.numel()):
+        if self.net_is_classifier and isinstance(out, int) and support_y.numel():
             top = int(support_y.max())
             if top >= out or int(support_y.min()) < 0:
                 raise ValueError(f"the episodes have class label {top} but the network's head has {out} outputs: "
                                  f"labels must be 0..{out - 1}; set the net's out_features to the episodes' n_way.")
+        if query_y is not None and query_y.numel() and support_y.numel():
+            # query labels a support set does not have: accuracy 0 at test time, an IndexError in training
+            ways = out if self.net_is_classifier and isinstance(out, int) else int(support_y.max()) + 1
+            top, low = int(query_y.max()), int(query_y.min())
+            if top >= ways or low < 0:
+                bad = top if top >= ways else low
+                raise ValueError(f"{owner}: the episodes have query label {bad} but only classes 0..{ways - 1} "
+                                 f"({'the head' if self.net_is_classifier else 'the support set'}): query labels must "
+                                 f"be among the episode's n_way={ways} classes; check the DataModule's labels.")
 
     def _memory_error(self, err: BaseException, batch: MetaBatch, stage: str) -> MemoryError:
         T, S, Q = batch.support_x.shape[0], batch.support_x.shape[1], batch.query_x.shape[1]
@@ -256,7 +286,7 @@ class MetaLearner(SelfDescribing, LightningModule):
     def training_step(self, batch: MetaBatch, batch_idx: int) -> Tensor:
         if self.input_ndim is None:
             self.input_ndim = batch.support_x.dim() - 2
-        self.check_inputs(batch.support_x, batch.support_y)
+        self.check_inputs(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         try:
             out = self.meta_objective(batch)
         except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -300,7 +330,7 @@ class MetaLearner(SelfDescribing, LightningModule):
 
     def _eval_step(self, batch: MetaBatch, stage: str, batch_idx: int = 0) -> None:
         self._check_grad_mode()
-        self.check_inputs(batch.support_x, batch.support_y)
+        self.check_inputs(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         # episodes the distributed sampler repeated to even out the ranks are evaluated but not counted
         valid = eval_valid_mask(self, stage, batch_idx, batch.num_tasks, device=batch.support_x.device)
         with torch.enable_grad():
@@ -426,7 +456,7 @@ class MetaLearner(SelfDescribing, LightningModule):
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self._check_grad_mode()
-        self.check_inputs(support_x, support_y)
+        self.check_inputs(support_x, support_y, query_x)
         dev = next(self.parameters()).device
         with torch.enable_grad():
             out, _ = self.adapt_and_predict(support_x.to(dev), support_y.to(dev), query_x.to(dev), steps)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tasklight.core.checkpoint import stamp_checkpoint, verify_checkpoint
 from tasklight.core.outer import (DEFAULT_MAX_CONSECUTIVE_SKIPS, configure_outer_optimizers, default_optimizer,
                                   outer_step, setup_outer_step)
+from tasklight.core.checks import check_input_dtype
 from tasklight.core.seeding import seeded_generator
 from tasklight.data.multitask import MultiTaskBatch, TaskSpec, default_loss
 from tasklight.metrics import eval_valid_mask, unshare_state
@@ -282,6 +283,7 @@ class MultiTaskModule(SelfDescribing, LightningModule):
         if not self.built:
             raise RuntimeError("the MultiTaskModule is not built yet: fit it with a MultiTaskDataModule or pass `tasks`")
         T = self.num_tasks
+        check_input_dtype("MultiTaskModule", batch.x, self, "batch's inputs")
         self.architecture.check_descriptors(int(batch.z.shape[1]))
         if len(batch) and (int(batch.task.min()) < 0 or int(batch.task.max()) >= T):
             raise ValueError(f"the batch has task ids outside 0..{T - 1}; the model was built for {T} tasks")

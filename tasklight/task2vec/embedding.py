@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from tasklight.task2vec.data import TaskData, _batches, task_tensors
 from tasklight.task2vec.fisher import fisher_diagonal, fit_linear_head, per_filter, variational_fisher
 from tasklight.task2vec.probe import ProbeAdapter, _check_probe_bn_stats, _ProbeWithHead, set_batchnorm_stats
+from tasklight.core.checks import check_int, check_real
 
 DEFAULT_ALPHA = 0.15  # the value the paper found robust across meta-tasks (ResNet-34 probe)
 METHODS = ("montecarlo", "variational")
@@ -155,6 +156,13 @@ class Task2Vec:
         if exact and method != "montecarlo":
             raise ValueError("exact=True computes the Monte-Carlo Fisher's expectation over labels exactly; it has "
                              "no meaning with method='variational' (drop exact, or use method='montecarlo')")
+        for name, value, low in (("mc_samples", mc_samples, 1), ("variational_steps", variational_steps, 1),
+                                 ("variational_batch_size", variational_batch_size, 1), ("batch_size", batch_size, 1),
+                                 ("head_steps", head_steps, 0), ("seed", seed, 0)):
+            check_int("Task2Vec", name, value, low)
+        for name, value in (("beta", beta), ("variational_lr", variational_lr)):
+            check_real("Task2Vec", name, value, 0.0, strict=True)
+        check_real("Task2Vec", "head_weight_decay", head_weight_decay, 0.0)
         if mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
         if batch_size < 1:

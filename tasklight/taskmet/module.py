@@ -41,6 +41,7 @@ from tasklight.metrics import eval_valid_mask, unshare_state
 from tasklight.nn.losses import align_target, mahalanobis_loss
 from tasklight.nn.nets import MLP
 from tasklight.config import RecordsInit, SelfDescribing
+from tasklight.core.checks import check_input_dtype, check_int, check_real
 
 ParamDict = dict[str, Tensor]
 
@@ -68,6 +69,9 @@ class MetricNet(RecordsInit, nn.Module):
                  input_dependent: bool = True, eps: float = 1e-3, learn_eps: bool = False, init_scale: float = 1e-2,
                  activation_name: str = "relu") -> None:
         super().__init__()
+        check_int("MetricNet", "dim", dim, 1)
+        check_int("MetricNet", "in_features", in_features, 1)
+        check_real("MetricNet", "init_scale", init_scale, 0.0)
         if dim < 1 or in_features < 1:
             raise ValueError(f"MetricNet needs dim >= 1 and in_features >= 1, got dim={dim}, in_features={in_features}.")
         if not 0 < eps < 1:
@@ -206,6 +210,7 @@ class DecisionLearner(SelfDescribing, LightningModule):
 
     # ----- prediction and evaluation
     def forward(self, x: Tensor) -> Tensor:
+        check_input_dtype(type(self).__name__, x, self.predictor, "instances' features")
         return self.predictor(x)
 
     def _eval_step(self, batch, stage: str, batch_idx: int = 0) -> None:
@@ -294,6 +299,7 @@ class DFLModule(MSEModule):
                  clip_grad_norm: Optional[float] = None, nonfinite: Literal["raise", "skip"] = "raise",
                  max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS) -> None:
         super().__init__(predictor, problem, optimizer, lr_scheduler, clip_grad_norm, nonfinite, max_consecutive_skips)
+        check_real("DFLModule", "alpha", alpha, 0.0, what="the weight of the MSE term")
         if alpha < 0:
             raise ValueError(f"DFLModule needs alpha >= 0 (the weight of the MSE term), got {alpha}.")
         self.alpha = alpha
@@ -340,6 +346,11 @@ class TaskMetModule(DecisionLearner):
             raise ValueError(f"inner_optimizer must be 'adam' or 'sgd', got {inner_optimizer!r}.")
         if hypergradient not in ("implicit", "unrolled"):
             raise ValueError(f"hypergradient must be 'implicit' or 'unrolled', got {hypergradient!r}.")
+        check_int("TaskMetModule", "inner_steps", inner_steps, 1, "inner steps per outer step")
+        check_int("TaskMetModule", "first_inner_steps", first_inner_steps, 1, "inner steps on the first outer step")
+        check_int("TaskMetModule", "cg_steps", cg_steps, 1, "conjugate-gradient iterations")
+        check_real("TaskMetModule", "cg_damping", cg_damping, 0.0)
+        check_real("TaskMetModule", "inner_weight_decay", inner_weight_decay, 0.0)
         if inner_steps < 1 or first_inner_steps < inner_steps:
             raise ValueError(f"TaskMet needs 1 <= inner_steps <= first_inner_steps, got inner_steps={inner_steps}, "
                              f"first_inner_steps={first_inner_steps}.")

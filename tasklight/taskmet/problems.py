@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.func import grad
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tasklight.config import RecordsInit
+from tasklight.core.checks import check_int, check_real
 
 
 # ====================================================================== differentiable building blocks
@@ -217,6 +218,10 @@ class CubicTopK(DecisionProblem):
     out_dim = 1
 
     def __init__(self, num_items: int = 50, k: int = 1, temperature: float = 0.03, noise: float = 0.0) -> None:
+        check_int("CubicTopK", "num_items", num_items, 2)
+        check_int("CubicTopK", "k", k, 1, "items picked")
+        check_real("CubicTopK", "noise", noise, 0.0, what="the std of the targets' noise")
+        check_real("CubicTopK", "temperature", temperature, 0.0, strict=True)
         if not 0 < k < num_items:
             raise ValueError(f"CubicTopK needs 0 < k < num_items, got k={k}, num_items={num_items}.")
         _check_positive("CubicTopK", temperature=temperature)
@@ -260,6 +265,11 @@ class BudgetAllocation(DecisionProblem):
     def __init__(self, num_websites: int = 10, num_users: int = 5, budget: int = 2, feature_dim: int = 4,
                  feature_noise: float = 0.1, temperature: float = 0.1, relax_steps: int = 5,
                  max_enumerate: int = 5000, seed: int = 0) -> None:
+        for name, value in (("num_websites", num_websites), ("num_users", num_users), ("budget", budget),
+                            ("feature_dim", feature_dim), ("relax_steps", relax_steps), ("max_enumerate", max_enumerate)):
+            check_int("BudgetAllocation", name, value, 1)
+        check_real("BudgetAllocation", "feature_noise", feature_noise, 0.0)
+        check_real("BudgetAllocation", "temperature", temperature, 0.0, strict=True)
         if not 0 < budget < num_websites:
             raise ValueError(f"BudgetAllocation needs 0 < budget < num_websites, got budget={budget}, "
                              f"num_websites={num_websites}.")
@@ -339,6 +349,13 @@ class PortfolioOptimization(DecisionProblem):
     def __init__(self, num_assets: int = 50, num_factors: int = 4, num_signals: int = 4,
                  risk_aversion: float = 10.0, factor_vol: float = 0.2, idio_vol: float = 0.3,
                  noise: float = 0.1, solver_steps: int = 100, relax_steps: int = 30) -> None:
+        for name, value in (("num_assets", num_assets), ("num_factors", num_factors), ("num_signals", num_signals),
+                            ("solver_steps", solver_steps), ("relax_steps", relax_steps)):
+            check_int("PortfolioOptimization", name, value, 1)
+        for name, value in (("risk_aversion", risk_aversion), ("idio_vol", idio_vol)):
+            check_real("PortfolioOptimization", name, value, 0.0, strict=True)
+        for name, value in (("factor_vol", factor_vol), ("noise", noise)):
+            check_real("PortfolioOptimization", name, value, 0.0)
         _check_positive("PortfolioOptimization", num_assets=num_assets, num_factors=num_factors,
                         num_signals=num_signals, risk_aversion=risk_aversion, idio_vol=idio_vol,
                         solver_steps=solver_steps, relax_steps=relax_steps)
@@ -420,6 +437,12 @@ class DecisionDataModule(RecordsInit, LightningDataModule):
         if not isinstance(problem, DecisionProblem):
             raise TypeError(f"problem must be a tasklight.taskmet.problems.DecisionProblem, got "
                             f"{type(problem).__name__}; subclass DecisionProblem for a new problem.")
+        for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test),
+                            ("steps_per_epoch", steps_per_epoch), ("num_random", num_random)):
+            check_int("DecisionDataModule", name, value, 1)
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None:
+                check_int("DecisionDataModule", name, value, 1, "None = the whole split")
         _check_positive("DecisionDataModule", num_train=num_train, num_val=num_val, num_test=num_test,
                         steps_per_epoch=steps_per_epoch, num_random=num_random)
         for key, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):

@@ -29,7 +29,7 @@ def test_hlgauss_heads_learn_every_sinusoid_task(tmp_path, monkeypatch):
 
 
 def test_sinusoid_tasks_errors():
-    with pytest.raises(ValueError, match="num_tasks >= 1"):
+    with pytest.raises(ValueError, match="num_tasks must be an integer >= 1"):
         SinusoidTasksDataModule(num_tasks=0)
     with pytest.raises(ValueError, match="noise"):
         SinusoidTasksDataModule(noise=-1.0)

@@ -343,5 +343,5 @@ def test_mamlpp_cosine_outer_lr_and_bad_settings():
     assert isinstance(sch, torch.optim.lr_scheduler.CosineAnnealingLR) and sch.T_max == 100 and sch.eta_min == 1e-5
     with pytest.raises(ValueError, match="inner_steps >= 1"):
         MAMLPlusPlusModule(BNNet(), inner_steps=0)
-    with pytest.raises(ValueError, match="must be >= 0"):
+    with pytest.raises(ValueError, match="msl_epochs must be an integer >= 0"):
         MAMLPlusPlusModule(BNNet(), msl_epochs=-1)

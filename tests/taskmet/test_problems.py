@@ -160,9 +160,9 @@ def test_bad_predictions_and_arguments_raise():
         p.decide(torch.full_like(y, float("nan")), x)
     with pytest.raises(ValueError, match="0 < k < num_items"):
         CubicTopK(num_items=5, k=5)
-    with pytest.raises(ValueError, match="0 < budget < num_websites"):
+    with pytest.raises(ValueError, match="budget must be an integer >= 1"):
         BudgetAllocation(num_websites=4, budget=0)
-    with pytest.raises(ValueError, match="risk_aversion must be > 0"):
+    with pytest.raises(ValueError, match="risk_aversion must be a finite number > 0"):
         PortfolioOptimization(risk_aversion=0.0)
     with pytest.raises(TypeError, match="subclass DecisionProblem"):
         DecisionDataModule(problem="cubic")
