@@ -1,8 +1,10 @@
 """Speed of the Task2Vec Monte-Carlo Fisher against the reference implementation, in the same run.
 
 The reference is the authors' code (awslabs/aws-cv-task2vec, ``Task2Vec.montecarlo_fisher``), read
-from a checkout outside the package (``--reference PATH``, a directory holding its ``task2vec.py``);
-it is run, never copied. Protocol, fixed before the runs:
+from a checkout outside the package (``--reference PATH``, a directory holding its ``task2vec.py``,
+default ``$TASK2VEC_REFERENCE`` or ``/tmp/aws-cv-task2vec``, e.g. made by
+``git clone https://github.com/awslabs/aws-cv-task2vec /tmp/aws-cv-task2vec``; it needs ``tqdm``); it
+is run, never copied. Protocol, fixed before the runs:
 
 * probe: a Conv4 (width 32, 28x28, BatchNorm with fixed statistics set on the data, eval mode, so
   that examples are independent) with a linear head for the task's classes; data: the first
