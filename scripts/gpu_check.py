@@ -208,6 +208,9 @@ def meta_step_bench(device: torch.device, s: dict) -> list[dict]:
             methods.append("learn2learn")
         built = {m: R.make_method(m, setting, ref) for m in methods}
         for meth in built.values():
+            if hasattr(meth, "module"):  # tasklight's module: its own buffers and parameters on the device too
+                meth.module.to(device)
+        for meth in built.values():
             meth.step()  # warm-up
         g_loop = built["loop"].grads()
         diffs = {m: R.compare(meth.grads(), g_loop) for m, meth in built.items()}
