@@ -13,8 +13,8 @@ BatchNorm on batch statistics). Protocol, fixed before the runs:
    and reported as mean with a 95 % Student-t interval over rounds. Every engine's float32 Jacobian is
    compared with the loop's in float64 (``grads_match``: max abs difference <= 1e-3 x the largest
    entry; float32 rounding through BatchNorm is about 3e-4 here, the loop's own included). Peak
-   memory: each arm once more in a fresh process, the rise of the peak resident set size (RSS) over
-   the peak after a warm-up forward.
+   memory: each arm once more in a fresh process after a warm-up forward and backward, the largest
+   rise of the resident set size (RSS) while it runs (sampled every millisecond).
 2. **Step time.** Every method trains in short bursts (a fresh Trainer each), the methods taking
    turns round after round; each step is timed from ``on_train_batch_start`` to
    ``on_train_batch_end`` (forward, per-task gradients, the one all-reduce, the weighting, backward
@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -84,14 +83,19 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- 1. engines
-def engine_setup(hidden: int):
+def engine_setup(hidden: int, device: str = "cpu", per_task: int = 8):
     seed_everything(0)
-    dm = OmniglotAlphabetsDataModule(batch_size_per_task=8, steps_per_epoch=10_000)
+    dm = OmniglotAlphabetsDataModule(batch_size_per_task=per_task, steps_per_epoch=10_000)
     dm.setup()
     model = MultiTaskModule(Conv4(out_features=0, hidden=hidden), architecture=HardSharing())
     model.build(dm.task_specs, dm.descriptors.shape[1])
-    batch = MultiTaskStream(dm.train_sets, dm.descriptors, 8, 1).batch(0)
-    return model, batch
+    batch = MultiTaskStream(dm.train_sets, dm.descriptors, per_task, 1).batch(0)
+    return model.to(device), batch.to(device)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def engine_arm(name: str, model, batch) -> torch.Tensor | None:
@@ -108,7 +112,7 @@ def engine_arm(name: str, model, batch) -> torch.Tensor | None:
             return torch.stack([F.cross_entropy(model.heads[t](rep[m]), batch.y[m]) for t, m in enumerate(rows)])
 
         out, pull = vjp(losses, *params)
-        g = vmap(pull)(torch.eye(len(out)))
+        g = vmap(pull)(torch.eye(len(out), device=out.device))
         return torch.cat([gi.reshape(len(out), -1) for gi in g], 1)
     fw = model._forward(batch)
     if name == "equal":
@@ -125,19 +129,47 @@ def engine_arm(name: str, model, batch) -> torch.Tensor | None:
     return task_jacobian(fw.losses, params, engine, chunk)
 
 
+def rss_peak_during(fn) -> float:
+    """The rise (MiB) of the resident set size while ``fn`` runs over the RSS just before it, sampled
+    every millisecond from /proc/self/statm by a thread."""
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base, peak, done = rss(), [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(0, max(peak[0], rss()) - base) / 2**20
+
+
 def peak_rss_mib(name: str, hidden: int) -> float:
-    """Rise of the peak RSS (MiB) over the warm-up's peak when ``name`` runs once, in a fresh process."""
-    code = (f"import sys, resource, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); torch.set_num_threads(1); "
-            f"import bench_mtl_overhead as B; m, b = B.engine_setup({hidden}); "
-            f"B.engine_arm('equal', m, b); r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            f"B.engine_arm({name!r}, m, b); r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            f"print('RSS', (r1 - r0) / 1024)")
+    """``rss_peak_during`` of engine ``name`` in a fresh process, after one warm-up forward and backward."""
+    code = (f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); torch.set_num_threads(1); "
+            f"import bench_mtl_overhead as B; m, b = B.engine_setup({hidden}); B.engine_arm('equal', m, b); "
+            f"print('RSS', B.rss_peak_during(lambda: B.engine_arm({name!r}, m, b)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return float(out.split("RSS")[-1])
 
 
-def bench_engines(hidden: int, rounds: int):
-    model, batch = engine_setup(hidden)
+def bench_engines(hidden: int, rounds: int, device: str = "cpu", per_task: int = 8, rss: bool = True):
+    """Engine times, max relative differences to the float64 loop, peak RSS rises (CPU; on CUDA the peak
+    GPU memory of each arm), and the number of shared parameters."""
+    model, batch = engine_setup(hidden, device, per_task)
     x32 = batch.x
     model.double()
     batch.x = x32.double()
@@ -152,35 +184,70 @@ def bench_engines(hidden: int, rounds: int):
     for r in range(rounds):
         order = ENGINE_ARMS[r % len(ENGINE_ARMS):] + ENGINE_ARMS[:r % len(ENGINE_ARMS)]
         for name in order:
+            _sync(device)
             t0 = time.perf_counter()
             engine_arm(name, model, batch)
+            _sync(device)
             times[name].append(time.perf_counter() - t0)
-    rss = {n: peak_rss_mib(n, hidden) for n in ENGINE_ARMS}
-    return times, diffs, rss, sum(p.numel() for p in model.trunk.parameters())
+    if torch.device(device).type == "cuda":
+        memory = {}
+        for name in ENGINE_ARMS:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            engine_arm(name, model, batch)
+            memory[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        memory = {n: peak_rss_mib(n, hidden) if rss else float("nan") for n in ENGINE_ARMS}
+    return times, diffs, memory, sum(p.numel() for p in model.trunk.parameters())
 
 
 # ----------------------------------------------------------------------------- 2. step time
 class StepTimer(Callback):
-    def __init__(self) -> None:
+    def __init__(self, cuda: bool = False) -> None:
         self.times: list[float] = []
         self._t0 = 0.0
+        self.cuda = cuda
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._t0)
 
 
-def burst(make, dm, hidden: int, steps: int) -> list[float]:
+def burst(make, dm, hidden: int, steps: int, accelerator: str = "cpu") -> list[float]:
     seed_everything(0)
     model = MultiTaskModule(Conv4(out_features=0, hidden=hidden), architecture=HardSharing(), weighting=make())
-    timer = StepTimer()
+    timer = StepTimer(accelerator == "gpu")
     trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
-                      accelerator="cpu")
+                      accelerator=accelerator, devices=1)
     trainer.fit(model, dm)
     return timer.times[1:]  # the first step includes one-off work
+
+
+def bench_steps(names: list[str], hidden: int, rounds: int, steps: int, accelerator: str = "cpu",
+                per_task: int = 8) -> tuple[dict, dict]:
+    """Step times of the methods ``names`` (keys of METHODS, "equal" among them), taking turns: every
+    step's time, and per round the ratio of each method's median step to equal weighting's."""
+    dm = OmniglotAlphabetsDataModule(batch_size_per_task=per_task, steps_per_epoch=10_000)
+    times: dict[str, list[float]] = {m: [] for m in names}
+    per_round: dict[str, list[float]] = {m: [] for m in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        med = {}
+        for name in order:
+            t = burst(METHODS[name], dm, hidden, steps + 1, accelerator)
+            times[name] += t
+            med[name] = statistics.median(t)
+        for name in names:
+            per_round[name].append(med[name] / med["equal"])
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {per_round[n][-1]:.2f}x" for n in names), flush=True)
+    return times, per_round
 
 
 def main(argv=None) -> None:
@@ -198,20 +265,8 @@ def main(argv=None) -> None:
     load0 = os.getloadavg()[0]
     start = time.perf_counter()
     etimes, diffs, rss, n_params = bench_engines(args.hidden, engine_rounds)
-    dm = OmniglotAlphabetsDataModule(batch_size_per_task=8, steps_per_epoch=10_000)
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    per_round: dict[str, list[float]] = {m: [] for m in METHODS}
     names = list(METHODS)
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        med = {}
-        for name in order:
-            t = burst(METHODS[name], dm, args.hidden, steps + 1)
-            times[name] += t
-            med[name] = statistics.median(t)
-        for name in names:
-            per_round[name].append(med[name] / med["equal"])
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {per_round[n][-1]:.2f}x" for n in names), flush=True)
+    times, per_round = bench_steps(names, args.hidden, rounds, steps)
     total = time.perf_counter() - start
     load1 = os.getloadavg()[0]
     cmd = " ".join(["python scripts/bench_mtl_overhead.py"] + (argv if argv is not None else sys.argv[1:]))
@@ -221,8 +276,8 @@ def main(argv=None) -> None:
     lines += [f"Hard sharing, 8 Omniglot alphabets, Conv4 width {args.hidden} (28x28, BatchNorm on batch statistics; "
               f"{n_params} shared parameters), 8 images per task per step.", "",
               f"**Per-task gradient engines** (forward + Jacobian [8, {n_params}] of the trunk; {engine_rounds} "
-              f"interleaved rounds; ratio to `loop` per round, mean ± 95 % CI; peak RSS: rise over the warm-up "
-              f"forward's peak, fresh process):", "",
+              f"interleaved rounds; ratio to `loop` per round, mean ± 95 % CI; peak RSS: largest rise while the "
+              f"arm runs, fresh process):", "",
               "| engine | median (ms) | ratio to loop | max rel. diff to the float64 loop | peak RSS rise (MiB) |",
               "|---|---|---|---|---|"]
     for name in ENGINE_ARMS:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["bench_meta_step", "bench_meta_memory", "bench_meta_sinusoid", "bench_meta_omniglot", "bench_omniglot_race", "bench_multitask",
-         "bench_taskmet", "bench_hlgauss", "bench_task2vec"]
+         "bench_taskmet", "bench_hlgauss", "bench_task2vec", "bench_task2vec_speed", "bench_gpu"]
 
 
 def main() -> None:
