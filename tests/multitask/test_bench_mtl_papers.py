@@ -153,3 +153,55 @@ def test_plot_mtl_toy_writes_the_figure(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "mtl_toy_cagrad.png").stat().st_size > 10_000
     assert len([line for line in res.stdout.splitlines() if "max_pareto_gap=" in line]) == len(WEIGHTINGS) - 1
+
+
+def test_the_benchmarks_mmoe_equals_libmtls_on_the_same_weights(synth):
+    """The implementation check of the MMoE experiment: LibMTL 1.1.5's MMoE, given our experts, gates and
+    towers, computes the same outputs and the same expert gradients on MMoE's synthetic inputs."""
+    import copy
+    import importlib
+    import types
+
+    spec = importlib.util.find_spec("LibMTL")
+    if spec is None:
+        pytest.skip("LibMTL 1.1.5 is not installed (pip install --no-deps LibMTL==1.1.5)")
+    saved = {k: v for k, v in sys.modules.items() if k == "LibMTL" or k.startswith("LibMTL.")}
+    pkg = types.ModuleType("LibMTL")  # without the package __init__, which imports an old torchvision API
+    pkg.__path__ = [str(Path(spec.origin).parent)]
+    sys.modules["LibMTL"] = pkg
+    try:
+        LibMMoE = importlib.import_module("LibMTL.architecture.MMoE").MMoE
+    finally:
+        for k in [k for k in sys.modules if k == "LibMTL" or k.startswith("LibMTL.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    from tasklight.data.batch import TaskSpec
+    from tasklight.multitask import MMoE, MultiTaskModule
+
+    torch.manual_seed(0)
+    expert = synth.ReLUNet(100, [16])
+    expert.input_shape = (100,)  # built without a DataModule: the gates' input size
+    ours = MultiTaskModule(expert, MMoE(num_experts=8), head_hidden=[8],
+                           tasks=[TaskSpec("a", 1, "regression"), TaskSpec("b", 1, "regression")])
+    arch = ours.architecture
+    for g in arch.gates:  # away from the uniform initial mixture, so that the gates matter
+        torch.nn.init.normal_(g.weight, std=0.3)
+    experts = iter(copy.deepcopy(list(arch.experts)))
+    theirs = LibMMoE(["a", "b"], lambda: next(experts), torch.nn.ModuleDict({"a": copy.deepcopy(arch.heads[0]),
+                                                                               "b": copy.deepcopy(arch.heads[1])}),
+                     rep_grad=False, multi_input=False, device="cpu", img_size=[100], num_experts=[8])
+    with torch.no_grad():
+        for t, name in enumerate(["a", "b"]):
+            theirs.gate_specific[name][0].weight.copy_(arch.gates[t].weight)
+            theirs.gate_specific[name][0].bias.copy_(arch.gates[t].bias)
+    x, y, _ = synth.mmoe_tasks(0.5, seed=1, n=64)
+    out_theirs = theirs(x)
+    loss_ours = sum(((ours(x, t)[:, 0] - y[:, t]) ** 2).mean() for t in range(2))
+    loss_theirs = sum(((out_theirs[n][:, 0] - y[:, t]) ** 2).mean() for t, n in enumerate(["a", "b"]))
+    for t, name in enumerate(["a", "b"]):
+        assert torch.allclose(ours(x, t), out_theirs[name], atol=1e-6)
+    loss_ours.backward()
+    loss_theirs.backward()
+    for e_ours, e_theirs in zip(arch.experts, theirs.experts_shared):
+        for p, q in zip(e_ours.parameters(), e_theirs.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-5)
