@@ -410,7 +410,7 @@ class TasklightCLI(LightningCLI):
         loggers = logger if isinstance(logger, list) else [logger]
         for lg in loggers:
             init = getattr(lg, "init_args", None) or (lg.get("init_args") if isinstance(lg, dict) else None)
-            if not name and init is not None and init.get("name"):
+            if not name and init is not None and init.get("name") and init.get("name") != _default_name(lg):
                 name = init.get("name")
                 if "/" in str(name) or "\\" in str(name) or str(name) in (".", ".."):
                     name = Path(str(name).replace("\\", "/")).name or "run"
@@ -705,7 +705,10 @@ def _why_no_validation(trainer: Trainer) -> str:
     every = trainer.check_val_every_n_epoch
     if trainer.limit_val_batches == 0 or trainer.num_val_batches == [0]:
         return "validation is off (limit_val_batches 0)"
-    first = int(trainer.val_check_batch) if every is None else int(every * trainer.num_training_batches)
+    if isinstance(trainer.val_check_interval, int) or every is None:
+        first = int(trainer.val_check_batch)
+    else:
+        first = int(every * trainer.num_training_batches * float(trainer.val_check_interval))
     return (f"the first validation comes after {first} steps and the run stopped at step {trainer.global_step}: "
             f"raise --trainer.max_steps, or validate sooner with --trainer.val_check_interval N")
 
@@ -847,6 +850,18 @@ def _last_error_line() -> str:
     line = (errors or lines or ["no message"])[-1]
     line = line.split("error:", 1)[-1].strip()
     return line if len(line) < 300 else line[:297] + "..."
+
+
+def _default_name(logger_node) -> Optional[str]:
+    """The default of a logger class's ``name`` argument (CSVLogger's ``lightning_logs``): not a run name."""
+    import inspect
+
+    cls = _class_of(logger_node)
+    try:
+        param = inspect.signature(cls.__init__).parameters.get("name") if cls is not None else None
+    except (TypeError, ValueError):
+        return None
+    return param.default if param is not None and param.default is not inspect.Parameter.empty else None
 
 
 def _is_terminal() -> bool:
