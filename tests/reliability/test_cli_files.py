@@ -362,7 +362,7 @@ def test_predictions_file_holds_each_family_s_outputs_readable_without_pickle(tm
         "meta": (MAMLModule(MLP(1, [8], 1)), SinusoidDataModule(meta_batch_size=2, test_episodes=4, eval_batch_size=2)),
         "multitask": (MultiTaskModule(MLP(4, [8], 6)), MultiTaskDataModule(train_sets=sets, val_sets=sets,
                                                                            test_sets=sets, eval_batch_size=12)),
-        "taskmet": (MSEModule(MLP(1, [4], 1), problem=CubicTopK(num_items=10)),
+        "taskmet": (MSEModule(MLP(1, [4], 1)),
                     DecisionDataModule(CubicTopK(num_items=10), num_train=8, num_val=4, num_test=6)),
     }
     for name, (model, data) in families.items():
