@@ -449,3 +449,52 @@ def test_a_short_run_says_why_it_has_no_best_checkpoint(in_tmp, capsys):
                       "--trainer.logger", "false", "--test_after_fit", "false"], capsys)
     assert "no best checkpoint: 'val/mse' was never logged (the first validation comes after 500 steps and the " \
            "run stopped at step 2" in out
+
+
+# ------------------------------------------------------------------ tasklight embed (Task2Vec's second step)
+EMBED = ["embed", "--config", str(Path(__file__).resolve().parents[2] / "configs" / "task2vec_embed_omniglot.yaml")]
+EMBED_CASES = {
+    "embed_probe_state_missing": (EMBED, r"--probe_state .*last\.ckpt does not exist: train the probe first"),
+    "embed_probe_ckpt_missing": (["embed", "--data", "SinusoidDataModule", "--probe_ckpt", "none.ckpt"],
+                                 r"--probe_ckpt none\.ckpt does not exist"),
+    "embed_no_probe": (["embed", "--data", "tasklight.SinusoidDataModule"], r"no probe: pass --probe_ckpt"),
+    "embed_unknown_option": ([*EMBED, "--probe_stat", "x"], r"probe_stat"),
+    "embed_bad_yaml": (["embed", "--config", "bad.yaml"], r"bad\.yaml is not valid YAML at line"),
+    "embed_split_invalid": ([*EMBED, "--split", "nope"], r"split"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMBED_CASES))
+def test_embed_errors_are_one_line(case, in_tmp, capsys):
+    _write("bad.yaml", "probe: [\n")
+    args, want = EMBED_CASES[case]
+    line = one_line(args, capsys)
+    assert re.search(want, line), line
+
+
+def test_embed_reads_the_shipped_config_with_extends(in_tmp):
+    from tasklight.cli import _resolve_config_args
+    from tasklight.task2vec.embed_cli import build_parser
+
+    cfg = build_parser().parse_args(_resolve_config_args(EMBED[1:]))
+    assert cfg.data.class_path.endswith("OmniglotAlphabetsDataModule")  # from base/task2vec.yaml
+    assert cfg.probe_state_prefix == "trunk" and cfg.task2vec.mc_samples == 4  # the leaf's own keys
+
+
+# ------------------------------------------------------------------ manual optimisation and Trainer options
+@pytest.mark.slow
+def test_bf16_mixed_precision_is_honoured_by_a_manual_optimisation_learner():
+    """Lightning's autocast wraps the learners' training_step: bf16-mixed changes the loss (bf16 matmuls)
+    by a little, keeps float32 weights, and trains."""
+    def run(precision):
+        L.seed_everything(0, verbose=False)
+        model = MAMLModule(MLP(1, [8], 1), inner_steps=1)
+        dm = SinusoidDataModule(meta_batch_size=2, batches_per_epoch=4, val_episodes=2, test_episodes=2)
+        t = L.Trainer(max_steps=3, precision=precision, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, inference_mode=False, limit_val_batches=0, enable_checkpointing=False)
+        t.fit(model, dm)
+        return float(t.callback_metrics["train/query_loss"]), next(model.parameters()).dtype
+
+    (full, dtype32), (mixed, dtype_mixed) = run("32-true"), run("bf16-mixed")
+    assert dtype32 == dtype_mixed == torch.float32
+    assert mixed != full and abs(mixed - full) / full < 0.05 and torch.isfinite(torch.tensor(mixed))
