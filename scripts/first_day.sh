@@ -92,11 +92,13 @@ run tasklight fit --model MAMLModule --model.net MLP --data my_pkg.LineDataModul
 has runs/MAMLModule/latest/checkpoints/last.ckpt
 
 # docs/task2vec.md: the pipeline
-T2V="--trainer.max_steps 2 --data.init_args.num_workers 0 --trainer.limit_val_batches 1"
+T2V="--trainer.max_steps 2 --data.init_args.num_workers 0 --trainer.limit_val_batches 1 --trainer.limit_test_batches 1"
 run tasklight fit --config configs/task2vec_probe_omniglot.yaml $T2V --test_after_fit false
 has runs/task2vec_probe_omniglot/latest/checkpoints/last.ckpt
-run tasklight embed --config configs/task2vec_embed_omniglot.yaml --task2vec.mc_samples 1 --task2vec.max_examples 16 --max_tasks 3
+run tasklight embed --config configs/task2vec_embed_omniglot.yaml --task2vec.mc_samples 1 --task2vec.max_examples 16
 has runs/task2vec/omniglot_alphabets/descriptors.pt
+run tasklight fit --config configs/task2vec_multitask_omniglot.yaml $T2V
+echo "$OUT" | grep -q '^test/' || fail "no metrics table from the multi-task run on Task2Vec descriptors"
 
 echo
 echo "first_day: all commands ran and left their outputs ($((SECONDS - start)) s)"
