@@ -66,6 +66,8 @@ run tasklight predict --config configs/maml_omniglot.yaml --ckpt_path runs/maml_
 pred=$(echo "$OUT" | sed -n 's/^tasklight: predictions written to \([^ ]*\) .*/\1/p')
 has "$pred"
 has runs/maml_omniglot/latest/checkpoints/last.ckpt   # test and predict left `latest` where it was
+run tasklight fit  --config configs/maml_omniglot.yaml --ckpt_path runs/maml_omniglot/latest/checkpoints/last.ckpt $OMNI --trainer.max_steps 3 --test_after_fit false
+echo "$OUT" | grep -q 'tasklight: checkpoints: last' || fail "resume of maml_omniglot"
 run tasklight fit  --config configs/maml_omniglot.yaml --data.init_args.n_way 20 $OMNI --test_after_fit false
 run tasklight fit  --config configs/maml_sinusoid.yaml --print_config
 echo "$OUT" | grep -q 'class_path: tasklight' || fail "--print_config printed no config"

@@ -498,3 +498,18 @@ def test_bf16_mixed_precision_is_honoured_by_a_manual_optimisation_learner():
     (full, dtype32), (mixed, dtype_mixed) = run("32-true"), run("bf16-mixed")
     assert dtype32 == dtype_mixed == torch.float32
     assert mixed != full and abs(mixed - full) / full < 0.05 and torch.isfinite(torch.tensor(mixed))
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_a_manual_optimisation_learner_on_its_logged_metric():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    L.seed_everything(0, verbose=False)
+    model = MAMLModule(MLP(1, [8], 1), inner_steps=1)
+    dm = SinusoidDataModule(meta_batch_size=2, batches_per_epoch=50, val_episodes=2, test_episodes=2)
+    stop = EarlyStopping(monitor="val/mse", mode="min", stopping_threshold=1e9)  # met at the first validation
+    t = L.Trainer(max_steps=50, val_check_interval=3, callbacks=[stop], logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, inference_mode=False, enable_checkpointing=False,
+                  num_sanity_val_steps=0)
+    t.fit(model, dm)
+    assert t.global_step == 3 and stop.stopped_epoch == 0 and t.should_stop
