@@ -971,6 +971,9 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined.*")
     # lightning 2.6's own use of torch.utils._pytree on torch >= 2.13
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # a resumed, tested or predicting run has its own folder: that its checkpoint came from another
+    # folder is the design, not a problem
+    warnings.filterwarnings("ignore", message=r".*The dirpath has changed from .*")
     # `run_cli(args)` is the documented way to run the CLI from Python (tests, notebooks)
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within.*")
     for handler in logging.getLogger("lightning.pytorch").handlers:
