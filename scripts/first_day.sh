@@ -80,7 +80,7 @@ run tasklight fit --config configs/maml_sinusoid.yaml --ckpt_path runs/maml_sinu
 echo "$OUT" | grep -q 'step=29\|last .*last.ckpt' || fail "resume"
 # README: any other Lightning logger
 run tasklight fit --config configs/maml_sinusoid.yaml --trainer.logger lightning.pytorch.loggers.CSVLogger $SIN --run_name csv
-ls runs/csv/latest/lightning_logs/version_*/metrics.csv >/dev/null || fail "no CSV metrics"
+ls runs/csv/latest/*/version_*/metrics.csv >/dev/null || fail "no CSV metrics"
 
 # docs/guides/episodic_datamodule.md: the guide's DataModule as the user's package my_pkg, from the command line
 mkdir -p my_pkg
