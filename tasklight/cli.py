@@ -27,11 +27,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from tasklight.core.checkpoint import check_checkpoint_file
+from tasklight_launch import VERSIONED, package_versions, version_line  # noqa: F401 - re-exported
 from tasklight.strategies import DEFAULT_PROCESS_GROUP_TIMEOUT, timed_strategy
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-#: packages whose versions every run records
-VERSIONED = ("tasklight", "torch", "lightning", "torchmetrics", "jsonargparse", "wandb", "numpy", "higher")
 #: Trainer options that manual optimisation cannot honour, and the module option that does the job
 MANUAL_ONLY = {"gradient_clip_val": "clip the gradient norm", "accumulate_grad_batches": "accumulate gradients"}
 
@@ -46,26 +45,6 @@ def _keep_none() -> dict[str, bool]:
     except ValueError:
         major, minor = 4, 49
     return {"skip_unset": False} if (major, minor) >= (4, 49) else {"skip_none": False}
-
-
-def package_versions() -> dict[str, str]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def version_line() -> str:
-    """``tasklight 0.3.0 (torch 2.14.1, lightning 2.6.0, python 3.11.2)``."""
-    v = package_versions()
-    return (f"tasklight {v.get('tasklight', '0+unknown')} (torch {v.get('torch', '-')}, "
-            f"lightning {v.get('lightning', '-')}, python {v['python']})")
 
 
 def find_config(value: str) -> str:

@@ -513,3 +513,14 @@ def test_early_stopping_stops_a_manual_optimisation_learner_on_its_logged_metric
                   num_sanity_val_steps=0)
     t.fit(model, dm)
     assert t.global_step == 3 and stop.stopped_epoch == 0 and t.should_stop
+
+
+@pytest.mark.slow
+def test_version_answers_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, tasklight_launch; tasklight_launch.main(['--version']); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.splitlines()[-1] == "False", res.stdout + res.stderr
+    assert res.stdout.startswith("tasklight ") and "(torch " in res.stdout
