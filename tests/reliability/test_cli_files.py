@@ -524,3 +524,12 @@ def test_version_answers_without_importing_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.splitlines()[-1] == "False", res.stdout + res.stderr
     assert res.stdout.startswith("tasklight ") and "(torch " in res.stdout
+
+
+def test_the_sinusoid_figure_s_true_function_is_each_task_s_sine():
+    gen = torch.Generator().manual_seed(3)
+    amp, phase = torch.rand(4, 1, 1, generator=gen) * 4.9 + 0.1, torch.rand(4, 1, 1, generator=gen) * 3.14
+    x = torch.rand(4, 7, 1, generator=gen) * 10 - 5
+    grid = torch.linspace(-5, 5, 50)[:, None]
+    curve = SinusoidDataModule.true_function(x, amp * torch.sin(x - phase), grid)
+    torch.testing.assert_close(curve, (amp * torch.sin(grid.T - phase)).reshape(4, 50), atol=1e-5, rtol=1e-5)
