@@ -991,7 +991,8 @@ def main(args: Optional[list[str]] = None) -> None:
     if args and args[0] == "embed":
         from tasklight.task2vec.embed_cli import main as embed_main
 
-        return _one_line_errors(lambda: embed_main(args[1:]))
+        _one_line_errors(lambda: embed_main(args[1:]))  # the console script exits with main's return value
+        return
     _one_line_errors(lambda: run_cli(args))
 
 

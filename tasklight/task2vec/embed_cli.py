@@ -87,6 +87,11 @@ def load_probe(cfg, init) -> nn.Module:
             state = state["state_dict"]  # a Lightning checkpoint
         if cfg.probe_state_prefix:
             prefix = cfg.probe_state_prefix.rstrip(".") + "."
+            if not any(k.startswith(prefix) for k in state):
+                # a module nested deeper (MultiTaskModule keeps its trunk in `architecture.trunk`)
+                nested = {k[:k.index("." + prefix) + len(prefix) + 1] for k in state if "." + prefix in k}
+                if len(nested) == 1:
+                    prefix = nested.pop()
             sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if not sub:
                 tops = sorted({k.split(".")[0] for k in state})

@@ -533,3 +533,27 @@ def test_the_sinusoid_figure_s_true_function_is_each_task_s_sine():
     grid = torch.linspace(-5, 5, 50)[:, None]
     curve = SinusoidDataModule.true_function(x, amp * torch.sin(x - phase), grid)
     torch.testing.assert_close(curve, (amp * torch.sin(grid.T - phase)).reshape(4, 50), atol=1e-5, rtol=1e-5)
+
+
+def test_embed_probe_prefix_finds_a_multitask_trunk_nested_in_its_architecture(tmp_path):
+    """Task2Vec's step 2 after step 1: a MultiTaskModule checkpoint keeps its trunk at
+    `architecture.trunk.*` (the layout of configs/task2vec_probe_omniglot.yaml's last.ckpt); the shipped
+    config's `probe_state_prefix: trunk` finds it."""
+    from types import SimpleNamespace
+
+    from tasklight.task2vec.embed_cli import load_probe
+
+    torch.manual_seed(0)
+    trunk, head = MLP(4, [8], 6), torch.nn.Linear(6, 3)
+    state = {**{f"architecture.trunk.{k}": v for k, v in trunk.state_dict().items()},
+             **{f"architecture.heads.0.{k}": v for k, v in head.state_dict().items()},
+             "skipped_steps": torch.zeros(()), "weighting.w": torch.ones(2)}
+    torch.save({"state_dict": state}, tmp_path / "last.ckpt")
+    probe = MLP(4, [8], 6)
+    cfg = SimpleNamespace(probe_ckpt=None, probe_state=str(tmp_path / "last.ckpt"), probe_state_prefix="trunk")
+    load_probe(cfg, {"probe": probe})
+    for name, value in trunk.state_dict().items():
+        torch.testing.assert_close(probe.state_dict()[name], value, msg=name)
+    cfg.probe_state_prefix = "nothing"
+    with pytest.raises(ValueError, match=r"no entry of .* starts with 'nothing\.'"):
+        load_probe(cfg, {"probe": MLP(4, [8], 6)})
