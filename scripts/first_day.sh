@@ -66,6 +66,8 @@ run tasklight predict --config configs/maml_omniglot.yaml --ckpt_path runs/maml_
 pred=$(echo "$OUT" | sed -n 's/^tasklight: predictions written to \([^ ]*\) .*/\1/p')
 has "$pred"
 has runs/maml_omniglot/latest/checkpoints/last.ckpt   # test and predict left `latest` where it was
+run tasklight fit  --config configs/maml_omniglot.yaml --ckpt_path runs/maml_omniglot/latest/checkpoints/last.ckpt $OMNI --trainer.max_steps 3 --test_after_fit false
+echo "$OUT" | grep -q 'tasklight: checkpoints: last' || fail "resume of maml_omniglot"
 run tasklight fit  --config configs/maml_omniglot.yaml --data.init_args.n_way 20 $OMNI --test_after_fit false
 run tasklight fit  --config configs/maml_sinusoid.yaml --print_config
 echo "$OUT" | grep -q 'class_path: tasklight' || fail "--print_config printed no config"
@@ -78,7 +80,7 @@ run tasklight fit --config configs/maml_sinusoid.yaml --ckpt_path runs/maml_sinu
 echo "$OUT" | grep -q 'step=29\|last .*last.ckpt' || fail "resume"
 # README: any other Lightning logger
 run tasklight fit --config configs/maml_sinusoid.yaml --trainer.logger lightning.pytorch.loggers.CSVLogger $SIN --run_name csv
-ls runs/csv/latest/lightning_logs/version_*/metrics.csv >/dev/null || fail "no CSV metrics"
+ls runs/csv/latest/*/version_*/metrics.csv >/dev/null || fail "no CSV metrics"
 
 # docs/guides/episodic_datamodule.md: the guide's DataModule as the user's package my_pkg, from the command line
 mkdir -p my_pkg
@@ -92,11 +94,13 @@ run tasklight fit --model MAMLModule --model.net MLP --data my_pkg.LineDataModul
 has runs/MAMLModule/latest/checkpoints/last.ckpt
 
 # docs/task2vec.md: the pipeline
-T2V="--trainer.max_steps 2 --data.init_args.num_workers 0 --trainer.limit_val_batches 1"
+T2V="--trainer.max_steps 2 --data.init_args.num_workers 0 --trainer.limit_val_batches 1 --trainer.limit_test_batches 1"
 run tasklight fit --config configs/task2vec_probe_omniglot.yaml $T2V --test_after_fit false
 has runs/task2vec_probe_omniglot/latest/checkpoints/last.ckpt
-run tasklight embed --config configs/task2vec_embed_omniglot.yaml --task2vec.mc_samples 1 --task2vec.max_examples 16 --max_tasks 3
+run tasklight embed --config configs/task2vec_embed_omniglot.yaml --task2vec.mc_samples 1 --task2vec.max_examples 16
 has runs/task2vec/omniglot_alphabets/descriptors.pt
+run tasklight fit --config configs/task2vec_multitask_omniglot.yaml $T2V
+echo "$OUT" | grep -q '^test/' || fail "no metrics table from the multi-task run on Task2Vec descriptors"
 
 echo
 echo "first_day: all commands ran and left their outputs ($((SECONDS - start)) s)"

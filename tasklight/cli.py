@@ -27,11 +27,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from tasklight.core.checkpoint import check_checkpoint_file
+from tasklight_launch import VERSIONED, package_versions, version_line  # noqa: F401 - re-exported
 from tasklight.strategies import DEFAULT_PROCESS_GROUP_TIMEOUT, timed_strategy
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-#: packages whose versions every run records
-VERSIONED = ("tasklight", "torch", "lightning", "torchmetrics", "jsonargparse", "wandb", "numpy", "higher")
 #: Trainer options that manual optimisation cannot honour, and the module option that does the job
 MANUAL_ONLY = {"gradient_clip_val": "clip the gradient norm", "accumulate_grad_batches": "accumulate gradients"}
 
@@ -46,26 +45,6 @@ def _keep_none() -> dict[str, bool]:
     except ValueError:
         major, minor = 4, 49
     return {"skip_unset": False} if (major, minor) >= (4, 49) else {"skip_none": False}
-
-
-def package_versions() -> dict[str, str]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def version_line() -> str:
-    """``tasklight 0.3.0 (torch 2.14.1, lightning 2.6.0, python 3.11.2)``."""
-    v = package_versions()
-    return (f"tasklight {v.get('tasklight', '0+unknown')} (torch {v.get('torch', '-')}, "
-            f"lightning {v.get('lightning', '-')}, python {v['python']})")
 
 
 def find_config(value: str) -> str:
@@ -410,7 +389,7 @@ class TasklightCLI(LightningCLI):
         loggers = logger if isinstance(logger, list) else [logger]
         for lg in loggers:
             init = getattr(lg, "init_args", None) or (lg.get("init_args") if isinstance(lg, dict) else None)
-            if not name and init is not None and init.get("name"):
+            if not name and init is not None and init.get("name") and init.get("name") != _default_name(lg):
                 name = init.get("name")
                 if "/" in str(name) or "\\" in str(name) or str(name) in (".", ".."):
                     name = Path(str(name).replace("\\", "/")).name or "run"
@@ -705,7 +684,10 @@ def _why_no_validation(trainer: Trainer) -> str:
     every = trainer.check_val_every_n_epoch
     if trainer.limit_val_batches == 0 or trainer.num_val_batches == [0]:
         return "validation is off (limit_val_batches 0)"
-    first = int(trainer.val_check_batch) if every is None else int(every * trainer.num_training_batches)
+    if isinstance(trainer.val_check_interval, int) or every is None:
+        first = int(trainer.val_check_batch)
+    else:
+        first = int(every * trainer.num_training_batches * float(trainer.val_check_interval))
     return (f"the first validation comes after {first} steps and the run stopped at step {trainer.global_step}: "
             f"raise --trainer.max_steps, or validate sooner with --trainer.val_check_interval N")
 
@@ -849,6 +831,18 @@ def _last_error_line() -> str:
     return line if len(line) < 300 else line[:297] + "..."
 
 
+def _default_name(logger_node) -> Optional[str]:
+    """The default of a logger class's ``name`` argument (CSVLogger's ``lightning_logs``): not a run name."""
+    import inspect
+
+    cls = _class_of(logger_node)
+    try:
+        param = inspect.signature(cls.__init__).parameters.get("name") if cls is not None else None
+    except (TypeError, ValueError):
+        return None
+    return param.default if param is not None and param.default is not inspect.Parameter.empty else None
+
+
 def _is_terminal() -> bool:
     try:
         return sys.stdout.isatty()
@@ -956,6 +950,9 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined.*")
     # lightning 2.6's own use of torch.utils._pytree on torch >= 2.13
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # a resumed, tested or predicting run has its own folder: that its checkpoint came from another
+    # folder is the design, not a problem
+    warnings.filterwarnings("ignore", message=r".*The dirpath has changed from .*")
     # `run_cli(args)` is the documented way to run the CLI from Python (tests, notebooks)
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within.*")
     for handler in logging.getLogger("lightning.pytorch").handlers:
@@ -997,7 +994,8 @@ def main(args: Optional[list[str]] = None) -> None:
     if args and args[0] == "embed":
         from tasklight.task2vec.embed_cli import main as embed_main
 
-        return _one_line_errors(lambda: embed_main(args[1:]))
+        _one_line_errors(lambda: embed_main(args[1:]))  # the console script exits with main's return value
+        return
     _one_line_errors(lambda: run_cli(args))
 
 

@@ -52,9 +52,11 @@ def metric_vs_steps(steps: Sequence[int], means: Sequence[float], ci95: Sequence
 
 
 def fitted_curves(support_x: Tensor, support_y: Tensor, grid: Tensor, curves: dict[int, Tensor],
-                  truth_x: Optional[Tensor] = None, truth_y: Optional[Tensor] = None, tasks: int = 3):
+                  truth_x: Optional[Tensor] = None, truth_y: Optional[Tensor] = None, tasks: int = 3,
+                  true_curve: Optional[Tensor] = None):
     """1-D regression: the support points and the adapted predictions on ``grid`` for a few tasks
-    (``curves[k]`` ``[T, G]`` after ``k`` steps)."""
+    (``curves[k]`` ``[T, G]`` after ``k`` steps), with the true function (``true_curve`` ``[T, G]``)
+    where the data knows it."""
     plt = _plt()
     n = min(tasks, support_x.shape[0])
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.0), squeeze=False)
@@ -63,6 +65,8 @@ def fitted_curves(support_x: Tensor, support_y: Tensor, grid: Tensor, curves: di
         if truth_x is not None and truth_y is not None:
             order = torch.argsort(truth_x[t].flatten())
             ax.plot(truth_x[t].flatten()[order], truth_y[t].flatten()[order], "k.", ms=3, label="query")
+        if true_curve is not None:
+            ax.plot(grid.flatten(), true_curve[t].flatten(), "k--", lw=1.2, label="true function")
         for k, c in sorted(curves.items()):
             ax.plot(grid.flatten(), c[t].flatten(), label=f"{k} steps")
         ax.plot(support_x[t].flatten(), support_y[t].flatten(), "r^", label="support")

@@ -144,7 +144,7 @@ def test_version_and_one_line_errors(tmp_path):
     import tasklight
 
     res = _cli(["--version"], tmp_path)
-    assert res.returncode == 0 and res.stdout.strip() == f"tasklight {tasklight.__version__}"
+    assert res.returncode == 0 and res.stdout.strip().startswith(f"tasklight {tasklight.__version__} (torch ")
     for flag, option in [("--trainer.gradient_clip_val=1.0", "--model.init_args.clip_grad_norm 1.0"),
                          ("--trainer.accumulate_grad_batches=2", "larger meta-batch")]:
         res = _cli(["fit", "--config", "maml_sinusoid", flag], tmp_path)

@@ -8,6 +8,7 @@ import math
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from tasklight.data.episodes import EpisodicDataModule, Task, TaskFn
 from tasklight.core.checks import check_int
@@ -49,6 +50,16 @@ class SinusoidDataModule(EpisodicDataModule):
 
     def task_fn(self, split: str) -> TaskFn:
         return _SinusoidTasks(self.k_shot, self.q_queries, self.amplitude, self.phase, self.x_range)
+
+    @staticmethod
+    def true_function(x: Tensor, y: Tensor, grid: Tensor) -> Tensor:
+        """Each task's true function on ``grid`` (``[G, 1]`` -> ``[T, G]``), from its noise-free points
+        ``x, y`` (``[T, N, 1]``, N >= 2): ``A sin(x - phase) = a sin x + b cos x``, solved for ``(a, b)``
+        by least squares (exact for the task's own points). Figures draw it beside the fitted curves."""
+        basis = torch.stack([torch.sin(x.reshape(x.shape[0], -1)), torch.cos(x.reshape(x.shape[0], -1))], -1)
+        coef = torch.linalg.lstsq(basis.double(), y.reshape(y.shape[0], -1, 1).double()).solution  # [T, 2, 1]
+        g = grid.reshape(-1).double()
+        return (torch.stack([torch.sin(g), torch.cos(g)], -1) @ coef).squeeze(-1).to(y.dtype)
 
 
 class _SinusoidTasks:

@@ -366,9 +366,14 @@ class MetaLearner(SelfDescribing, LightningModule):
             grid = torch.linspace(lo, hi, 100, device=batch.support_x.device)[:, None]
             curves = {k: self.predict_episode(batch.support_x[:n], batch.support_y[:n],
                                               grid.expand(n, -1, -1), steps=k).cpu() for k in self.eval_steps}
+            truth = getattr(getattr(self.trainer, "datamodule", None), "true_function", None)
+            true_curve = None
+            if callable(truth):  # the data's own task functions, from each task's support and query points
+                true_curve = truth(torch.cat([batch.support_x[:n], batch.query_x[:n]], 1).cpu(),
+                                   torch.cat([batch.support_y[:n], batch.query_y[:n]], 1).cpu(), grid.cpu())
             log_figure(self, "test/fitted_functions", fitted_curves(
                 batch.support_x[:n].cpu(), batch.support_y[:n].cpu(), grid.cpu(), curves, batch.query_x[:n].cpu(),
-                batch.query_y[:n].cpu()))
+                batch.query_y[:n].cpu(), true_curve=true_curve))
 
     def _eval_epoch_end(self, stage: str) -> None:
         curve, means = [], {}

@@ -77,7 +77,7 @@ def _batches(n: int, size: int):
 
 
 def datamodule_tasks(datamodule: Any, split: str = "val", max_tasks: Optional[int] = None) -> dict[str, TaskData]:
-    """The tasks of a DataModule as ``name -> data``, for the callback and ``scripts/embed_tasks.py``.
+    """The tasks of a DataModule as ``name -> data``, for the callback and ``tasklight embed``.
 
     Looked up in this order:
 

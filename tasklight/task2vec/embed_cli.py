@@ -69,11 +69,17 @@ def build_parser() -> ArgumentParser:
 def load_probe(cfg, init) -> nn.Module:
     if cfg.probe_ckpt and init.get("probe") is not None:
         raise ValueError("give either --probe_ckpt or --probe, not both")
+    if cfg.probe_ckpt and not Path(cfg.probe_ckpt).is_file():
+        raise ValueError(f"--probe_ckpt {cfg.probe_ckpt} does not exist: give the path of a checkpoint")
     if cfg.probe_ckpt:
         return load_expert(cfg.probe_ckpt, allow_pickle=cfg.allow_pickle)
     probe = init.get("probe")
     if probe is None:
         raise ValueError("no probe: pass --probe_ckpt (a checkpoint) or --probe.class_path (a network)")
+    if cfg.probe_state and not Path(cfg.probe_state).is_file():
+        raise ValueError(f"--probe_state {cfg.probe_state} does not exist: train the probe first (tasklight fit "
+                         f"--config configs/task2vec_probe_omniglot.yaml writes runs/task2vec_probe_omniglot/latest/"
+                         f"checkpoints/last.ckpt) or give the path of a state file")
     if cfg.probe_state:
         # weights only: a state file holds tensors, never code (a full pickled object is refused)
         state = torch.load(cfg.probe_state, map_location="cpu", weights_only=True)
@@ -81,6 +87,11 @@ def load_probe(cfg, init) -> nn.Module:
             state = state["state_dict"]  # a Lightning checkpoint
         if cfg.probe_state_prefix:
             prefix = cfg.probe_state_prefix.rstrip(".") + "."
+            if not any(k.startswith(prefix) for k in state):
+                # a module nested deeper (MultiTaskModule keeps its trunk in `architecture.trunk`)
+                nested = {k[:k.index("." + prefix) + len(prefix) + 1] for k in state if "." + prefix in k}
+                if len(nested) == 1:
+                    prefix = nested.pop()
             sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if not sub:
                 tops = sorted({k.split(".")[0] for k in state})

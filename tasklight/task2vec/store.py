@@ -95,10 +95,10 @@ def load_embeddings(path: Union[str, Path]) -> list[TaskEmbedding]:
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"{path} is not a readable embeddings file ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}): it is truncated or corrupted; write it "
-                         f"again with save_embeddings or scripts/embed_tasks.py") from err
+                         f"again with save_embeddings or tasklight embed") from err
     if not isinstance(data, dict) or "embeddings" not in data:
         raise ValueError(f"{path} is not a Task2Vec embeddings file (no 'embeddings' entry); write it with "
-                         f"save_embeddings or scripts/embed_tasks.py")
+                         f"save_embeddings or tasklight embed")
     scales = data.get("scales")
     scales = list(scales) if scales is not None else [None] * len(data["names"])
     return [TaskEmbedding(v, list(data["layers"]), list(data["layer_sizes"]), n, m, sc)

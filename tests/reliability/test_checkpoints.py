@@ -1,6 +1,7 @@
 """Checkpoints validated on load (issue 12 row 12): unreadable files named, corrupted state refused,
 another learner class refused, changed episode settings refused."""
 import glob
+import re
 import zipfile
 
 import lightning as L
@@ -96,15 +97,18 @@ _CLI_TINY = ["--model", "MAMLModule", "--model.net", "MLP", "--model.net.init_ar
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
-def test_the_cli_names_an_unreadable_ckpt_path_in_every_subcommand(ckpt, tmp_path, monkeypatch, subcommand):
+def test_the_cli_names_an_unreadable_ckpt_path_in_every_subcommand(ckpt, tmp_path, monkeypatch, subcommand, capsys):
     from tasklight.cli import run_cli
 
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "cut.ckpt"
     bad.write_bytes(open(ckpt, "rb").read()[:1000])
     args = [*_CLI_TINY, "--test_after_fit", "false"] if subcommand == "fit" else _CLI_TINY
-    with pytest.raises(ValueError, match=r"checkpoint .*cut\.ckpt \(1000 bytes\) is not a readable checkpoint"):
+    with pytest.raises(SystemExit) as exc:
         run_cli([subcommand, *args, "--ckpt_path", str(bad)])
+    assert exc.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("tasklight: error:")]
+    assert len(lines) == 1 and re.search(r"checkpoint .*cut\.ckpt \(1000 bytes\) is not a readable checkpoint", lines[0])
 
 
 @pytest.mark.parametrize("name, method", [("ddp", "popen"), ("ddp_spawn", "spawn"), ("ddp_fork", "fork"),

@@ -336,3 +336,224 @@ def test_version_names_torch_and_lightning(capsys):
     out = capsys.readouterr().out.strip()
     assert re.fullmatch(r"tasklight \S+ \(torch \S+, lightning \S+, python \S+\)", out), out
     assert torch.__version__.split("+")[0] in out
+
+
+# ------------------------------------------------------------------ predictions file, per learner family
+def test_predictions_file_holds_each_family_s_outputs_readable_without_pickle(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch import seed_everything
+    from torch.utils.data import TensorDataset
+
+    from tasklight import DecisionDataModule, MSEModule, MultiTaskModule
+    from tasklight.cli import write_predictions
+    from tasklight.data import MultiTaskDataModule
+    from tasklight.taskmet.problems import CubicTopK
+
+    def predict(model, data):
+        t = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      inference_mode=False)
+        return t.predict(model, data)
+
+    seed_everything(0)
+    gen = torch.Generator().manual_seed(0)
+    sets = [TensorDataset(torch.randn(6, 4, generator=gen), torch.randint(0, 3, (6,), generator=gen)) for _ in range(2)]
+    families = {
+        "meta": (MAMLModule(MLP(1, [8], 1)), SinusoidDataModule(meta_batch_size=2, test_episodes=4, eval_batch_size=2)),
+        "multitask": (MultiTaskModule(MLP(4, [8], 6)), MultiTaskDataModule(train_sets=sets, val_sets=sets,
+                                                                           test_sets=sets, eval_batch_size=12)),
+        "taskmet": (MSEModule(MLP(1, [4], 1)),
+                    DecisionDataModule(CubicTopK(num_items=10), num_train=8, num_val=4, num_test=6)),
+    }
+    for name, (model, data) in families.items():
+        out = predict(model, data)
+        trainer = SimpleNamespace(predict_loop=SimpleNamespace(predictions=out), global_rank=0)
+        path = write_predictions(trainer, model, tmp_path / name, "some.ckpt")
+        assert path == tmp_path / name / "predictions.pt"
+        saved = torch.load(path, weights_only=True)  # plain containers of tensors: no pickle
+        assert saved["learner"].endswith(type(model).__name__) and saved["ckpt_path"] == "some.ckpt"
+        assert len(saved["batches"]) == len(out)
+        first = saved["batches"][0]
+        if name == "meta":
+            assert first["predictions"].shape[:2] == first["query_y"].shape[:2] == (2, 10)
+            torch.testing.assert_close(first["predictions"], out[0]["predictions"])
+        elif name == "multitask":
+            assert sorted(first["task"]) == [0, 1] and len(first["predictions"]) == len(first["rows"])
+        else:
+            torch.testing.assert_close(first, out[0])
+
+
+# ------------------------------------------------------------------ run folders, latest, resume (end to end)
+TINY = ["--trainer.max_steps", "2", "--data.init_args.meta_batch_size", "2", "--data.init_args.val_episodes", "2",
+        "--data.init_args.test_episodes", "3", "--trainer.val_check_interval", "2", "--trainer.logger", "false"]
+
+
+def _run(args, capsys):
+    from tasklight.cli import run_cli
+
+    os.environ.pop("TASKLIGHT_RUN_DIR", None)
+    cli = run_cli(args)
+    out = capsys.readouterr()
+    return cli, out.out, out.err
+
+
+@pytest.mark.slow
+def test_latest_moves_only_for_a_fit_with_a_checkpoint_and_every_command_through_it_works(in_tmp, capsys):
+    cli, out, _ = _run(["fit", *SIN, *TINY], capsys)
+    latest = in_tmp / "runs" / "maml_sinusoid" / "latest"
+    run_a = latest.resolve()
+    assert (run_a / "checkpoints" / "last.ckpt").is_file() and run_a.name in out
+    assert any(p.name.startswith("epoch=") for p in (run_a / "checkpoints").iterdir())  # the best checkpoint
+    assert "\r" not in out and re.search(r"tasklight: step 2/2 \(100 %\), [\d.]+ s/step", out)  # plain progress lines
+    via = "runs/maml_sinusoid/latest/checkpoints/last.ckpt"
+
+    # test and predict through latest/: their folders go inside the checkpoint's run, latest stays
+    _, out, err = _run(["test", *SIN, *TINY, "--ckpt_path", via], capsys)
+    assert re.search(r"^test/mse\s", out, re.M) and latest.resolve() == run_a
+    assert [p.name[:5] for p in run_a.iterdir() if p.name.startswith("test-")] == ["test-"]
+    _, out, _ = _run(["predict", *SIN, *TINY, "--ckpt_path", via], capsys)
+    pred = Path(re.search(r"predictions written to (\S+)", out).group(1))
+    assert pred.parent.parent == run_a and latest.resolve() == run_a
+    saved = torch.load(pred, weights_only=True)
+    assert saved["batches"][0]["predictions"].shape[:2] == saved["batches"][0]["query_y"].shape[:2]
+
+    # a fit that fails before its first checkpoint leaves latest where it was
+    with pytest.raises(FloatingPointError):
+        _run(["fit", *SIN, *TINY, "--model.init_args.inner_lr", "1e30"], capsys)
+    assert latest.resolve() == run_a
+
+    # a resume through latest/ continues the run
+    cli, out, _ = _run(["fit", *SIN, *TINY, "--trainer.max_steps", "4", "--ckpt_path", via], capsys)
+    assert cli.trainer.global_step == 4 and latest.resolve() != run_a
+
+    # test without a checkpoint: a warning on stderr
+    _, _, err = _run(["test", *SIN, *TINY], capsys)
+    assert "warning: `test` without --ckpt_path evaluates the model the config builds, with untrained weights" in err
+
+
+@pytest.mark.slow
+def test_class_path_runs_have_last_ckpt_and_a_csv_logger_needs_no_save_dir(in_tmp, capsys):
+    common = ["--model", "MAMLModule", "--model.net", "MLP", "--data", "SinusoidDataModule", *TINY[:-2]]
+    cli, out, _ = _run(["fit", *common, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                        "--test_after_fit", "false"], capsys)
+    run = in_tmp / "runs" / "MAMLModule" / "latest"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and f"last {run.resolve().relative_to(in_tmp)}" in \
+        out.replace(str(in_tmp) + "/", "")
+    assert list(run.glob("lightning_logs/version_*/metrics.csv"))
+    assert "no figures: figures are drawn at the end of a test, and --test_after_fit false skipped it" in out
+
+
+@pytest.mark.slow
+def test_a_short_run_says_why_it_has_no_best_checkpoint(in_tmp, capsys):
+    _, out, _ = _run(["fit", *SIN, "--trainer.max_steps", "2", "--data.init_args.meta_batch_size", "2",
+                      "--trainer.logger", "false", "--test_after_fit", "false"], capsys)
+    assert "no best checkpoint: 'val/mse' was never logged (the first validation comes after 500 steps and the " \
+           "run stopped at step 2" in out
+
+
+# ------------------------------------------------------------------ tasklight embed (Task2Vec's second step)
+EMBED = ["embed", "--config", str(Path(__file__).resolve().parents[2] / "configs" / "task2vec_embed_omniglot.yaml")]
+EMBED_CASES = {
+    "embed_probe_state_missing": (EMBED, r"--probe_state .*last\.ckpt does not exist: train the probe first"),
+    "embed_probe_ckpt_missing": (["embed", "--data", "SinusoidDataModule", "--probe_ckpt", "none.ckpt"],
+                                 r"--probe_ckpt none\.ckpt does not exist"),
+    "embed_no_probe": (["embed", "--data", "tasklight.SinusoidDataModule"], r"no probe: pass --probe_ckpt"),
+    "embed_unknown_option": ([*EMBED, "--probe_stat", "x"], r"probe_stat"),
+    "embed_bad_yaml": (["embed", "--config", "bad.yaml"], r"bad\.yaml is not valid YAML at line"),
+    "embed_split_invalid": ([*EMBED, "--split", "nope"], r"split"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMBED_CASES))
+def test_embed_errors_are_one_line(case, in_tmp, capsys):
+    _write("bad.yaml", "probe: [\n")
+    args, want = EMBED_CASES[case]
+    line = one_line(args, capsys)
+    assert re.search(want, line), line
+
+
+def test_embed_reads_the_shipped_config_with_extends(in_tmp):
+    from tasklight.cli import _resolve_config_args
+    from tasklight.task2vec.embed_cli import build_parser
+
+    cfg = build_parser().parse_args(_resolve_config_args(EMBED[1:]))
+    assert cfg.data.class_path.endswith("OmniglotAlphabetsDataModule")  # from base/task2vec.yaml
+    assert cfg.probe_state_prefix == "trunk" and cfg.task2vec.mc_samples == 4  # the leaf's own keys
+
+
+# ------------------------------------------------------------------ manual optimisation and Trainer options
+@pytest.mark.slow
+def test_bf16_mixed_precision_is_honoured_by_a_manual_optimisation_learner():
+    """Lightning's autocast wraps the learners' training_step: bf16-mixed changes the loss (bf16 matmuls)
+    by a little, keeps float32 weights, and trains."""
+    def run(precision):
+        L.seed_everything(0, verbose=False)
+        model = MAMLModule(MLP(1, [8], 1), inner_steps=1)
+        dm = SinusoidDataModule(meta_batch_size=2, batches_per_epoch=4, val_episodes=2, test_episodes=2)
+        t = L.Trainer(max_steps=3, precision=precision, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, inference_mode=False, limit_val_batches=0, enable_checkpointing=False)
+        t.fit(model, dm)
+        return float(t.callback_metrics["train/query_loss"]), next(model.parameters()).dtype
+
+    (full, dtype32), (mixed, dtype_mixed) = run("32-true"), run("bf16-mixed")
+    assert dtype32 == dtype_mixed == torch.float32
+    assert mixed != full and abs(mixed - full) / full < 0.05 and torch.isfinite(torch.tensor(mixed))
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_a_manual_optimisation_learner_on_its_logged_metric():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    L.seed_everything(0, verbose=False)
+    model = MAMLModule(MLP(1, [8], 1), inner_steps=1)
+    dm = SinusoidDataModule(meta_batch_size=2, batches_per_epoch=50, val_episodes=2, test_episodes=2)
+    stop = EarlyStopping(monitor="val/mse", mode="min", stopping_threshold=1e9)  # met at the first validation
+    t = L.Trainer(max_steps=50, val_check_interval=3, callbacks=[stop], logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, inference_mode=False, enable_checkpointing=False,
+                  num_sanity_val_steps=0)
+    t.fit(model, dm)
+    assert t.global_step == 3 and stop.stopped_epoch == 0 and t.should_stop
+
+
+@pytest.mark.slow
+def test_version_answers_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, tasklight_launch; tasklight_launch.main(['--version']); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.splitlines()[-1] == "False", res.stdout + res.stderr
+    assert res.stdout.startswith("tasklight ") and "(torch " in res.stdout
+
+
+def test_the_sinusoid_figure_s_true_function_is_each_task_s_sine():
+    gen = torch.Generator().manual_seed(3)
+    amp, phase = torch.rand(4, 1, 1, generator=gen) * 4.9 + 0.1, torch.rand(4, 1, 1, generator=gen) * 3.14
+    x = torch.rand(4, 7, 1, generator=gen) * 10 - 5
+    grid = torch.linspace(-5, 5, 50)[:, None]
+    curve = SinusoidDataModule.true_function(x, amp * torch.sin(x - phase), grid)
+    torch.testing.assert_close(curve, (amp * torch.sin(grid.T - phase)).reshape(4, 50), atol=1e-5, rtol=1e-5)
+
+
+def test_embed_probe_prefix_finds_a_multitask_trunk_nested_in_its_architecture(tmp_path):
+    """Task2Vec's step 2 after step 1: a MultiTaskModule checkpoint keeps its trunk at
+    `architecture.trunk.*` (the layout of configs/task2vec_probe_omniglot.yaml's last.ckpt); the shipped
+    config's `probe_state_prefix: trunk` finds it."""
+    from types import SimpleNamespace
+
+    from tasklight.task2vec.embed_cli import load_probe
+
+    torch.manual_seed(0)
+    trunk, head = MLP(4, [8], 6), torch.nn.Linear(6, 3)
+    state = {**{f"architecture.trunk.{k}": v for k, v in trunk.state_dict().items()},
+             **{f"architecture.heads.0.{k}": v for k, v in head.state_dict().items()},
+             "skipped_steps": torch.zeros(()), "weighting.w": torch.ones(2)}
+    torch.save({"state_dict": state}, tmp_path / "last.ckpt")
+    probe = MLP(4, [8], 6)
+    cfg = SimpleNamespace(probe_ckpt=None, probe_state=str(tmp_path / "last.ckpt"), probe_state_prefix="trunk")
+    load_probe(cfg, {"probe": probe})
+    for name, value in trunk.state_dict().items():
+        torch.testing.assert_close(probe.state_dict()[name], value, msg=name)
+    cfg.probe_state_prefix = "nothing"
+    with pytest.raises(ValueError, match=r"no entry of .* starts with 'nothing\.'"):
+        load_probe(cfg, {"probe": MLP(4, [8], 6)})
