@@ -65,7 +65,7 @@ def test_exact_fisher_equals_explicit_loop_over_examples_and_labels(bn_model):
 
 
 def test_layer_engine_equals_vmap_engine_and_the_loop_on_given_labels():
-    """One forward/backward per batch (per-example conv gradients from unfolded patches) against
+    """One forward/backward per batch (per-example conv gradients from one grouped convolution) against
     torch.func per example and the explicit loop, on strided, padded, dilated convs with biases."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
