@@ -206,7 +206,8 @@ def main(argv=None) -> None:
                           total)
     lines[-1:] = [f"Load average (1 min): {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.", ""]
     lines += [f"Monte-Carlo Fisher of a Conv4 probe (width 32, 28x28, fixed BatchNorm statistics) over {len(x)} "
-              f"Omniglot images, one sampled label per image, {rounds} alternating rounds after one untimed warm-up round of every arm. Reference: "
+              f"Omniglot images, one sampled label per image, {rounds} alternating rounds after one untimed "
+              f"warm-up round of every arm. Reference: "
               f"`{ref_name}`" + (" (`Task2Vec.montecarlo_fisher`, one example per batch, its labels recorded and "
                                  "given to tasklight)" if ref is not None else
                                  " (the authors' code was not available: tasklight's per-example loop)") + ".", "",

@@ -70,7 +70,8 @@ def fisher_diagonal(model: nn.Module, x: Tensor, param_names: Sequence[str], *, 
     weights and biases from ONE forward and backward pass of a batch (each layer's input and output
     gradient per example, the conv weight's per-example gradients by one grouped convolution with the
     batch folded into the channels, a linear weight's squared gradients by one matrix product);
-    ``"vmap"`` runs ``torch.func.grad`` of one example vmapped over the batch (any parameter); ``"auto"`` uses ``layers`` where it applies and ``vmap`` for the other parameters.
+    ``"vmap"`` runs ``torch.func.grad`` of one example vmapped over the batch (any parameter);
+    ``"auto"`` uses ``layers`` where it applies and ``vmap`` for the other parameters.
     Both give the same Fisher up to float rounding.
     """
     if engine not in ("auto", "layers", "vmap"):
