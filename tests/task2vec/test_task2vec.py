@@ -65,7 +65,7 @@ def test_exact_fisher_equals_explicit_loop_over_examples_and_labels(bn_model):
 
 
 def test_layer_engine_equals_vmap_engine_and_the_loop_on_given_labels():
-    """One forward/backward per batch (per-example conv gradients from unfolded patches) against
+    """One forward/backward per batch (per-example conv gradients from one grouped convolution) against
     torch.func per example and the explicit loop, on strided, padded, dilated convs with biases."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
@@ -94,6 +94,24 @@ def test_layer_engine_equals_vmap_engine_and_the_loop_on_given_labels():
         fisher_diagonal(model, x, layers, labels=labels[:3])
     with pytest.raises(ValueError, match="exact=True"):
         fisher_diagonal(model, x, layers, labels=labels, exact=True)
+
+
+def test_layer_engine_on_a_linear_layer_applied_at_several_positions_equals_the_loop():
+    """A linear layer on [N, L, in] inputs has a per-example gradient summed over positions (the batched product
+    path), the head on [N, in] the closed form (d^2)^T a^2; both against the explicit loop, plain and weighted."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3))
+    x = torch.randn(6, 2, 3)
+    names = ["0.weight", "0.bias", "3.weight", "3.bias"]
+    labels = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(1))
+    total, _ = loop_sq_grads(model, names, x, [[int(c)] for c in labels], [[1.0]] * len(x))
+    got = fisher_diagonal(model, x, names, labels=labels, engine="layers", batch_size=4)
+    probs = F.softmax(model(x), -1).detach()
+    exact, _ = loop_sq_grads(model, names, x, [list(range(3))] * len(x), probs.double().tolist())
+    weighted = fisher_diagonal(model, x, names, exact=True, engine="layers")
+    for n in names:
+        torch.testing.assert_close(got[n].double(), total[n] / len(x), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(weighted[n].double(), exact[n] / len(x), rtol=1e-5, atol=1e-9)
 
 
 def test_monte_carlo_fisher_same_labels_matches_loop_and_is_within_mc_tolerance(bn_model):
