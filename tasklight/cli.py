@@ -425,7 +425,8 @@ class TasklightCLI(LightningCLI):
         except Exception as err:  # noqa: BLE001 - reported as one line when it is ours
             if tlconfig.constructor_errors and not os.environ.get("TASKLIGHT_TRACEBACK"):
                 cls_name, ours = tlconfig.constructor_errors[-1]
-                _fail(f"{cls_name}: {ours}  (TASKLIGHT_TRACEBACK=1 shows the traceback)")
+                text = ours if str(ours).startswith(f"{cls_name}:") else f"{cls_name}: {ours}"
+                _fail(f"{text}  (TASKLIGHT_TRACEBACK=1 shows the traceback)")
             raise err
         for logger in self.trainer.loggers:
             quiet_wandb_logger(logger)

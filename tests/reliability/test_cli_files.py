@@ -105,7 +105,7 @@ CONFIG_CASES = {
     "run_name_home": ({}, ["fit", *SIN, "--run_name", "~x"], r"is not a folder name"),
     "omniglot_root_missing": ({}, ["fit", *OMNI, "--data.init_args.root", "nowhere"],
                               r"OmniglotDataModule: Omniglot data not found"),
-    "n_way_zero": ({}, ["fit", *OMNI, "--data.init_args.n_way", "0"], r"n_way >= 2.*got n_way=0"),
+    "n_way_zero": ({}, ["fit", *OMNI, "--data.init_args.n_way", "0"], r"^tasklight: error: OmniglotDataModule: n_way must be an integer >= 2.*got 0"),
     "inner_lr_negative": ({}, ["fit", *SIN, "--model.init_args.inner_lr", "-1"], r"MAMLModule: .*inner_lr"),
     "meta_batch_zero": ({}, ["fit", *SIN, "--data.init_args.meta_batch_size", "0"], r"meta_batch_size"),
     "strategy_unknown": ({}, ["fit", *SIN, "--trainer.strategy", "nonsense"], r"invalid strategy name"),
