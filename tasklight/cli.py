@@ -568,6 +568,10 @@ class TasklightCLI(LightningCLI):
         if path is not None:
             print(f"tasklight: predictions written to {path} (read with torch.load(path, weights_only=True); "
                   f"format: README, `tasklight predict`)", flush=True)
+        else:
+            print("tasklight: warning: predict returned no predictions to this process (a spawned DDP "
+                  "strategy keeps them in its workers), so no predictions file was written: run predict on "
+                  "one process (--trainer.devices 1 --trainer.strategy auto)", file=sys.stderr, flush=True)
         self._report()
 
 

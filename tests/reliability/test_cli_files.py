@@ -557,3 +557,19 @@ def test_embed_probe_prefix_finds_a_multitask_trunk_nested_in_its_architecture(t
     cfg.probe_state_prefix = "nothing"
     with pytest.raises(ValueError, match=r"no entry of .* starts with 'nothing\.'"):
         load_probe(cfg, {"probe": MLP(4, [8], 6)})
+
+
+def test_predict_that_leaves_no_predictions_in_this_process_says_so(capsys, tmp_path, monkeypatch):
+    """Under a spawned DDP strategy the predictions stay in the workers: the command says that no file
+    was written and how to get one, instead of exiting silently."""
+    from types import SimpleNamespace
+
+    from tasklight.cli import TasklightCLI
+
+    monkeypatch.setenv("TASKLIGHT_RUN_DIR", str(tmp_path))
+    fake = SimpleNamespace(trainer=SimpleNamespace(predict_loop=SimpleNamespace(predictions=None), global_rank=0),
+                           model=object(), _sub=lambda: {}, _report=lambda: None)
+    TasklightCLI.after_predict(fake)
+    err = capsys.readouterr().err
+    assert "no predictions file was written" in err and "--trainer.devices 1" in err
+    assert not list(tmp_path.iterdir())
