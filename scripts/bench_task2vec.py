@@ -1,7 +1,7 @@
 """Task2Vec on Omniglot: expert selection among alphabet experts (the default, under a protocol), and
 the paper's three qualitative results on transformed domains (a second, labelled setting).
 
-    python scripts/bench_task2vec.py                             # alphabets: protocol, 5 seeds (~15 min)
+    python scripts/bench_task2vec.py                             # alphabets: protocol, 5 seeds
     python scripts/bench_task2vec.py --setting transforms --quick   # domains: one fold, one seed
 
 **Alphabets** (the default; ``benchmarks/protocols/task2vec_alphabets.yaml`` fixes every setting):
@@ -169,6 +169,9 @@ def run_alphabets(argv: list[str] | None) -> dict:
     t_start = time.perf_counter()
     data = load_omniglot()
     x_all = data.images.float().div(255.0).unsqueeze(1)
+    size = int(m["image_size"])
+    if size != x_all.shape[-1]:
+        x_all = F.interpolate(x_all, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     names = list(data.alphabets)
     errs: dict[str, list[float]] = {a: [] for a in proto.arms}  # per seed, mean over held-out alphabets
     rows, picks = [], 0
@@ -224,8 +227,8 @@ def run_alphabets(argv: list[str] | None) -> dict:
     lines += proto.describe()
     lines += [f"Tasks are the {len(names)} alphabets of the two small background zips. Per seed, drawers "
               f"{sorted(zoo_d.tolist())} of the last seed (a seeded permutation per seed) make the zoo's data, "
-              f"{dr['train']} drawers the new task's training split and {dr['test']} its test split. Experts: "
-              f"Conv4 (width {hidden}), {epochs} epochs of Adam (lr {b['lr']}, batches of {b['batch_size']}) on "
+              f"{dr['train']} drawers the new task's training split and {dr['test']} its test split; images "
+              f"resized to {size}x{size}. Experts: Conv4 (width {hidden}), {epochs} epochs of Adam (lr {b['lr']}, batches of {b['batch_size']}) on "
               f"one alphabet's zoo drawers. Each alphabet in turn is held out: the candidates are the other "
               f"{len(names) - 1} experts; the generic expert, also the probe, is a Conv4 trained {gepochs} epochs "
               f"on the union of the candidates' zoo data. Task2Vec: {t2v['method']} Fisher, at most "
