@@ -18,11 +18,9 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
 from bench_mtl_omniglot import OUT, write_section  # noqa: E402
 
