@@ -67,3 +67,31 @@ def test_hlgauss_tuning_picks_the_lowest_validation_and_refuses_an_edge():
     with pytest.raises(ProtocolError, match="lr of hlgauss on e.*edge of the grid"):
         bench.tune(edge, "p.yaml")
     assert bench.tune(edge, "p.yaml", strict=False)[("e", "hlgauss")] == 1e-3  # smoke runs only
+
+
+def test_collect_benchmarks_reads_each_runs_command_protocol_seeds_and_interval():
+    collect = _script("collect_benchmarks")
+    text = """# Title
+
+Command: `python scripts/a.py`  
+Date: 2026-12-08  
+Machine: CPU, 2 cores, 1 thread; total time 5 s
+
+## Run one
+
+```
+SUMMARY delta_m=1.00 ci95=2.00 delta_m_last=0.50 ci95_last=1.50 seeds=5 protocol=0123456789ab
+```
+
+## Run two
+
+Command: `python scripts/a.py --other`  
+SUMMARY speed=1.05
+"""
+    one, two = collect.summary_rows(text)
+    assert one == {"run": "Run one", "command": "python scripts/a.py", "date": "2026-12-08",
+                   "machine": "CPU, 2 cores, 1 thread", "protocol": "0123456789ab", "seeds": "5",
+                   "interval": "ci95=2.00, ci95_last=1.50",
+                   "summary": "SUMMARY delta_m=1.00 ci95=2.00 delta_m_last=0.50 ci95_last=1.50 seeds=5 "
+                              "protocol=0123456789ab"}
+    assert two["command"] == "python scripts/a.py --other" and two["protocol"] == "-" and two["interval"] == "-"
