@@ -207,7 +207,7 @@ def tune(val: dict[tuple[str, str], dict[float, float]], protocol_name: str, str
 def main(argv=None) -> None:
     p = parser(__doc__, str(ROOT / "docs" / "bench_hlgauss.md"))
     p.add_argument("--protocol", default=str(PROTOCOL))
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=int, default=4,
                    help="runs in parallel processes (each on --threads threads; the quality numbers do not change)")
     args = p.parse_args(argv)
     if args.seeds is not None:
@@ -259,12 +259,12 @@ def main(argv=None) -> None:
     summary = (f"SUMMARY hl_over_mse_rmse={geo:.3f} worst={max(ratios.values()):.3f} "
                + " ".join(f"{k}={v:.3f}" for k, v in ratios.items()) + f" seeds={len(test)} protocol={proto.hash}")
     total = time.perf_counter() - t0
-    cmd = "python scripts/bench_hlgauss.py" + (" --quick" if args.quick else "") + (
-        f" --jobs {args.jobs}" if args.jobs > 1 else "")
+    cmd = " ".join(["python scripts/bench_hlgauss.py"] + (sys.argv[1:] if argv is None else list(argv)))
     label = {"mse": "MSE", "hlgauss": f"HL-Gauss, sigma {sigma.get('hlgauss')} bins (default)",
              "hlgauss_sigma2": f"HL-Gauss, sigma {sigma.get('hlgauss_sigma2')} bins (ablation)"}
     doc = header("Benchmark: HL-Gauss histogram loss vs MSE", cmd, args.threads, total) + [
-        f"Load average of the machine: {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.", "",
+        f"Load average of the machine: {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end ({args.jobs} "
+        f"run(s) in parallel; the numbers do not depend on it).", "",
         *proto.describe(),
         f"## Tabular regression (scikit-learn data, 64-64 MLP, Adam, batch {BATCH}, early stopping)"
         + (" -- --quick smoke run, not a result" if args.quick else ""),
