@@ -22,7 +22,7 @@ where each ratio is RMSE(HL-Gauss, sigma 0.75) / RMSE(MSE) of the seed means (be
 loss wins).
 
 Usage:
-    python scripts/bench_hlgauss.py              # the protocol: 3 arms x 4 data sets, 8 lrs x 1 tuning seed, 5 test seeds
+    python scripts/bench_hlgauss.py              # the protocol: 3 arms x 4 data sets, 10 lrs x 1 tuning seed, 5 test seeds
     python scripts/bench_hlgauss.py --quick      # smoke run (30 epochs, two test seeds): not a result
 """
 from __future__ import annotations
