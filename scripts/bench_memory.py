@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_meta as B  # noqa: E402
 
 MiB = 1024.0 * 1024.0

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import subprocess
@@ -50,9 +51,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_meta as B  # noqa: E402
 import _meta_refs as R  # noqa: E402
+from tasklight.metrics import t_ci95  # noqa: E402
 
 MiB = 1024.0 * 1024.0
 STRATEGIES = ("auto", "vmap", "stacked", "loop")
@@ -255,6 +256,15 @@ def bench_setting(args, name: str, rounds: int) -> dict:
             "f64": f64, "f32": f32, "floor32": floor32, "flops": flops, "compile_s": compile_s, "built": built}
 
 
+def ratio_interval(ref: list[float], ours: list[float]) -> tuple[float, float]:
+    """95 % t interval of the speed ratio ``ref / ours`` over paired rounds (on the log scale, so the interval
+    of the ratio is multiplicative); NaN bounds with fewer than two rounds."""
+    logs = torch.tensor([math.log(a / b) for a, b in zip(ref, ours)], dtype=torch.float64)
+    r = t_ci95(logs)
+    mean, half = float(r["mean"]), float(r["ci95"])
+    return math.exp(mean - half), math.exp(mean + half)
+
+
 def profile_best(res: dict, top: int = 10) -> tuple[str, str]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -390,9 +400,15 @@ return freed memory). `loop` is `chunk_size=1`.
             lo = results[name]["loop_over"]
             x = lo["tasklight:auto"]
             l2l = (x / lo["learn2learn"]) if "learn2learn" in lo else None
-            targets.append(f"{dict(sin='(A)', conv='(B)', conv20='(C)')[name]} `auto` is {x:.2f}x faster than the loop"
-                           + (f" and {l2l:.2f}x faster than learn2learn" if l2l is not None else "")
-                           + f" (target {goal:.0f}x: {'met' if x >= goal and (l2l is None or l2l >= goal) else 'missed'})")
+            lo_ci, hi_ci = ratio_interval(results[name]["times"]["loop"], results[name]["times"]["tasklight:auto"])
+            label = dict(sin='(A)', conv='(B)', conv20='(C)')[name]
+            if lo_ci > 1:  # a speed-up is claimed only where the paired interval excludes 1
+                verdict = f"`auto` is {x:.2f}x faster than the loop (95 % interval {lo_ci:.2f}-{hi_ci:.2f}x)"
+            else:
+                verdict = (f"`auto` runs at {x:.2f}x the loop's speed (95 % interval {lo_ci:.2f}-{hi_ci:.2f}x, "
+                           f"which includes 1: no speed-up)")
+            targets.append(f"{label} {verdict}" + (f"; {l2l:.2f}x learn2learn's speed" if l2l is not None else "")
+                           + f" (target {goal:.0f}x: {'met' if lo_ci >= goal and (l2l is None or l2l >= goal) else 'missed'})")
     body = f"""## {'Quick run' if args.quick else 'Default run'}{f' ({args.tag})' if args.tag else ''}
 
 Command: `{B.command_line()}`

@@ -40,13 +40,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
 from bench_mtl_omniglot import OUT, write_section  # noqa: E402
 

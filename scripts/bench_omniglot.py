@@ -2,7 +2,7 @@
 ``benchmarks/protocols/omniglot_meta.yaml``: test accuracy, mean and 95 % t interval over seeds, side by
 side, with each paper's figure beside it.
 
-    python scripts/bench_omniglot.py             # the protocol: 10 methods x 3 seeds, 100 meta-steps each
+    python scripts/bench_omniglot.py             # the protocol: 10 methods x 3 seeds (one process each), 60 meta-steps
     python scripts/bench_omniglot.py --quick     # smoke run: 2 methods, 1 seed, 5 meta-steps (not a result)
 
 Methods: MAML (second order), first-order MAML, Meta-SGD, iMAML, ANIL (MAML adapting the head only),
@@ -155,11 +155,29 @@ def train_and_test(method: str, proto, seed: int, steps: int) -> dict:
     return {"steps": trainer.global_step, "train_cpu_s": train_s, "acc": res[f"test/acc@{k}"], "k": k}
 
 
+def run_seed(protocol: str, seed: int, methods: list[str], steps: int, threads: int) -> dict:
+    """Every method on one seed (one process per seed with ``--jobs``; the results do not depend on it)."""
+    quiet_lightning()
+    B.set_threads(threads)
+    proto = load_protocol(protocol)
+    outs = {}
+    for m in methods:
+        out = train_and_test(m, proto, seed, steps)
+        if out["steps"] != steps:
+            raise RuntimeError(f"{NAMES[m]} ran {out['steps']} meta-steps, not the protocol's {steps}")
+        outs[m] = out
+        print(f"seed {seed} {NAMES[m]:9s} {steps} meta-steps in {out['train_cpu_s']:.0f} CPU s: "
+              f"acc@{out['k']} {100 * out['acc']:.1f} %", flush=True)
+    return outs
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: MAML and ProtoNet, 1 seed, 5 meta-steps")
     p.add_argument("--protocol", default=str(PROTOCOL))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=3, help="seeds run in this many processes at once (the results do "
+                   "not depend on it)")
     args = p.parse_args(argv)
     quiet_lightning()
     B.set_threads(args.threads)
@@ -174,19 +192,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(machine, flush=True)
     t_start = time.perf_counter()
     OmniglotDataModule().prepare_data()  # build the image cache once, outside the runs
-    acc: dict[str, list[float]] = {m: [] for m in methods}
-    cpu: dict[str, list[float]] = {m: [] for m in methods}
-    k_test: dict[str, int] = {}
-    for seed in seeds:
-        for m in methods:
-            out = train_and_test(m, proto, seed, steps)
-            if out["steps"] != steps:
-                raise RuntimeError(f"{NAMES[m]} ran {out['steps']} meta-steps, not the protocol's {steps}")
-            acc[m].append(out["acc"])
-            cpu[m].append(out["train_cpu_s"])
-            k_test[m] = out["k"]
-            print(f"seed {seed} {NAMES[m]:9s} {steps} meta-steps in {out['train_cpu_s']:.0f} CPU s: "
-                  f"acc@{out['k']} {100 * out['acc']:.1f} %", flush=True)
+    if args.jobs > 1 and len(seeds) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(args.jobs, len(seeds)), mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(run_seed, str(proto.path), s, methods, steps, args.threads) for s in seeds]
+            per_seed = [f.result() for f in futures]
+    else:
+        per_seed = [run_seed(str(proto.path), s, methods, steps, args.threads) for s in seeds]
+    acc = {m: [r[m]["acc"] for r in per_seed] for m in methods}
+    cpu = {m: [r[m]["train_cpu_s"] for r in per_seed] for m in methods}
+    k_test = {m: per_seed[0][m]["k"] for m in methods}
     total = time.perf_counter() - t_start
     stats = {m: paired(acc[m], [0.0] * len(acc[m])) for m in methods}
     ref = "maml" if "maml" in methods else methods[0]

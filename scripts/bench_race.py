@@ -29,11 +29,9 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_meta as B  # noqa: E402
 import _meta_refs as R  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Task2Vec on Omniglot: expert selection among alphabet experts (the default, under a protocol), and
 the paper's three qualitative results on transformed domains (a second, labelled setting).
 
-    python scripts/bench_task2vec.py                             # alphabets: protocol, 5 seeds (~15 min)
+    python scripts/bench_task2vec.py                             # alphabets: protocol, 5 seeds
     python scripts/bench_task2vec.py --setting transforms --quick   # domains: one fold, one seed
 
 **Alphabets** (the default; ``benchmarks/protocols/task2vec_alphabets.yaml`` fixes every setting):
@@ -149,11 +149,70 @@ def leave_one_out(names: list[str]) -> list[tuple[str, list[str]]]:
     return [(h, [a for a in names if a != h]) for h in names]
 
 
+def alphabet_seed(protocol: str, seed: int, quick: bool, threads: int) -> dict:
+    """One test seed of the alphabet setting: the zoo, every held-out alphabet in turn, each arm's error
+    (one process per seed with ``--jobs``; the results do not depend on it)."""
+    torch.set_num_threads(threads)
+    proto = load_protocol(protocol)
+    b, m, t2v, dr = proto.budget, proto.extra["model"], proto.extra["task2vec"], proto.extra["drawers"]
+    (config,) = proto.grid_for("task2vec")
+    alpha, hidden = float(config["alpha"]), int(m["hidden"])
+    epochs, gepochs = (1, 1) if quick else (int(b["expert_epochs"]), int(b["generic_epochs"]))
+    data = load_omniglot()
+    x_all = data.images.float().div(255.0).unsqueeze(1)
+    size = int(m["image_size"])
+    if size != x_all.shape[-1]:
+        x_all = F.interpolate(x_all, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    names = list(data.alphabets)
+    rows, picks = [], 0
+    zoo_d, train_d, test_d = drawer_split(seed, int(dr["zoo"]), int(dr["train"]), int(dr["test"]))
+    in_zoo, in_train, in_test = (torch.isin(data.image_drawer, d) for d in (zoo_d, train_d, test_d))
+
+    def alpha_mask(alphabets, drawers_mask):
+        ids = torch.tensor([names.index(a) for a in alphabets])
+        return torch.isin(data.image_alphabet, ids) & drawers_mask
+
+    def train_net(alphabets, ep, net_seed):
+        mk = alpha_mask(alphabets, in_zoo)
+        y = data.image_character[mk]
+        torch.manual_seed(net_seed)
+        net = Conv4(out_features=len(torch.unique(y)), hidden=hidden, image_size=x_all.shape[-1])
+        return train_classifier(net, x_all[mk], y, ep, lr=float(b["lr"]), batch_size=int(b["batch_size"]),
+                                seed=net_seed)
+
+    t0 = time.perf_counter()
+    experts = {a: train_net([a], epochs, 1000 * seed + k) for k, a in enumerate(names)}
+    zoo_tasks = {a: (x_all[alpha_mask([a], in_zoo)], data.image_character[alpha_mask([a], in_zoo)]) for a in names}
+    print(f"seed {seed}: {len(experts)} experts trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    per = {a: [] for a in proto.arms}
+    for k, (held, cands) in enumerate(leave_one_out(names)):
+        generic = train_net(cands, gepochs, 1000 * seed + 100 + k)
+        embedder = Task2Vec(generic, method=t2v["method"], mc_samples=int(t2v["mc_samples"]),
+                            max_examples=int(t2v["max_examples"]), seed=seed)
+        tr = (x_all[alpha_mask([held], in_train)], data.image_character[alpha_mask([held], in_train)])
+        te = (x_all[alpha_mask([held], in_test)], data.image_character[alpha_mask([held], in_test)])
+        cand_emb = {a: embedder.embed(zoo_tasks[a], a) for a in cands}
+        ranking = rank_experts(embedder.embed(tr, held), cand_emb, alpha=alpha)
+        errors = {a: transfer_error(experts[a], tr, te) for a in cands}
+        oracle = min(errors, key=errors.__getitem__)
+        row = {"task2vec": errors[ranking.chosen], "oracle": errors[oracle],
+               "random": statistics.fmean(errors.values()), "generic": transfer_error(generic, tr, te)}
+        for a in proto.arms:
+            per[a].append(row[a])
+        picks += errors[ranking.chosen] == errors[oracle]
+        rows.append([str(seed), held, ranking.chosen, f"{row['task2vec']:.3f}", oracle, f"{row['oracle']:.3f}",
+                     f"{row['random']:.3f}", f"{row['generic']:.3f}"])
+        print("  " + " | ".join(rows[-1]), flush=True)
+    return {"per": per, "rows": rows, "picks": picks, "zoo": sorted(zoo_d.tolist()), "names": names}
+
+
 def run_alphabets(argv: list[str] | None) -> dict:
     """The alphabet setting under its protocol (see the module docstring)."""
     p = _bench.parser(__doc__, str(REPO / "docs" / "bench_task2vec.md"))
     p.add_argument("--setting", choices=("alphabets",), default="alphabets")
     p.add_argument("--protocol", default=str(PROTOCOL))
+    p.add_argument("--jobs", type=int, default=5, help="seeds run in this many processes at once (the results do "
+                   "not depend on it)")
     args = p.parse_args(argv)
     if args.seeds is not None:
         p.error("--seeds: the test seeds are the protocol's (test_seeds in the protocol file)")
@@ -167,52 +226,19 @@ def run_alphabets(argv: list[str] | None) -> dict:
     if args.quick:  # a smoke run of the code path, not a result
         seeds, epochs, gepochs = seeds[:2], 1, 1
     t_start = time.perf_counter()
-    data = load_omniglot()
-    x_all = data.images.float().div(255.0).unsqueeze(1)
-    names = list(data.alphabets)
-    errs: dict[str, list[float]] = {a: [] for a in proto.arms}  # per seed, mean over held-out alphabets
-    rows, picks = [], 0
-    for seed in seeds:
-        zoo_d, train_d, test_d = drawer_split(seed, int(dr["zoo"]), int(dr["train"]), int(dr["test"]))
-        in_zoo, in_train, in_test = (torch.isin(data.image_drawer, d) for d in (zoo_d, train_d, test_d))
+    if args.jobs > 1 and len(seeds) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-        def alpha_mask(alphabets, drawers_mask):
-            ids = torch.tensor([names.index(a) for a in alphabets])
-            return torch.isin(data.image_alphabet, ids) & drawers_mask
-
-        def train_net(alphabets, ep, net_seed):
-            mk = alpha_mask(alphabets, in_zoo)
-            y = data.image_character[mk]
-            torch.manual_seed(net_seed)
-            net = Conv4(out_features=len(torch.unique(y)), hidden=hidden, image_size=x_all.shape[-1])
-            return train_classifier(net, x_all[mk], y, ep, lr=float(b["lr"]), batch_size=int(b["batch_size"]),
-                                    seed=net_seed)
-
-        t0 = time.perf_counter()
-        experts = {a: train_net([a], epochs, 1000 * seed + k) for k, a in enumerate(names)}
-        zoo_tasks = {a: (x_all[alpha_mask([a], in_zoo)], data.image_character[alpha_mask([a], in_zoo)]) for a in names}
-        print(f"seed {seed}: {len(experts)} experts trained in {time.perf_counter() - t0:.0f} s", flush=True)
-        per = {a: [] for a in proto.arms}
-        for k, (held, cands) in enumerate(leave_one_out(names)):
-            generic = train_net(cands, gepochs, 1000 * seed + 100 + k)
-            embedder = Task2Vec(generic, method=t2v["method"], mc_samples=int(t2v["mc_samples"]),
-                                max_examples=int(t2v["max_examples"]), seed=seed)
-            tr = (x_all[alpha_mask([held], in_train)], data.image_character[alpha_mask([held], in_train)])
-            te = (x_all[alpha_mask([held], in_test)], data.image_character[alpha_mask([held], in_test)])
-            cand_emb = {a: embedder.embed(zoo_tasks[a], a) for a in cands}
-            ranking = rank_experts(embedder.embed(tr, held), cand_emb, alpha=alpha)
-            errors = {a: transfer_error(experts[a], tr, te) for a in cands}
-            oracle = min(errors, key=errors.__getitem__)
-            row = {"task2vec": errors[ranking.chosen], "oracle": errors[oracle],
-                   "random": statistics.fmean(errors.values()), "generic": transfer_error(generic, tr, te)}
-            for a in proto.arms:
-                per[a].append(row[a])
-            picks += errors[ranking.chosen] == errors[oracle]
-            rows.append([str(seed), held, ranking.chosen, f"{row['task2vec']:.3f}", oracle, f"{row['oracle']:.3f}",
-                         f"{row['random']:.3f}", f"{row['generic']:.3f}"])
-            print("  " + " | ".join(rows[-1]), flush=True)
-        for a in proto.arms:
-            errs[a].append(statistics.fmean(per[a]))
+        with ProcessPoolExecutor(min(args.jobs, len(seeds)), mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(alphabet_seed, str(proto.path), s, args.quick, args.threads) for s in seeds]
+            per_seed = [f.result() for f in futures]
+    else:
+        per_seed = [alphabet_seed(str(proto.path), s, args.quick, args.threads) for s in seeds]
+    errs = {a: [statistics.fmean(r["per"][a]) for r in per_seed] for a in proto.arms}  # mean over alphabets
+    rows = [row for r in per_seed for row in r["rows"]]
+    picks = sum(r["picks"] for r in per_seed)
+    names, zoo_d, size = per_seed[0]["names"], per_seed[-1]["zoo"], int(m["image_size"])
     total = time.perf_counter() - t_start
     mean_ci = {a: paired(errs[a], [0.0] * len(errs[a])) for a in proto.arms}
     diffs = {a: paired(errs["task2vec"], errs[a]) for a in proto.arms if a != "task2vec"}
@@ -223,9 +249,9 @@ def run_alphabets(argv: list[str] | None) -> dict:
     lines += ["## Expert selection among alphabet experts" + (" (--quick smoke run)" if args.quick else ""), ""]
     lines += proto.describe()
     lines += [f"Tasks are the {len(names)} alphabets of the two small background zips. Per seed, drawers "
-              f"{sorted(zoo_d.tolist())} of the last seed (a seeded permutation per seed) make the zoo's data, "
-              f"{dr['train']} drawers the new task's training split and {dr['test']} its test split. Experts: "
-              f"Conv4 (width {hidden}), {epochs} epochs of Adam (lr {b['lr']}, batches of {b['batch_size']}) on "
+              f"{zoo_d} of the last seed (a seeded permutation per seed) make the zoo's data, "
+              f"{dr['train']} drawers the new task's training split and {dr['test']} its test split; images "
+              f"resized to {size}x{size}. Experts: Conv4 (width {hidden}), {epochs} epochs of Adam (lr {b['lr']}, batches of {b['batch_size']}) on "
               f"one alphabet's zoo drawers. Each alphabet in turn is held out: the candidates are the other "
               f"{len(names) - 1} experts; the generic expert, also the probe, is a Conv4 trained {gepochs} epochs "
               f"on the union of the candidates' zoo data. Task2Vec: {t2v['method']} Fisher, at most "

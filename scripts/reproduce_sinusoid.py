@@ -25,11 +25,9 @@ import logging
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_meta as B  # noqa: E402
 
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
