@@ -690,38 +690,49 @@ class CAGrad(Weighting):
         return _scatter(coef, idx, stats)
 
 
-def nash_bargaining_weights(gram: Tensor, max_iter: int = 100, tol: float = 1e-10) -> Tensor:
-    """The Nash bargaining solution of Navon et al. (2022): ``alpha > 0`` with ``G alpha = 1 / alpha``.
+def fair_weights(gram: Tensor, alpha: float, max_iter: int = 100, tol: float = 1e-10) -> Tensor:
+    """The ``w > 0`` with ``G w = w^(-1/alpha)`` (the alpha-fair step of FairGrad, Ban & Ji 2024; Nash-MTL at ``alpha = 1``).
 
-    It is the unique minimiser of the strictly convex ``0.5 alpha^T G alpha - sum_t log alpha_t``
-    (its gradient is ``G alpha - 1 / alpha``), found by damped Newton steps that keep ``alpha > 0``.
-    Opposed gradients (a singular ``G`` whose null space meets the positive orthant) admit no
-    solution; a ridge ``1e-12 * tr(G) / T`` keeps the problem bounded (the weights are then very large).
+    It is the unique minimiser of the strictly convex ``0.5 w^T G w - sum_t h(w_t)``, ``h' = w^(-1/alpha)``
+    (``h = log`` for ``alpha = 1``), found by damped Newton steps that keep ``w > 0``, to a relative
+    residual ``tol``. A ridge ``1e-12 tr(G) / T`` keeps the problem bounded for opposed gradients.
     """
     G = gram.detach().double().cpu().numpy()
     T = G.shape[0]
     G = G + 1e-12 * max(np.trace(G) / T, 1e-30) * np.eye(T)
-    a = 1.0 / np.sqrt(np.maximum(np.diag(G), 1e-30))  # the solution for orthogonal gradients
+    p = 1.0 / alpha
+    w = np.maximum(np.diag(G), 1e-30) ** (-alpha / (alpha + 1.0))  # the solution for orthogonal gradients
+
+    def h(x):
+        return np.log(x).sum() if alpha == 1.0 else (x ** (1.0 - p)).sum() / (1.0 - p)
 
     def f(x):
-        return 0.5 * x @ G @ x - np.log(x).sum()
+        return 0.5 * x @ G @ x - h(x)
 
     for _ in range(max_iter):
-        grad = G @ a - 1.0 / a
-        if float(np.abs(a * grad).max()) <= tol:  # relative residual of alpha_t (G alpha)_t = 1
+        grad = G @ w - w ** (-p)
+        if float(np.abs(grad * w ** p).max()) <= tol:  # relative residual of (G w)_t w_t^(1/alpha) = 1
             break
-        H = G + np.diag(1.0 / a ** 2)
-        step = np.linalg.solve(H, grad)
+        step = np.linalg.solve(G + np.diag(p * w ** (-p - 1.0)), grad)
         decrement = float(grad @ step)
         s = 1.0
-        while np.any(a - s * step <= 0):
+        while np.any(w - s * step <= 0):
             s *= 0.5
         if decrement > 1e-12:  # damped phase; closer in, full Newton steps converge quadratically
-            f0 = f(a)
-            while f(a - s * step) > f0 - 0.25 * s * decrement and s > 1e-12:
+            f0 = f(w)
+            while f(w - s * step) > f0 - 0.25 * s * decrement and s > 1e-12:
                 s *= 0.5
-        a = a - s * step
-    return torch.from_numpy(a)
+        w = w - s * step
+    return torch.from_numpy(w)
+
+
+def nash_bargaining_weights(gram: Tensor, max_iter: int = 100, tol: float = 1e-10) -> Tensor:
+    """The Nash bargaining solution of Navon et al. (2022): ``alpha > 0`` with ``G alpha = 1 / alpha``,
+    the unique minimiser of the strictly convex ``0.5 alpha^T G alpha - sum_t log alpha_t``: the
+    alpha-fair weights of :func:`fair_weights` at ``alpha = 1``. Opposed gradients (a singular ``G``
+    whose null space meets the positive orthant) admit no solution; a ridge ``1e-12 * tr(G) / T``
+    keeps the problem bounded (the weights are then very large)."""
+    return fair_weights(gram, 1.0, max_iter, tol)
 
 
 class NashMTL(Weighting):

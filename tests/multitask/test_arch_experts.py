@@ -2,16 +2,14 @@
 PLE, DSelect-k; LibMTL 1.1.5 has no LTB), bad settings, and their Omniglot configs through the CLI."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+from _libmtl import libmtl_submodule
 
 from tasklight.data.batch import TaskSpec
 from tasklight.multitask import ARCHITECTURES, CGC, LTB, PLE, DSelectK
@@ -152,19 +150,7 @@ def test_bad_settings_are_refused_and_the_names_are_registered():
 @pytest.fixture(scope="module")
 def libmtl_arch():
     """LibMTL's architecture modules, loaded without the package ``__init__`` (it imports torchvision)."""
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None:
-        pytest.skip("LibMTL 1.1.5 is not installed (pip install --no-deps LibMTL==1.1.5)")
-    saved = {k: v for k, v in sys.modules.items() if k == "LibMTL" or k.startswith("LibMTL.")}
-    pkg = types.ModuleType("LibMTL")
-    pkg.__path__ = [str(Path(spec.origin).parent)]
-    sys.modules["LibMTL"] = pkg
-    try:
-        yield importlib.import_module("LibMTL.architecture")
-    finally:
-        for k in [k for k in sys.modules if k == "LibMTL" or k.startswith("LibMTL.")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+    yield from libmtl_submodule("architecture")
 
 
 class _ResNetLike(nn.Module):

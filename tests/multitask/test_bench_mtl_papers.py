@@ -159,22 +159,12 @@ def test_the_benchmarks_mmoe_equals_libmtls_on_the_same_weights(synth):
     """The implementation check of the MMoE experiment: LibMTL 1.1.5's MMoE, given our experts, gates and
     towers, computes the same outputs and the same expert gradients on MMoE's synthetic inputs."""
     import copy
-    import importlib
-    import types
 
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None:
-        pytest.skip("LibMTL 1.1.5 is not installed (pip install --no-deps LibMTL==1.1.5)")
-    saved = {k: v for k, v in sys.modules.items() if k == "LibMTL" or k.startswith("LibMTL.")}
-    pkg = types.ModuleType("LibMTL")  # without the package __init__, which imports an old torchvision API
-    pkg.__path__ = [str(Path(spec.origin).parent)]
-    sys.modules["LibMTL"] = pkg
-    try:
-        LibMMoE = importlib.import_module("LibMTL.architecture.MMoE").MMoE
-    finally:
-        for k in [k for k in sys.modules if k == "LibMTL" or k.startswith("LibMTL.")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+    from _libmtl import libmtl_submodule
+
+    loader = libmtl_submodule("architecture.MMoE")
+    LibMMoE = next(loader).MMoE
+    loader.close()  # LibMTL's modules leave sys.modules again; the class stays usable
     from tasklight.data.batch import TaskSpec
     from tasklight.multitask import MMoE, MultiTaskModule
 

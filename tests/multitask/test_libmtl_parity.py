@@ -10,16 +10,14 @@ deviates from the paper we follow the paper, and the test states the difference 
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import sys
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from _libmtl import libmtl_submodule
 
 from tasklight.multitask.weighting import (
     CAGrad, DWA, EqualWeighting, GradNorm, IMTL, MGDA, PCGrad, RLW, TaskStats, UncertaintyWeighting,
@@ -31,19 +29,7 @@ T = 3
 
 @pytest.fixture(scope="module")
 def libmtl():
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None:
-        pytest.skip("LibMTL 1.1.5 is not installed (pip install --no-deps LibMTL==1.1.5)")
-    saved = {k: v for k, v in sys.modules.items() if k == "LibMTL" or k.startswith("LibMTL.")}
-    pkg = types.ModuleType("LibMTL")
-    pkg.__path__ = [str(Path(spec.origin).parent)]
-    sys.modules["LibMTL"] = pkg
-    try:
-        yield importlib.import_module("LibMTL.weighting")
-    finally:
-        for k in [k for k in sys.modules if k == "LibMTL" or k.startswith("LibMTL.")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+    yield from libmtl_submodule("weighting")
 
 
 class Net(nn.Module):
