@@ -177,9 +177,8 @@ def test_inactive_tasks_get_zero_weight_and_the_rest_match_the_reduced_problem()
 # ------------------------------------------------------------------ methods of tasklight.multitask.weighting
 def test_the_earlier_methods_that_torchjd_also_has(monkeypatch):
     """Equal, static, MGDA, PCGrad (the same visiting orders), RLW (the same normal draws), IMTL-G and
-    UPGrad against torchjd's aggregators on the Jacobian. torchjd's CAGrad and Nash-MTL need cvxpy,
-    which the suite does not install: CAGrad is checked against LibMTL 1.1.5, Nash-MTL against its
-    defining equation (tests/multitask/test_weighting.py)."""
+    UPGrad against torchjd's aggregators on the Jacobian (CAGrad and Nash-MTL, which torchjd solves
+    with cvxpy: the next test)."""
     from tasklight.multitask.weighting import IMTL, MGDA, PCGrad, RLW, EqualWeighting, StaticWeighting
 
     J = jacobian(3, 8, 90)
@@ -207,3 +206,25 @@ def test_the_earlier_methods_that_torchjd_also_has(monkeypatch):
         m.setattr(torch, "randn", lambda *a, **kw: z)
         expected = jd.Random()(J)
     close(update(rlw), expected)
+
+
+@pytest.mark.filterwarnings("ignore:You are solving a parameterized problem that is not DPP")
+@pytest.mark.parametrize("T", [2, 3, 4])
+def test_nash_mtl_and_cagrad_against_torchjd(T):
+    """torchjd's Nash-MTL (the paper's cvxpy iterations) and CAGrad (its cvxpy dual) on the same
+    Jacobian. Nash-MTL: the same update (torchjd's norm cap lifted). CAGrad: the same direction;
+    ours is scaled by 1 / (1 + c^2) as the paper's code and LibMTL do (``rescale=1``), torchjd's is not."""
+    pytest.importorskip("cvxpy", reason="torchjd's Nash-MTL and CAGrad solve with cvxpy (the test extra installs it)")
+    from tasklight.multitask.weighting import CAGrad, NashMTL
+
+    J = jacobian(T, 8, 90 + T)
+    s = stats(J)
+
+    def update(method):
+        method.setup(T)
+        return J.T @ method.compute_weights(s).double()
+
+    close(update(NashMTL()), jd.NashMTL(n_tasks=T, max_norm=1e9, optim_niter=100)(J), 1e-5)
+    for c in (0.4, 0.5):
+        close(update(CAGrad(c=c, rescale=0)), jd.CAGrad(c=c)(J), 5e-4)  # two solvers' tolerances
+        close(update(CAGrad(c=c)) * (1 + c * c), update(CAGrad(c=c, rescale=0)), 1e-9)
