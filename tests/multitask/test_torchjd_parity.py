@@ -215,6 +215,7 @@ def test_nash_mtl_and_cagrad_against_torchjd(T):
     Jacobian. Nash-MTL: the same update (torchjd's norm cap lifted). CAGrad: the same direction;
     ours is scaled by 1 / (1 + c^2) as the paper's code and LibMTL do (``rescale=1``), torchjd's is not."""
     pytest.importorskip("cvxpy", reason="torchjd's Nash-MTL and CAGrad solve with cvxpy (the test extra installs it)")
+    pytest.importorskip("ecos", reason="torchjd's Nash-MTL solves with ECOS (the test extra installs it)")
     from tasklight.multitask.weighting import CAGrad, NashMTL
 
     J = jacobian(T, 8, 90 + T)
