@@ -845,7 +845,33 @@ def _torchjd_weighting(name: str):
     return getattr(jd, name)
 
 
-class UPGrad(Weighting):
+class DualConeWeighting(Weighting):
+    """Base of the methods whose weights are one of torchjd's dual-cone projections of the Gram matrix
+    (``torchjd_name``, solved by quadprog with the safeguards ``norm_eps`` and ``reg_eps``): UPGrad
+    and DualProj. Only the shared parameters are steered; heads get their own loss's gradient."""
+
+    needs_grads = True
+    direction_only = True
+    torchjd_name = ""
+
+    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
+                 grad_source: GradSource = "representation") -> None:
+        check_real(type(self).__name__, "norm_eps", norm_eps, 0.0)
+        check_real(type(self).__name__, "reg_eps", reg_eps, 0.0)
+        super().__init__(grad_source)
+        self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
+        from torchjd.linalg import QuadprogProjector
+
+        self._solver = _torchjd_weighting(self.torchjd_name)(
+            projector=QuadprogProjector(norm_eps=self.norm_eps, reg_eps=self.reg_eps))
+
+    def compute_weights(self, stats: TaskStats) -> Tensor:
+        self._check(stats)
+        idx, _, G = _active_gram(stats)
+        return _scatter(self._solver(G).double(), idx, stats)
+
+
+class UPGrad(DualConeWeighting):
     """UPGrad, the unconflicting projection of gradients of Jacobian descent (Quinton & Rey, 2024).
 
     Each task gradient is projected onto the dual cone of all task gradients (the vectors with a
@@ -856,25 +882,7 @@ class UPGrad(Weighting):
     their own loss's gradient.
     """
 
-    needs_grads = True
-    direction_only = True
-
-    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
-                 grad_source: GradSource = "representation") -> None:
-        check_real("UPGrad", "norm_eps", norm_eps, 0.0)
-        check_real("UPGrad", "reg_eps", reg_eps, 0.0)
-        super().__init__(grad_source)
-        self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
-        from torchjd.linalg import QuadprogProjector
-
-        self._solver = _torchjd_weighting("UPGradWeighting")(
-            projector=QuadprogProjector(norm_eps=self.norm_eps, reg_eps=self.reg_eps))
-
-    def compute_weights(self, stats: TaskStats) -> Tensor:
-        self._check(stats)
-        idx, g, G = _active_gram(stats)
-        return _scatter(self._solver(G).double(), idx, stats)
-
+    torchjd_name = "UPGradWeighting"
 
 WEIGHTINGS = {cls.__name__: cls for cls in (StaticWeighting, EqualWeighting, UncertaintyWeighting, DWA,
                                              DROWeighting, GradNorm, MGDA, PCGrad, RLW, FAMO, CAGrad, NashMTL,
