@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasklight.multitask.architectures import (ARCHITECTURES, Architecture, _example_input, _params,
+from tasklight.multitask.architectures import (ARCHITECTURES, Architecture, _example_input, _params, uniform_gates,
                                                _stage_shapes, fresh_copies, trunk_stages)
 
 
@@ -89,10 +89,7 @@ class CGC(Architecture):
         experts = iter(fresh_copies(trunk, S + sum(counts)))
         self.shared_experts = nn.ModuleList([next(experts) for _ in range(S)])
         self.task_experts = nn.ModuleList([nn.ModuleList([next(experts) for _ in range(k)]) for k in counts])
-        self.gates = nn.ModuleList([nn.Linear(in_dim, S + k) for k in counts])
-        for g in self.gates:
-            nn.init.zeros_(g.weight)
-            nn.init.zeros_(g.bias)
+        self.gates = uniform_gates(in_dim, [S + k for k in counts])
         self.heads = heads.per_task(features, [s.out_features for s in tasks])
         self.num_tasks, self.built = len(tasks), True
 
@@ -138,10 +135,7 @@ class PLE(Architecture):
             copies = iter(fresh_copies(stage, S + sum(counts)))
             self.shared_experts.append(nn.ModuleList([next(copies) for _ in range(S)]))
             self.task_experts.append(nn.ModuleList([nn.ModuleList([next(copies) for _ in range(k)]) for k in counts]))
-            gates = nn.ModuleList([nn.Linear(d, S + k) for k in counts])
-            for g in gates:
-                nn.init.zeros_(g.weight)
-                nn.init.zeros_(g.bias)
+            gates = uniform_gates(d, [S + k for k in counts])
             self.gates.append(gates)
         self.heads = heads.per_task(features, [s.out_features for s in tasks])
         self.num_tasks, self.built = T, True

@@ -147,6 +147,16 @@ def fresh_copies(module: nn.Module, n: int) -> nn.ModuleList:
     return copies
 
 
+def uniform_gates(in_dim: int, sizes) -> nn.ModuleList:
+    """One linear softmax gate per entry of ``sizes`` (its number of experts), zero-initialised so that
+    every gate starts from the uniform mixture."""
+    gates = nn.ModuleList([nn.Linear(in_dim, k) for k in sizes])
+    for g in gates:
+        nn.init.zeros_(g.weight)
+        nn.init.zeros_(g.bias)
+    return gates
+
+
 def _params(*modules: nn.Module) -> list[nn.Parameter]:
     return [p for m in modules for p in m.parameters() if p.requires_grad]
 
@@ -573,10 +583,7 @@ class MMoE(Architecture):
         x = _example_input(trunk, example, "MMoE")
         in_dim = int(np.prod(x.shape[1:]))
         self.experts = fresh_copies(trunk, self.num_experts)
-        self.gates = nn.ModuleList([nn.Linear(in_dim, self.num_experts) for _ in tasks])
-        for g in self.gates:  # start from the uniform mixture
-            nn.init.zeros_(g.weight)
-            nn.init.zeros_(g.bias)
+        self.gates = uniform_gates(in_dim, [self.num_experts] * len(tasks))
         self.heads = heads.per_task(features, [s.out_features for s in tasks])
         self.num_tasks, self.built = len(tasks), True
 
